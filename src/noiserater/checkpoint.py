@@ -1,0 +1,251 @@
+"""Checkpoints and run folders: atomic writes, safe loading, format versions, a writer lock.
+
+A checkpoint is a ``torch.save`` of plain containers of tensors, numbers and strings, loaded with
+``weights_only=True`` so a shared file can never run code. It always carries ``format`` (the string
+``"noiserater"``), ``format_version`` and ``kind`` (``"diffusion"`` or ``"rater"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "noiserater"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, foreign, of another version or for another model."""
+
+
+class RunDirError(RuntimeError):
+    """A run folder cannot be used (another run is in it, or another process writes to it)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -> None:
+    """Atomically save ``state`` (plain containers of tensors/numbers/strings) with format metadata."""
+    import io
+
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint without executing code; check format, version and (optionally) kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it contains objects that would run code when unpickled ({msg[:200]})"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a noiserater checkpoint (no 'format' marker); "
+            "for a facebookresearch/DiT file use noiserater.models.load_reference_dit"
+        )
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, this noiserater reads version {FORMAT_VERSION}; "
+            "use the noiserater release that wrote it"
+        )
+    if kind is not None and state.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, expected a {kind!r} checkpoint")
+    return state
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """``load_state_dict`` with a one-line error naming the first mismatching key and shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        detail = []
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{k} has shape {tuple(state_dict[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+        if missing:
+            detail.append(f"missing {missing[:3]}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{what} does not match the model config: {'; '.join(detail)}")
+    module.load_state_dict(state_dict)
+
+
+# ---- RNG state: every generator a run uses, as plain data (weights_only-safe) -------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": _py_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate(_plain_to_py_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_plain(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _plain_to_py_state(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+# ---- run folders ------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """Exclusive advisory lock on ``<run>/.lock`` (fcntl); a second writer gets :class:`RunDirError`."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirError(
+                f"run folder {self.path.parent} is locked by another process; wait for it to finish or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# Config keys that may change between a run and its resumption (how long / how often, not what).
+RESUMABLE_KEYS = ("resume", "steps", "outer_steps", "run_dir", "log_every", "sample_every", "ckpt_every", "progress",
+                  "tensorboard")
+
+
+def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool) -> None:
+    """Refuse to mix runs: a folder holding a different config (or any run, without --resume)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        old = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise RunDirError(f"{path} is not valid YAML; this folder holds a damaged run, use another --run-dir") from None
+    if not isinstance(old, dict):
+        raise RunDirError(f"{path} is damaged; use another --run-dir")
+    ignore = set(RESUMABLE_KEYS)
+    diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+    if diff:
+        k = diff[0]
+        raise RunDirError(
+            f"run folder {run_dir} already holds a different run ({k}: {old.get(k)!r} there, {config.get(k)!r} now); "
+            "use another --run-dir"
+        )
+    if not resume and (Path(run_dir) / "checkpoints").exists() and any((Path(run_dir) / "checkpoints").iterdir()):
+        raise RunDirError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it or use another --run-dir")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---- rater checkpoints --------------------------------------------------------------------------------
+
+
+def save_rater(path: str | os.PathLike, rater: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Save a rater (its spec + weights, plus e.g. optimiser/RNG/step for resumable meta-training)."""
+    save_checkpoint(path, {"spec": rater.spec.to_dict(), "rater": rater.state_dict(), **(extra or {})}, kind="rater")
+
+
+def load_rater(path: str | os.PathLike, expect: Any = None) -> torch.nn.Module:
+    """Load a frozen-ready rater. ``expect`` (a DiTSpec) makes a mismatch in image size, channels or
+    classes a clear error instead of a shape error deep inside a forward pass."""
+    from .models.rater import NoiseRater, RaterSpec
+
+    state = load_checkpoint(path, kind="rater")
+    try:
+        spec = RaterSpec(**state["spec"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} has an invalid rater spec: {e}") from None
+    if expect is not None:
+        for field_name in ("input_size", "in_channels", "num_classes"):
+            a, b = getattr(spec, field_name), getattr(expect, field_name)
+            if a != b:
+                raise CheckpointError(
+                    f"rater {path} was trained for {field_name}={a}, but the diffusion model has {field_name}={b}; "
+                    "meta-train a rater on this model's data (noiserater metatrain)"
+                )
+    rater = NoiseRater(spec)
+    load_state_dict_checked(rater, state["rater"], f"rater checkpoint {path}")
+    return rater

@@ -1,0 +1,1 @@
+"""Subcommands of the ``noiserater`` CLI, one module each (see ``noiserater.cli``)."""

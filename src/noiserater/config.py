@@ -1,0 +1,104 @@
+"""Typed dataclass configs: validated construction from dicts/YAML, and YAML out (saved with every run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or file is invalid; the message names the key and the fix."""
+
+
+def _check_type(cls_name: str, key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(cls_name, key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{cls_name}.{key}: invalid value {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            inner = args[0] if args else Any
+            out = [v if inner is Any else _check_type(cls_name, key, v, inner) for v in value]
+            return tuple(out) if origin is tuple else out
+    else:
+        return value
+    raise ConfigError(f"config key '{key}' of {cls_name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from ``data``, naming any unknown key or badly typed value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} config must be a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in fields:
+            close = [k for k in fields if isinstance(key, str) and (key.replace("-", "_") == k)]
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
+        kwargs[key] = _check_type(cls.__name__, key, value, hints[key])
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:
+    """Read a YAML config file into ``cls``; ``overrides`` (e.g. from the command line) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    data.update(overrides or {})
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
+
+
+def require(cond: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"invalid {key}: {message}")

@@ -1,0 +1,23 @@
+"""Datasets (digits, Fashion-MNIST, ImageFolder, latent cache) with a deterministic 90/10 split."""
+
+from .datasets import (
+    DatasetError,
+    ImageData,
+    load_dataset,
+    load_digits_data,
+    load_fashion_mnist,
+    load_image_folder,
+    load_source,
+    split_indices,
+)
+
+__all__ = [
+    "DatasetError",
+    "ImageData",
+    "load_dataset",
+    "load_digits_data",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "load_source",
+    "split_indices",
+]

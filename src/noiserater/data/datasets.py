@@ -1,0 +1,176 @@
+"""Image datasets scaled to [-1, 1] with a deterministic train/validation split.
+
+Sources (the ``--data`` option):
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, 1 channel). Always available.
+- ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` package (28x28 padded to 32x32, 10 classes).
+- a directory of class subfolders of images (ImageFolder; all images must share one size).
+- a latent cache written by ``noiserater cache-latents`` (a directory with ``header.json``).
+
+Small datasets live in memory as tensors: a training step indexes them directly, no worker processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = os.environ.get("NOISERATER_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset could not be found or read; the message says how to fix it."""
+
+
+@dataclass
+class ImageData:
+    """Images [N,C,H,W] float32 in [-1,1] (or latents), labels [N] int64, and what they are."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+    class_names: list[str] | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor, suffix: str) -> "ImageData":
+        return ImageData(self.images[index], self.labels[index], self.num_classes, f"{self.name}:{suffix}",
+                         self.class_names)
+
+
+def load_digits_data() -> ImageData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    return ImageData(x, torch.from_numpy(d.target.astype(np.int64)), 10, "digits", [str(i) for i in range(10)])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}); reinstall the dataset")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated ({arr.size} of {int(np.prod(dims))} values); reinstall the dataset")
+    return arr.reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root: str | None = None) -> ImageData:
+    """Fashion-MNIST from Debian's package, 28x28 padded with -1 to 32x32."""
+    root_path = Path(root or FASHION_MNIST_DIR)
+    prefix = "train" if split == "train" else "t10k"
+    img, lab = root_path / f"{prefix}-images-idx3-ubyte.gz", root_path / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img.exists() or not lab.exists():
+        raise DatasetError(
+            f"Fashion-MNIST not found under {root_path}: install it with "
+            "'apt-get install dataset-fashion-mnist' or set NOISERATER_FASHION_MNIST_DIR"
+        )
+    x = torch.from_numpy(_read_idx(img).astype(np.float32) / 127.5 - 1.0)[:, None]
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    return ImageData(x, torch.from_numpy(_read_idx(lab).astype(np.int64)), 10, "fashion-mnist", names)
+
+
+def load_image_folder(root: str | os.PathLike) -> ImageData:
+    """ImageFolder: ``root/<class>/<image>``; classes sorted by name. All images must share one size."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a directory; pass --data PATH to a folder of class subfolders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"image folder {root} has no class subfolders; put images in {root}/<class_name>/")
+    arrays, labels, size, mode = [], [], None, None
+    for ci, cname in enumerate(classes):
+        for f in sorted((root / cname).rglob("*")):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+                    if size is None:
+                        size, mode = im.size, im.mode
+                    if im.size != size:
+                        raise DatasetError(
+                            f"image folder {root} has mixed sizes: {f} is {im.size[0]}x{im.size[1]}, "
+                            f"earlier images are {size[0]}x{size[1]}; resize them to one size "
+                            "(or use 'noiserater cache-latents', which center-crops and resizes)"
+                        )
+                    if im.size[0] != im.size[1]:
+                        raise DatasetError(f"{f} is not square ({im.size[0]}x{im.size[1]}); crop images to squares")
+                    arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
+            except UnidentifiedImageError:
+                raise DatasetError(f"{f} is not a readable image; remove it or fix it") from None
+            labels.append(ci)
+    if not arrays:
+        raise DatasetError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    images = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)
+    return ImageData(images, torch.tensor(labels, dtype=torch.long), len(classes), f"folder:{root}", classes)
+
+
+def load_source(source: str) -> ImageData:
+    """Load all images of a source (see module docstring) before the train/validation split."""
+    if source == "digits":
+        return load_digits_data()
+    if source == "fashion-mnist":
+        return load_fashion_mnist("train")
+    if source == "fashion-mnist-test":
+        return load_fashion_mnist("test")
+    path = Path(source)
+    if path.is_dir() and (path / "header.json").exists():
+        from .latents import load_latent_cache
+
+        return load_latent_cache(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    raise DatasetError(
+        f"unknown dataset {source!r}: use 'digits', 'fashion-mnist', a folder of class subfolders, "
+        "or a latent cache directory"
+    )
+
+
+def split_indices(n: int, seed: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train/validation split of range(n) by seed: (train_idx, val_idx)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise DatasetError(f"dataset has only {n} images: too few for a train/validation split")
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def load_dataset(source: str, split: str = "train", seed: int = 0, val_fraction: float = 0.1) -> ImageData:
+    """The ``split`` ('train', 'val' or 'all') of a source with a 90/10 split by ``seed``."""
+    data = load_source(source)
+    if split == "all":
+        return data
+    train_idx, val_idx = split_indices(len(data), seed, val_fraction)
+    if split == "train":
+        return data.subset(train_idx, "train")
+    if split == "val":
+        return data.subset(val_idx, "val")
+    raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")

@@ -1,0 +1,438 @@
+"""Diffusion training (pretraining and the paper's stage-iii continuation with a selection policy).
+
+One function, :func:`train`, reads top to bottom: set up the run folder, data, model, EMA, optimiser,
+resume, then loop: draw the step's randomness, select noise, take a step, log, sample, checkpoint.
+
+Randomness is a pure function of (seed, step): each step seeds its own generator and draws timesteps,
+label-dropout masks and k candidate noises for the GLOBAL batch; each DDP rank takes its slice. So a
+resumed run and a 2-process run see exactly the noise a straight 1-process run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (
+    CheckpointError,
+    load_rater,
+    RunLock,
+    atomic_write_text,
+    check_run_config,
+    get_rng_state,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import dump_yaml, require, to_dict
+from .data import ImageData, load_dataset
+from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
+from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
+from .selection import POLICIES, SelectionPolicy, soft_selection_loss
+
+
+class NumericsError(RuntimeError):
+    """Too many non-finite losses/gradients in a row; the message names the step and batch."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
+
+    data: str = "digits"
+    model: str = "DiT-T/2"
+    run_dir: str = "runs/train"
+    steps: int = 2000
+    batch_size: int = 64  # global, over all processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    amp: bool = False  # bf16 autocast
+    seed: int = 0
+    unconditional: bool = False
+    label_dropout: float = 0.1
+    learn_sigma: bool = False
+    val_fraction: float = 0.1
+    init_checkpoint: str | None = None  # continue from a pretrained diffusion checkpoint (stage iii)
+    policy: str = "vanilla"
+    candidates: int = 1
+    rater: str | None = None
+    temperature: float = 1.0
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 500
+    sample_steps: int = 50
+    cfg_scale: float = 1.25
+    max_bad_steps: int = 5
+    compile: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.model in DIT_CONFIGS, "model", f"{self.model!r} is not one of {', '.join(DIT_CONFIGS)}")
+        require(self.steps >= 0, "steps", "must be >= 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", "learning rate must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        require(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
+        require(self.policy in POLICIES, "policy", f"choose one of {', '.join(POLICIES)}")
+        require(self.candidates >= 1, "candidates", "k must be >= 1")
+        require(self.policy != "vanilla" or self.candidates == 1, "candidates", "vanilla uses k=1")
+        require(self.policy not in ("rater", "rater_soft") or bool(self.rater), "rater",
+                f"policy {self.policy} needs --rater PATH")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        for key in ("log_every", "sample_every", "ckpt_every", "sample_steps", "max_bad_steps"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+
+
+# ---- distributed helpers ---------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Starts a process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): resumable and rank-independent."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Global batch indices of ``step``: consecutive slices of per-epoch permutations (seeded)."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.extend(perm[offset: offset + batch - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+def drop_labels(y: torch.Tensor, null_class: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace labels by the null class with probability ``prob`` (classifier-free guidance training)."""
+    if prob <= 0:
+        return y
+    drop = torch.rand(y.shape[0], generator=generator) < prob
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def draw_step_randomness(cfg: TrainConfig, step: int, y: torch.Tensor, num_classes: int, shape: tuple,
+                         num_timesteps: int):
+    """(t [B], y after dropout [B], candidates [B,k,C,H,W]) for the global batch of ``step``."""
+    g = step_generator(cfg.seed, step)
+    B = y.shape[0]
+    t = torch.randint(0, num_timesteps, (B,), generator=g)
+    y = torch.full_like(y, num_classes) if cfg.unconditional else drop_labels(y, num_classes, cfg.label_dropout, g)
+    candidates = torch.randn((B, cfg.candidates, *shape), generator=g)
+    return t, y, candidates
+
+
+# ---- checkpoint helpers ----------------------------------------------------------------------------
+
+
+def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
+    return {
+        "step": step,
+        "spec": spec.to_dict(),
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "rng": get_rng_state(),
+        "config": to_dict(cfg),
+        "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names},
+    }
+
+
+def load_diffusion(path: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """(model, spec, state) from a noiserater diffusion checkpoint; EMA weights by default."""
+    state = load_checkpoint(path, kind="diffusion")
+    try:
+        spec = DiTSpec(**state["spec"])
+        model = build_dit_from_spec(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid model spec: {e}") from None
+    load_state_dict_checked(model, state["ema" if use_ema else "model"], f"checkpoint {path}")
+    return model.to(device), spec, state
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    p = Path(run_dir) / "checkpoints" / "latest.pt"
+    return p if p.exists() else None
+
+
+# ---- images ----------------------------------------------------------------------------------------
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
+    """Save images [N,C,H,W] in [-1,1] as one PNG grid (atomic). 1-channel images are grey."""
+    import io
+
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        x = x[:, :1] if c < 3 else x[:, :3]
+        c = x.shape[1]
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    pad = 1
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    scale = max(1, 256 // max(img.size))  # upscale tiny images so the grid is viewable
+    if scale > 1:
+        img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sample_grid_labels(num_classes: int, n: int, unconditional: bool) -> torch.Tensor:
+    if unconditional:
+        return torch.full((n,), num_classes, dtype=torch.long)
+    return torch.arange(n) % num_classes
+
+
+# ---- the training loop ------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def build_policy(cfg: TrainConfig, spec: DiTSpec, device) -> SelectionPolicy:
+    rater = None
+    if cfg.rater:
+        rater = load_rater(cfg.rater, expect=spec).to(device)
+    return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or continue training) a DiT; returns a summary dict. See module docstring."""
+    cfg.validate()
+    rank, world, device = init_distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes; the global batch must split evenly")
+    is_main = rank == 0
+    run_dir = Path(cfg.run_dir)
+    lock = RunLock(run_dir).acquire() if is_main else None
+    try:
+        return _train(cfg, resume, rank, world, device, run_dir, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> dict:
+    if is_main:
+        check_run_config(run_dir, to_dict(cfg), resume)
+    data = load_dataset(cfg.data, "train", seed=cfg.seed, val_fraction=cfg.val_fraction)
+    num_classes = data.num_classes
+    spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
+    diffusion = GaussianDiffusion()
+    torch.manual_seed(cfg.seed)
+    model = build_dit_from_spec(spec).to(device)
+    init_step = 0
+    if cfg.init_checkpoint:  # stage iii: continue from a pretrained model (its EMA too)
+        _, init_spec, init_state = load_diffusion(cfg.init_checkpoint)
+        if (init_spec.input_size, init_spec.in_channels, init_spec.num_classes) != (spec.input_size, spec.in_channels, spec.num_classes) or init_spec.name != spec.name:
+            raise CheckpointError(
+                f"--init-checkpoint {cfg.init_checkpoint} is a {init_spec.name} at {init_spec.in_channels}x{init_spec.input_size}px "
+                f"with {init_spec.num_classes} classes; this run is {spec.name} on {cfg.data} "
+                f"({spec.in_channels}x{spec.input_size}px, {spec.num_classes} classes)"
+            )
+        load_state_dict_checked(model, init_state["model"], f"checkpoint {cfg.init_checkpoint}")
+        init_step = int(init_state["step"])
+    ema = build_dit_from_spec(spec).to(device)
+    ema.load_state_dict(model.state_dict() if not cfg.init_checkpoint else init_state["ema"])
+    ema.requires_grad_(False).eval()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    policy = build_policy(cfg, spec, device)
+    step = 0
+    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, kind="diffusion")
+        if state.get("spec") != spec.to_dict():
+            raise CheckpointError(f"{ckpt_path} was trained with model {state.get('spec')}, this config builds {spec.to_dict()}")
+        load_state_dict_checked(model, state["model"], str(ckpt_path))
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(train_model) if cfg.compile else train_model
+    writer = None
+    if is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
+    local_bs = cfg.batch_size // world
+    shape = (data.channels, data.image_size, data.image_size)
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    bad_in_row, last_loss, t_last, seen = 0, float("nan"), time.perf_counter(), 0
+    summary: dict = {"run_dir": str(run_dir), "start_step": step}
+    model.train()
+    with _StopFlag() as stopper:
+        while step < cfg.steps:
+            idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+            t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], num_classes, shape, diffusion.num_timesteps)
+            sl = slice(rank * local_bs, (rank + 1) * local_bs)
+            x0 = data.images[idx[sl]].to(device, non_blocking=True)
+            t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
+            with autocast():
+                if policy.soft:
+                    w = policy.weights(x0, t, y, cand)
+                    k = cand.shape[1]
+                    loss = soft_selection_loss(
+                        lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
+                                                  y.repeat_interleave(k, 0), n), cand, w)
+                else:
+                    noise, _ = policy.select(x0, t, y, cand)
+                    loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+            if world > 1:  # every rank must agree to skip, or DDP ranks diverge
+                f = finite.float().to(device)
+                dist.all_reduce(f, op=dist.ReduceOp.MIN)
+                finite = f.bool()
+            if bool(finite):
+                opt.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+                bad_in_row = 0
+                last_loss = float(loss.detach())
+            else:
+                bad_in_row += 1
+                _log(run_dir, is_main, {"step": step, "event": "nonfinite_skipped", "loss": float(loss.detach()),
+                                        "grad_norm": float(gnorm), "batch": idx.tolist()})
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise NumericsError(
+                        f"non-finite loss or gradient for {bad_in_row} steps in a row, last at step {step} "
+                        f"(batch indices {idx.tolist()[:8]}...); the last good checkpoint is {ckpt_path}; "
+                        "lower --lr, enable --grad-clip or check the data"
+                    )
+            step += 1
+            seen += cfg.batch_size
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rec = {"step": step, "loss": last_loss, "grad_norm": float(gnorm), "images_per_s": seen / (now - t_last),
+                       "lr": cfg.lr, "time": time.time()}
+                t_last, seen = now, 0
+                _log(run_dir, is_main, rec)
+                if writer is not None:
+                    writer.add_scalar("train/loss", last_loss, step)
+                    writer.add_scalar("train/images_per_s", rec["images_per_s"], step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+            if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
+                _sample_to_disk(ema, diffusion, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopper.stop:
+                if is_main:
+                    save_checkpoint(ckpt_path, diffusion_state(step, spec, model, ema, opt, cfg, data), kind="diffusion")
+                if stopper.stop:
+                    summary["interrupted"] = True
+                    break
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    summary.update({"step": step, "final_loss": last_loss, "checkpoint": str(ckpt_path), "init_step": init_step})
+    return summary
+
+
+def _log(run_dir: Path, is_main: bool, rec: dict) -> None:
+    if not is_main:
+        return
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _sample_to_disk(ema, diffusion, data: ImageData, cfg: TrainConfig, path: Path, device) -> None:
+    n = 2 * data.num_classes if not cfg.unconditional else 16
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    noise = torch.randn((n, data.channels, data.image_size, data.image_size), generator=g).to(device)
+    y = sample_grid_labels(data.num_classes, n, cfg.unconditional).to(device)
+    scale = 1.0 if cfg.unconditional else cfg.cfg_scale
+    x = ddim_sample(ema, diffusion, noise, y, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
+    save_grid(x, path, nrow=data.num_classes if not cfg.unconditional else None)
