@@ -38,7 +38,7 @@ from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
-from .selection import POLICIES, SelectionPolicy, soft_selection_loss
+from .selection import POLICIES, SelectionPolicy, record_selection, soft_selection_loss
 
 
 class NumericsError(RuntimeError):
@@ -312,6 +312,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        record_selection(run_dir, policy, cfg.rater, resume)  # policy, k, rater path + sha256 -> run_info.json
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     train_model = model
     if world > 1:
