@@ -1,0 +1,233 @@
+"""The paper's protocol end to end (section 5.1) at a chosen scale: `noiserater reproduce`.
+
+Stages, each a folder under the study root that is skipped when its ``stage.json`` exists with the same
+config (and resumed from its checkpoint when it was interrupted):
+
+1. ``pretrain``: train a DiT, keeping checkpoints at the steps the other stages need.
+2. ``rater/<name>``: meta-train raters on frozen checkpoints (main rater, Table 3 ablations, Table 5 stages).
+3. ``runs/<table>/<policy>-k<k>/seed<s>``: continue training from the checkpoint with each policy; every
+   policy sees the same seeds, the same data order and the same candidate noises.
+4. ``eval``: per continuation run, the held-out diffusion loss on fixed (image, noise, timestep) triples
+   and classifier-FID / precision / recall / class accuracy of samples.
+5. ``transfer``: a larger backbone, the step matched by the training-loss curve (paper eq. 10), and a
+   continuation with the frozen small-model rater (Table 2).
+
+The report (`noiserater report`) reads ``results.jsonl`` and writes ``report.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import RunDirError, write_json
+from .config import require
+from .data import load_dataset
+from .diffusion import GaussianDiffusion, per_sample_loss
+
+
+@dataclass
+class ReproducePreset:
+    """One scale of the paper's protocol. Steps are optimiser steps; k lists are candidate counts."""
+
+    name: str
+    data: str = "digits"
+    model: str = "DiT-T/2"
+    batch_size: int = 64
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 1e-3
+    stage_steps: list[int] = field(default_factory=lambda: [300, 1000, 3000])  # Table 5 checkpoints
+    meta_stage: int = 3000  # checkpoint the main rater is meta-trained on and continuations start from
+    rater: str = "Rater-T/2"
+    meta_outer_steps: int = 200
+    meta_inner_steps: int = 5
+    meta_candidates: int = 8
+    meta_inner_lr: float = 0.0  # 0 = automatic sweep
+    meta_lr: float = 1e-4
+    continue_steps: int = 500
+    continue_lr: float = 1e-4
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    policies: list[str] = field(default_factory=lambda: ["max_norm", "min_norm", "nearest", "rater", "rater_soft"])
+    ks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    ablations: list[str] = field(default_factory=lambda: ["no_timestep", "no_image", "no_image_class", "noise_only"])
+    ablation_k: int = 4
+    stage_k: int = 2
+    transfer_model: str | None = "DiT-S/4"
+    transfer_steps: int = 3000
+    transfer_k: int = 2
+    eval_samples: int = 1000
+    eval_ddim_steps: int = 25
+    cfg_scale: float = 1.25
+    heldout_images: int = 180
+    heldout_draws: int = 8
+
+    def validate(self) -> None:
+        require(self.pretrain_steps >= 1, "pretrain_steps", "must be >= 1")
+        require(all(0 < s <= self.pretrain_steps for s in self.stage_steps), "stage_steps",
+                "each stage must be in [1, pretrain_steps]")
+        require(0 < self.meta_stage <= self.pretrain_steps, "meta_stage", "must be in [1, pretrain_steps]")
+        require(len(self.seeds) >= 1, "seeds", "need at least one seed")
+        require(all(k >= 2 for k in self.ks), "ks", "selection needs k >= 2 (k=1 is vanilla)")
+
+
+PRESETS: dict[str, ReproducePreset] = {
+    # The demo: minutes on 2 cores. Small everything; the numbers are a smoke test, not evidence.
+    "digits-quick": ReproducePreset(
+        name="digits-quick", pretrain_steps=1500, stage_steps=[300, 1500], meta_stage=1500,
+        rater="FastRater-N/2", meta_outer_steps=40, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=0.01,
+        continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
+        stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
+    ),
+    # The published CPU study (docs/results/): sized to run in well under an hour on 2 cores.
+    "digits": ReproducePreset(name="digits"),
+    "fashion-mnist": ReproducePreset(
+        name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=6000,
+        stage_steps=[500, 2000, 6000], meta_stage=6000, rater="Rater-T/4", continue_steps=1000,
+        transfer_model="DiT-S/8", transfer_steps=6000, eval_samples=2000, heldout_images=1000,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ReproducePreset:
+    if name not in PRESETS:
+        try:
+            from .presets import PRESETS as GPU_PRESETS  # full-scale presets (latent cache, GPUs)
+        except ImportError:
+            GPU_PRESETS = {}
+        if name in GPU_PRESETS:
+            return GPU_PRESETS[name] if not overrides else dataclasses.replace(GPU_PRESETS[name], **overrides)
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *GPU_PRESETS])}")
+    preset = dataclasses.replace(PRESETS[name], **overrides)
+    preset.validate()
+    return preset
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+
+def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print) -> dict:
+    """Run ``fn(folder)`` unless ``folder/stage.json`` records the same config; then return its result.
+
+    A stage interrupted half-way has no stage.json: ``fn`` runs again and resumes from its checkpoints.
+    """
+    marker = folder / "stage.json"
+    config = json.loads(json.dumps(config, default=str))
+    if marker.exists():
+        rec = json.loads(marker.read_text())
+        if rec.get("config") == config:
+            log(f"[skip] {folder} (done)")
+            return rec["result"]
+        diff = sorted(k for k in set(config) | set(rec.get("config", {})) if config.get(k) != rec["config"].get(k))
+        raise RunDirError(
+            f"stage {folder} was run with a different config ({diff[0]}: {rec['config'].get(diff[0])!r} there, "
+            f"{config.get(diff[0])!r} now); use another --out or delete that folder"
+        )
+    log(f"[run ] {folder}")
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    result = fn(folder)
+    result["wall_s"] = time.perf_counter() - t0
+    write_json(marker, {"config": config, "result": result})
+    return result
+
+
+@torch.no_grad()
+def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images: int, draws: int,
+                 split_seed: int = 0, batch: int = 512) -> float:
+    """Diffusion loss of a checkpoint's EMA weights on FIXED (image, noise, timestep) triples.
+
+    The triples depend only on (data, split_seed, seed, num_images, draws): every policy and every
+    continuation seed is scored on exactly the same triples from the validation split.
+    """
+    from .train import load_diffusion
+
+    model, spec, _ = load_diffusion(checkpoint)
+    model.eval()
+    val = load_dataset(data_source, "val", seed=split_seed)
+    n = min(num_images, len(val))
+    g = torch.Generator().manual_seed(10_007 + seed)
+    x0 = val.images[:n].repeat(draws, 1, 1, 1)
+    y = val.labels[:n].repeat(draws)
+    diffusion = GaussianDiffusion()
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    total = 0.0
+    for i in range(0, x0.shape[0], batch):
+        sl = slice(i, i + batch)
+        total += float(per_sample_loss(model, diffusion, x0[sl], t[sl], y[sl], noise[sl]).sum())
+    return total / x0.shape[0]
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy via a temp name + rename so a stage checkpoint is never half-written."""
+    tmp = dst.with_suffix(".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+# ---- the protocol ------------------------------------------------------------------------------------
+
+
+def _train_cfg(**kw):
+    from .train import TrainConfig
+
+    return TrainConfig(progress=False, tensorboard=False, **kw)
+
+
+def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
+    """Pretrain ``model`` up to ``steps`` in segments, keeping a checkpoint at each of ``stages``."""
+    from .train import train
+
+    def fn(folder: Path) -> dict:
+        ckpts = {}
+        for s in sorted(set(stages) | {steps}):
+            dst = folder / f"step_{s:07d}.pt"
+            if not dst.exists():
+                cfg = _train_cfg(data=preset.data, model=model, run_dir=str(folder / "run"), steps=s,
+                                 batch_size=preset.batch_size, lr=preset.pretrain_lr, seed=1000,
+                                 log_every=10, sample_every=max(s, 1), ckpt_every=max(100, s // 10))
+                train(cfg, resume=True)  # resuming segment by segment is bit-exact (tested)
+                copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
+            ckpts[str(s)] = str(dst)
+        return {"checkpoints": ckpts, "metrics": str(folder / "run" / "metrics.jsonl")}
+
+    cfg = {"data": preset.data, "model": model, "steps": steps, "stages": sorted(stages),
+           "batch_size": preset.batch_size, "lr": preset.pretrain_lr}
+    return run_stage(root / f"pretrain-{model.replace('/', '_')}", cfg, fn, log)
+
+
+def continuation(preset: ReproducePreset, root: Path, table: str, init: str, policy: str, k: int, seed: int,
+                 rater: str | None, model: str | None = None, log=print) -> dict:
+    """Continue training ``init`` with one policy and seed, then evaluate it (held-out loss, samples)."""
+    from .train import train
+
+    name = "vanilla" if policy == "vanilla" else f"{policy}-k{k}"
+    folder = root / "runs" / table / name / f"seed{seed}"
+
+    def fn(folder: Path) -> dict:
+        cfg = _train_cfg(data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
+                         steps=preset.continue_steps, batch_size=preset.batch_size, lr=preset.continue_lr,
+                         seed=seed, init_checkpoint=init, policy=policy, candidates=k, rater=rater,
+                         log_every=10, sample_every=preset.continue_steps, ckpt_every=max(50, preset.continue_steps // 4))
+        t0 = time.perf_counter()
+        summary = train(cfg, resume=True)
+        train_s = time.perf_counter() - t0
+        ckpt = summary["checkpoint"]
+        result = {"table": table, "policy": policy, "k": k, "seed": seed, "checkpoint": ckpt,
+                  "train_wall_s": train_s, "final_train_loss": summary["final_loss"],
+                  "heldout_loss": heldout_loss(ckpt, preset.data, seed=0, num_images=preset.heldout_images,
+                                               draws=preset.heldout_draws)}
+        result.update(sample_metrics(preset, ckpt))
+        return result
+
+    cfg = {"init": init, "policy": policy, "k": k, "seed": seed, "rater": rater, "steps": preset.continue_steps,
+           "lr": preset.continue_lr, "batch_size": preset.batch_size, "eval_samples": preset.eval_samples,
+           "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale}
+    return run_stage(folder, cfg, fn, log)
