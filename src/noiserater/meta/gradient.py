@@ -1,0 +1,374 @@
+"""Meta-gradients d L_val(theta_S) / d eta through S inner optimiser steps (paper eq. 6, Algorithm 1).
+
+Notation: theta_0 are the (frozen) diffusion weights, eta the rater's. Inner step s = 1..S uses the train
+batch s, the rater weights w_s(eta) [B,K] and the gradient g_s = grad_theta L_in(theta_{s-1}; w_s); the
+inner optimiser maps (theta_{s-1}, state_{s-1}, g_s) -> (theta_s, state_s) (see ``inner_optim``). The
+outer loss is L_val(theta_S).
+
+Methods (``method=``):
+
+``unrolled``  Plain autograd: every inner gradient is built with ``create_graph=True`` and one backward of
+              L_val(theta_S) runs through all S steps. Memory grows with S (S second-order graphs). The
+              reference the others are tested against (and itself tested against finite differences).
+``reverse``   Reverse accumulation. A forward pass runs the S steps without any graph and keeps only the
+              parameter snapshots theta_{s-1} (Adam: also m_{s-1}, v_{s-1} and g_s). Then, with the adjoint
+              a_S = (grad L_val(theta_S), 0, 0), for s = S..1 one inner step's graph is rebuilt:
+                u   = (d state_s / d g_s)^T a_s                       (elementwise; SGD: u = -lr a_theta)
+                one double backward of <grad_theta L_in(theta_{s-1}; w), u> with respect to theta and w gives
+                H u (Hessian-vector product) and dL/dw_bk = <grad l_bk, u> / B (the mixed product, pushed
+                through the rater with one rater backward);
+                a_theta <- a_theta + H u;  Adam moments' adjoints from the same elementwise VJP.
+              Memory: one inner step's graph + S snapshots, whatever S.
+``reverse_fwd`` Same recursion, with H u and <grad l_bk, u> from one forward-over-reverse product
+              (``torch.func.jvp`` of ``torch.func.grad``), as MixFlow-MG (arXiv 2505.00793) does: the
+              tangent pass stores no second backward graph.
+``alignment`` Theorem 4.2's first-order estimate. Every inner gradient is taken at theta_0 (the inner
+              trajectory expanded to first order in the learning rate), so
+                meta-grad ~ d/d eta < grad L_val(theta_0), Delta(eta) >,  Delta = total inner update;
+              for SGD: -lr * sum_s sum_bk (d w_sbk / d eta) <grad L_val(theta_0), grad l_sbk(theta_0)> / B.
+              It drops every term of order lr^2 and higher: the curvature of L_val along the update (the
+              L/2 ||theta_+ - theta||^2 of the theorem's proof; exact meta-gradient at S=1 uses
+              grad L_val(theta_1) = grad L_val(theta_0) - lr H_val grad L_in + O(lr^2)) and, for S > 1,
+              the inner Hessians coupling the steps. One forward-mode product per inner step, no
+              trajectory, no Hessian.
+
+All methods evaluate both modules in eval mode (no random label dropout inside the DiT; drop labels in the
+batch) with the MATH attention kernel, never modify ``model`` or ``rater`` (no in-place updates, no
+``.grad`` writes) and restore their train/eval flags.
+
+Multi-process: pass ``reducer=Reducer()`` under ``torch.distributed``; each rank holds its slice of every
+batch. Inner gradients, the validation gradient and the Hessian-vector products are averaged so every rank
+follows the trajectory of the global batch, and the returned meta-gradient is the global one (identical on
+all ranks). ``unrolled`` averages with a differentiable all-reduce inside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..diffusion import GaussianDiffusion
+from ..models.rater import group_weights
+from .inner_optim import InnerOptimizer
+from .losses import (
+    Batch,
+    candidate_losses,
+    check_train_batch,
+    check_val_batch,
+    eval_mode,
+    math_attention,
+    val_loss,
+    weighted_loss,
+)
+
+METHODS = ("unrolled", "reverse", "reverse_fwd", "alignment")
+
+Tensors = list[torch.Tensor]
+
+
+class Reducer:
+    """Averages tensors over the ranks of the default process group (identity without one)."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self.group = group
+        self.world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def mean(self, tensors: Sequence[torch.Tensor]) -> Tensors:
+        """Non-differentiable average (one flat all-reduce)."""
+        if not self.active:
+            return list(tensors)
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        return _split_like(flat, tensors)
+
+    def mean_differentiable(self, tensors: Sequence[torch.Tensor]) -> Tensors:
+        """Average that autograd can differentiate through (its backward all-reduces the gradients)."""
+        if not self.active:
+            return list(tensors)
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), op=dist.ReduceOp.SUM, group=self.group)
+        return _split_like(flat / self.world, tensors)
+
+
+def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tensors:
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i: i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+@dataclass
+class MetaResult:
+    """What one meta-gradient computation returns (``meta_gradient`` keeps only ``grads``).
+
+    grads:      one tensor per ``rater.parameters()`` (zeros for frozen ones), the global meta-gradient.
+    val_loss:   L_val(theta_S) (for ``alignment``: L_val(theta_0)); global mean under a Reducer.
+    params:     theta_S as a name -> tensor dict (detached), or None for ``alignment``.
+    scores, weights: rater scores and weights [B,K] of each inner batch (detached, local slice).
+    """
+
+    grads: Tensors
+    val_loss: float
+    params: dict[str, torch.Tensor] | None
+    scores: Tensors = field(default_factory=list)
+    weights: Tensors = field(default_factory=list)
+
+
+def _grads_or_zeros(outputs, inputs: Sequence[torch.Tensor], **kw) -> Tensors:
+    gs = torch.autograd.grad(outputs, list(inputs), allow_unused=True, **kw)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _leaves(tensors: Sequence[torch.Tensor]) -> Tensors:
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+class _Problem:
+    """The fixed pieces of one meta-gradient computation."""
+
+    def __init__(self, model, rater, train_batches, val_batch, opt, temperature, diffusion, reducer):
+        self.model, self.rater = model, rater
+        self.batches, self.val_batch = list(train_batches), val_batch
+        self.opt, self.temperature = opt, temperature
+        self.diffusion = diffusion
+        self.reducer = reducer if reducer is not None else Reducer()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the diffusion model has no trainable parameters (requires_grad is False everywhere)")
+        self.names = [n for n, _ in named]
+        self.theta0 = [p.detach() for _, p in named]
+        self.rater_params = list(rater.parameters())
+        self.eta = [p for p in self.rater_params if p.requires_grad]
+        if not self.eta:
+            raise ValueError("the rater has no trainable parameters; call rater.requires_grad_(True)")
+
+    def params(self, theta: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, theta))
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        x0, y, t, eps = batch
+        return self.rater.score_candidates(eps, t, x0, y)
+
+    def weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(batch)
+        return s, group_weights(s, self.temperature)
+
+    def losses(self, batch: Batch, theta: Sequence[torch.Tensor]) -> torch.Tensor:
+        return candidate_losses(self.model, batch, params=self.params(theta), diffusion=self.diffusion)
+
+    def val(self, theta: Sequence[torch.Tensor]) -> torch.Tensor:
+        return val_loss(self.model, self.val_batch, params=self.params(theta), diffusion=self.diffusion)
+
+    def val_grad(self, theta: Sequence[torch.Tensor]) -> tuple[float, Tensors]:
+        th = _leaves(theta)
+        lv = self.val(th)
+        v = self.reducer.mean(_grads_or_zeros(lv, th))
+        return float(self.reducer.mean([lv.detach()])[0]), v
+
+    def eta_backward(self, batch: Batch, grad_w: torch.Tensor) -> Tensors:
+        """d/d eta of sum_bk w_bk(eta) * grad_w_bk (one rater forward + backward)."""
+        _, w = self.weights(batch)
+        return _grads_or_zeros(w, self.eta, grad_outputs=grad_w)
+
+    def full_grads(self, eta_grads: Sequence[torch.Tensor]) -> Tensors:
+        it = iter(self.reducer.mean(eta_grads))
+        return [next(it) if p.requires_grad else torch.zeros_like(p) for p in self.rater_params]
+
+
+def _unrolled(P: _Problem) -> MetaResult:
+    theta = _leaves(P.theta0)
+    state = P.opt.init_state(theta)
+    scores, weights = [], []
+    for s, batch in enumerate(P.batches, 1):
+        sc, w = P.weights(batch)
+        scores.append(sc.detach())
+        weights.append(w.detach())
+        g = _grads_or_zeros(weighted_loss(P.losses(batch, theta), w), theta, create_graph=True)
+        g = P.reducer.mean_differentiable(g)
+        theta, state = P.opt.step(theta, g, state, s)
+    lv = P.val(theta)
+    eta_grads = _grads_or_zeros(lv, P.eta)
+    val = float(P.reducer.mean([lv.detach()])[0])
+    params = P.params([t.detach() for t in theta])
+    return MetaResult(P.full_grads(eta_grads), val, params, scores, weights)
+
+
+def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
+    opt = P.opt
+    theta, state = list(P.theta0), opt.init_state(P.theta0)
+    snaps: list[tuple[Tensors, list[Tensors], Tensors | None]] = []
+    scores, weights = [], []
+    # Forward: S inner steps without a graph, keeping theta_{s-1} (and Adam's m, v, g_s).
+    for s, batch in enumerate(P.batches, 1):
+        with torch.no_grad():
+            sc, w = P.weights(batch)
+        scores.append(sc)
+        weights.append(w)
+        th = _leaves(theta)
+        g = P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
+        snaps.append((theta, state, g if opt.state_size else None))
+        with torch.no_grad():
+            theta, state = opt.step(theta, g, state, s)
+    val, a_theta = P.val_grad(theta)
+    params = P.params(theta)
+    del theta
+    a_state = [[torch.zeros_like(t) for t in P.theta0] for _ in range(opt.state_size)]
+    eta_grads = [torch.zeros_like(p) for p in P.eta]
+    # Backward: s = S..1, one inner step's graph at a time.
+    for s in range(len(P.batches), 0, -1):
+        batch, w = P.batches[s - 1], weights[s - 1]
+        theta_prev, state_prev, g_saved = snaps.pop()
+        # u = (d theta_s / d g_s)^T a_theta + (d state_s / d g_s)^T a_state, and the state adjoints.
+        if opt.state_size == 0:
+            u = [-opt.lr * a for a in a_theta]
+        else:
+            gl = _leaves(g_saved)
+            st = [_leaves(x) for x in state_prev]
+            new_theta, new_state = opt.step(theta_prev, gl, st, s)
+            outs = new_theta + [x for xs in new_state for x in xs]
+            adj = a_theta + [x for xs in a_state for x in xs]
+            flat_st = [x for xs in st for x in xs]
+            res = _grads_or_zeros(outs, gl + flat_st, grad_outputs=adj)
+            u, rest = res[: len(gl)], res[len(gl):]
+            n = len(P.theta0)
+            a_state = [rest[i * n:(i + 1) * n] for i in range(opt.state_size)]
+        B = batch[0].shape[0]
+        if forward_mode:
+            hu, dl = _hvp_forward_over_reverse(P, batch, theta_prev, w, u)
+            grad_w = dl / B
+        else:
+            th = _leaves(theta_prev)
+            w_leaf = w.detach().requires_grad_()
+            g = _grads_or_zeros(weighted_loss(P.losses(batch, th), w_leaf), th, create_graph=True)
+            *hu, grad_w = _grads_or_zeros(_dot(g, u), th + [w_leaf])
+        hu = P.reducer.mean(hu)
+        a_theta = [a + h for a, h in zip(a_theta, hu)]
+        for acc, ge in zip(eta_grads, P.eta_backward(batch, grad_w)):
+            acc.add_(ge)
+    return MetaResult(P.full_grads(eta_grads), val, params, scores, weights)
+
+
+def _hvp_forward_over_reverse(P: _Problem, batch: Batch, theta: Tensors, w: torch.Tensor, u: Tensors):
+    """(H u, [<grad l_bk, u>]_bk) from one jvp of the gradient function (no second backward graph)."""
+    from torch.func import grad, jvp
+
+    w = w.detach()
+
+    def loss_and_losses(th):
+        losses = P.losses(batch, th)
+        return weighted_loss(losses, w), losses
+
+    def grad_fn(th):
+        return grad(loss_and_losses, has_aux=True)(th)
+
+    _, (hu, dl) = jvp(grad_fn, (list(theta),), (list(u),))
+    return list(hu), dl
+
+
+def _alignment(P: _Problem) -> MetaResult:
+    from torch.func import jvp
+
+    opt = P.opt
+    val, gval = P.val_grad(P.theta0)
+    scores, weights = [], []
+    with torch.no_grad():
+        for batch in P.batches:
+            sc, w = P.weights(batch)
+            scores.append(sc)
+            weights.append(w)
+    # u_s = d < grad L_val(theta_0), Delta > / d g_s with Delta the total update made from gradients at theta_0.
+    if opt.state_size == 0:
+        us = [[-opt.lr * g for g in gval]] * len(P.batches)
+    else:
+        gs = []
+        for batch, w in zip(P.batches, weights):
+            th = _leaves(P.theta0)
+            gs.append(_leaves(P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))))
+        delta = [torch.zeros_like(t) for t in P.theta0]
+        state = opt.init_state(delta)
+        for s, g in enumerate(gs, 1):
+            delta, state = opt.step(delta, g, state, s)
+        flat = [x for g in gs for x in g]
+        res = _grads_or_zeros(_dot(gval, delta), flat)
+        n = len(P.theta0)
+        us = [res[i * n:(i + 1) * n] for i in range(len(gs))]
+    eta_grads = [torch.zeros_like(p) for p in P.eta]
+    for batch, u in zip(P.batches, us):
+        # <grad l_bk(theta_0), u> for every candidate from one forward-mode product.
+        _, dl = jvp(lambda *th: P.losses(batch, th), tuple(P.theta0), tuple(u))
+        for acc, ge in zip(eta_grads, P.eta_backward(batch, dl / batch[0].shape[0])):
+            acc.add_(ge)
+    return MetaResult(P.full_grads(eta_grads), val, None, scores, weights)
+
+
+def meta_gradient_info(
+    model: nn.Module, rater: nn.Module, train_batches: Sequence[Batch], val_batch: Batch, *, inner_lr: float,
+    method: str, inner_optimizer: str | InnerOptimizer = "sgd", temperature: float = 1.0,
+    diffusion: GaussianDiffusion | None = None, reducer: Reducer | None = None,
+) -> MetaResult:
+    """Like :func:`meta_gradient`, returning a :class:`MetaResult` (also L_val, theta_S, scores, weights)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(inner_optimizer, InnerOptimizer):
+        opt = inner_optimizer if inner_optimizer.lr == inner_lr else InnerOptimizer(
+            inner_optimizer.name, inner_lr, inner_optimizer.betas, inner_optimizer.eps)
+    else:
+        opt = InnerOptimizer(inner_optimizer, inner_lr)
+    batches = list(train_batches)
+    if not batches:
+        raise ValueError("train_batches is empty: pass S >= 1 inner batches (x0, y, t, eps)")
+    for i, b in enumerate(batches):
+        check_train_batch(b, f"train batch {i}")
+    check_val_batch(val_batch)
+    dtype = next(p for p in model.parameters()).dtype
+    for b in batches + [val_batch]:
+        if b[0].dtype != dtype or b[3].dtype != dtype:
+            raise ValueError(f"batch tensors are {b[0].dtype}/{b[3].dtype} but the model is {dtype}; cast x0 and eps to {dtype}")
+    P = _Problem(model, rater, batches, val_batch, opt, float(temperature), diffusion, reducer)
+    with eval_mode(model, rater), math_attention():
+        if method == "unrolled":
+            return _unrolled(P)
+        if method == "reverse":
+            return _reverse(P, forward_mode=False)
+        if method == "reverse_fwd":
+            return _reverse(P, forward_mode=True)
+        return _alignment(P)
+
+
+def meta_gradient(
+    model: nn.Module, rater: nn.Module, train_batches: Sequence[Batch], val_batch: Batch, *, inner_lr: float,
+    method: str, inner_optimizer: str = "sgd", temperature: float = 1.0, **kwargs,
+) -> list[torch.Tensor]:
+    """d L_val(theta_S) / d eta through S = len(train_batches) inner steps; one tensor per
+    ``rater.parameters()`` (zeros for parameters with ``requires_grad=False``).
+
+    ``train_batches``: S tuples ``(x0 [B,C,H,W], y [B], t [B], eps [B,K,C,H,W])``; ``val_batch``:
+    ``(x0, y, t, eps [B,C,H,W])``. ``method``: 'unrolled', 'reverse', 'reverse_fwd' or 'alignment' (see the
+    module docstring). ``inner_optimizer``: 'sgd' or 'adam' (betas 0.9/0.999, eps 1e-8, bias correction,
+    fresh state). ``model`` and ``rater`` are left unchanged. Extra keywords: ``diffusion`` (schedule),
+    ``reducer`` (multi-process averaging).
+    """
+    return meta_gradient_info(model, rater, train_batches, val_batch, inner_lr=inner_lr, method=method,
+                              inner_optimizer=inner_optimizer, temperature=temperature, **kwargs).grads
