@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FASHION_MNIST_DIR = os.environ.get("NOISERATER_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist package installs here; NOISERATER_FASHION_MNIST_DIR overrides it.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -77,7 +78,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_fashion_mnist(split: str = "train", root: str | None = None) -> ImageData:
     """Fashion-MNIST from Debian's package, 28x28 padded with -1 to 32x32."""
-    root_path = Path(root or FASHION_MNIST_DIR)
+    root_path = Path(root or os.environ.get("NOISERATER_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     prefix = "train" if split == "train" else "t10k"
     img, lab = root_path / f"{prefix}-images-idx3-ubyte.gz", root_path / f"{prefix}-labels-idx1-ubyte.gz"
     if not img.exists() or not lab.exists():
@@ -146,6 +147,10 @@ def load_source(source: str) -> ImageData:
         return load_latent_cache(path)
     if path.is_dir():
         return load_image_folder(path)
+    if path.exists():
+        raise DatasetError(f"dataset {source!r} is a file; pass a folder of class subfolders of images")
+    if os.sep in source or source.startswith("."):
+        raise DatasetError(f"dataset folder {source} does not exist; check the path given to --data")
     raise DatasetError(
         f"unknown dataset {source!r}: use 'digits', 'fashion-mnist', a folder of class subfolders, "
         "or a latent cache directory"

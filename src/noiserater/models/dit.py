@@ -228,21 +228,25 @@ def load_reference_dit(path: str, name: str = "DiT-XL/2", *, image_size: int = 2
     """
     from ..checkpoint import CheckpointError
 
+    import argparse
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # DiT's own training checkpoints also hold ``args`` (an argparse.Namespace): allow just that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"DiT checkpoint not found: {path}") from None
     except Exception as e:  # pickle errors, truncated files, code-carrying pickles
-        raise CheckpointError(f"could not read DiT checkpoint {path}: {e}") from None
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"could not read DiT checkpoint {path} (truncated, corrupt or not a DiT file): {msg}") from None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]
     elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a DiT state dict (a mapping of parameter names to tensors)")
+    from ..checkpoint import load_state_dict_checked
+
     model = build_dit(name, input_size=image_size // 8, in_channels=4, num_classes=num_classes, learn_sigma=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit {name} at {image_size}px: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; check --model and --image-size"
-        )
+    load_state_dict_checked(model, state, f"{path} (loaded as {name} at {image_size}px; check the model name and image size)")
     return model
