@@ -48,6 +48,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files that :func:`atomic_write_bytes` left in ``folder`` when its process was killed
+    mid-write (SIGKILL, power loss). Only call this while holding the folder's :class:`RunLock`."""
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for f in folder.iterdir():
+        if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", f.name):
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -169,6 +188,8 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        for sub in ("", "checkpoints", "samples"):  # no other writer now: clear what a killed one left
+            remove_stale_temp_files(self.path.parent / sub)
         return self
 
     def release(self) -> None:

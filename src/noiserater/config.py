@@ -41,7 +41,13 @@ def _check_type(cls_name: str, key: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float (YAML 1e400 is inf, 10**400 is an int)
+                raise ConfigError(f"config key '{key}' of {cls_name} is out of range: {value!r}") from None
+            if value != value:  # NaN passes no range check meaningfully: refuse it for every key
+                raise ConfigError(f"config key '{key}' of {cls_name} must be a number, got NaN")
+            return value
     elif hint is str:
         if isinstance(value, str):
             return value

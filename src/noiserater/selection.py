@@ -31,6 +31,10 @@ import torch
 
 from .models.rater import NoiseRater, group_weights
 
+class NonFiniteError(FloatingPointError):
+    """Rater scores (or another quantity a step depends on) are NaN/inf; the training loop skips the step."""
+
+
 POLICIES = ("vanilla", "max_norm", "min_norm", "nearest", "rater", "rater_soft")
 RATER_POLICIES = ("rater", "rater_soft")
 
@@ -85,7 +89,11 @@ class SelectionPolicy:
                 "move the rater (NoiseSelector(..., device=...)) or the batch"
             )
         with torch.inference_mode():
-            return self.rater.score_candidates(candidates.to(p.dtype), t, x0.to(p.dtype), y).float()
+            scores = self.rater.score_candidates(candidates.to(p.dtype), t, x0.to(p.dtype), y).float()
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):  # argmax/softmax would silently pick or weight a NaN: refuse instead
+            raise NonFiniteError(f"the rater returned {int(bad.sum())} non-finite scores (NaN/inf) of {scores.numel()}")
+        return scores
 
     def select(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor):
         """candidates [B,k,C,H,W] -> (noise [B,C,H,W], index [B]); the noise is a row of ``candidates``."""
