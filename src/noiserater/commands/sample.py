@@ -58,7 +58,7 @@ def parse_labels(spec: str, num: int, num_classes: int, generator: torch.Generat
 
 
 def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, steps=50, seed=0, ema=True,
-                           batch_size=256, device=None):
+                           batch_size=256, device=None, progress=False):
     """(samples [N,C,H,W] in data units, labels [N]) from a diffusion checkpoint; repeatable by seed."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, spec, state = load_diffusion(checkpoint, use_ema=ema, device=device)
@@ -68,7 +68,12 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
     uncond = bool(state.get("config", {}).get("unconditional", False))
     diffusion = GaussianDiffusion()
     outs = []
-    for i in range(0, num, batch_size):
+    starts = range(0, num, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True, leave=False)
+    for i in starts:
         yy = y[i:i + batch_size].to(device)
         if uncond:
             yy = torch.full_like(yy, spec.num_classes)
