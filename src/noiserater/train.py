@@ -38,7 +38,7 @@ from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
-from .selection import POLICIES, SelectionPolicy, record_selection, soft_selection_loss
+from .selection import POLICIES, NonFiniteError, SelectionPolicy, record_selection, soft_selection_loss
 
 
 class NumericsError(RuntimeError):
@@ -83,8 +83,9 @@ class TrainConfig:
         require(self.model in DIT_CONFIGS, "model", f"{self.model!r} is not one of {', '.join(DIT_CONFIGS)}")
         require(self.steps >= 0, "steps", "must be >= 0")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.lr > 0, "lr", "learning rate must be > 0")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "learning rate must be a finite number > 0")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+        require(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         require(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
@@ -93,10 +94,13 @@ class TrainConfig:
         require(self.policy != "vanilla" or self.candidates == 1, "candidates", "vanilla uses k=1")
         require(self.policy not in ("rater", "rater_soft") or bool(self.rater), "rater",
                 f"policy {self.policy} needs --rater PATH")
-        require(self.temperature > 0, "temperature", "must be > 0")
+        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
         for key in ("log_every", "sample_every", "ckpt_every", "sample_steps", "max_bad_steps"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
-        require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", "must be a finite number >= 0")
+        require(math.isfinite(self.grad_clip), "grad_clip", "must be finite (0 disables clipping)")
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        require(self.sample_steps <= 1000, "sample_steps", "DDIM steps must be <= 1000 (the diffusion has 1000 timesteps)")
 
 
 # ---- distributed helpers ---------------------------------------------------------------------------
@@ -231,6 +235,7 @@ class _StopFlag:
 
     def __init__(self):
         self.stop = False
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -243,6 +248,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.stop = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -341,20 +347,25 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             sl = slice(rank * local_bs, (rank + 1) * local_bs)
             x0 = data.images[idx[sl]].to(device, non_blocking=True)
             t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
+            bad_scores = None
             with autocast():
-                if policy.soft:
-                    w = policy.weights(x0, t, y, cand)
-                    k = cand.shape[1]
-                    loss = soft_selection_loss(
-                        lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
-                                                  y.repeat_interleave(k, 0), n), cand, w)
-                else:
-                    noise, _ = policy.select(x0, t, y, cand)
-                    loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
+                try:
+                    if policy.soft:
+                        w = policy.weights(x0, t, y, cand)
+                        k = cand.shape[1]
+                        loss = soft_selection_loss(
+                            lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
+                                                      y.repeat_interleave(k, 0), n), cand, w)
+                    else:
+                        noise, _ = policy.select(x0, t, y, cand)
+                        loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
+                except NonFiniteError as e:  # NaN/inf rater scores: a bad step. Still run a forward/backward
+                    bad_scores = str(e)      # (on the first candidate) so DDP ranks stay in step; skipped below.
+                    loss = per_sample_loss(fwd, diffusion, x0, t, y, cand[:, 0]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm) & (bad_scores is None)
             if world > 1:  # every rank must agree to skip, or DDP ranks diverge
                 f = finite.float().to(device)
                 dist.all_reduce(f, op=dist.ReduceOp.MIN)
@@ -368,10 +379,11 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             else:
                 bad_in_row += 1
                 _log(run_dir, is_main, {"step": step, "event": "nonfinite_skipped", "loss": float(loss.detach()),
-                                        "grad_norm": float(gnorm), "batch": idx.tolist()})
+                                        "grad_norm": float(gnorm), "batch": idx.tolist(),
+                                        "cause": bad_scores or "non-finite loss or gradient"})
                 if bad_in_row >= cfg.max_bad_steps:
                     raise NumericsError(
-                        f"non-finite loss or gradient for {bad_in_row} steps in a row, last at step {step} "
+                        f"non-finite loss, gradient or rater scores for {bad_in_row} steps in a row, last at step {step} "
                         f"(batch indices {idx.tolist()[:8]}...); the last good checkpoint is {ckpt_path}; "
                         "lower --lr, enable --grad-clip or check the data"
                     )
@@ -393,10 +405,12 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_to_disk(ema, diffusion, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopper.stop:
+                _check_finite_weights(step, ckpt_path, model, ema)  # never overwrite a good checkpoint with NaNs
                 if is_main:
                     save_checkpoint(ckpt_path, diffusion_state(step, spec, model, ema, opt, cfg, data), kind="diffusion")
                 if stopper.stop:
                     summary["interrupted"] = True
+                    summary["signal"] = stopper.signum
                     break
     if bar is not None:
         bar.close()
@@ -406,6 +420,17 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
         dist.barrier()
     summary.update({"step": step, "final_loss": last_loss, "checkpoint": str(ckpt_path), "init_step": init_step})
     return summary
+
+
+def _check_finite_weights(step: int, ckpt_path: Path, *modules: torch.nn.Module) -> None:
+    """Raise NumericsError (before saving) if any weight is NaN/inf, e.g. after an overflowing update."""
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise NumericsError(
+                    f"weight {name} became non-finite by step {step} (the loss and gradient were finite: the update "
+                    f"overflowed, is --lr too large?); not saving, the last good checkpoint {ckpt_path} is untouched"
+                )
 
 
 def _log(run_dir: Path, is_main: bool, rec: dict) -> None:
