@@ -21,6 +21,11 @@ def test_digits_shape_range_and_labels():
     assert d.images.min().item() == -1.0 and d.images.max().item() == 1.0
     assert d.labels.dtype == torch.int64 and set(d.labels.tolist()) == set(range(10))
     assert d.num_classes == 10 and d.channels == 1 and d.image_size == 8
+    from sklearn.datasets import load_digits  # the CSV is read directly; scikit-learn's loader is the oracle
+
+    ref = load_digits()
+    torch.testing.assert_close(d.images[:, 0], torch.from_numpy(ref.images / 8.0 - 1.0).float())
+    assert d.labels.tolist() == ref.target.tolist()
 
 
 def test_split_is_deterministic_disjoint_and_covers_everything():

@@ -29,12 +29,22 @@ class RunDirError(RuntimeError):
     """A run folder cannot be used (another run is in it, or another process writes to it)."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -213,12 +223,16 @@ RESUMABLE_KEYS = ("resume", "steps", "outer_steps", "run_dir", "log_every", "sam
 
 
 def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool) -> None:
-    """Refuse to mix runs: a folder holding a different config (or any run, without --resume)."""
+    """Refuse to mix runs: a folder whose checkpoints come from a different config, or any folder with
+    checkpoints without --resume. A folder without checkpoints (a run that failed early) may be reused."""
     import yaml
 
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+        return  # no run yet, or one that stopped before its first checkpoint: nothing to protect
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        return
+        raise RunDirError(f"run folder {run_dir} holds checkpoints but no config.yaml; use another --run-dir")
     try:
         old = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
@@ -233,7 +247,7 @@ def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool) -> 
             f"run folder {run_dir} already holds a different run ({k}: {old.get(k)!r} there, {config.get(k)!r} now); "
             "use another --run-dir"
         )
-    if not resume and (Path(run_dir) / "checkpoints").exists() and any((Path(run_dir) / "checkpoints").iterdir()):
+    if not resume:
         raise RunDirError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it or use another --run-dir")
 
 

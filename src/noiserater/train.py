@@ -106,12 +106,17 @@ class TrainConfig:
 # ---- distributed helpers ---------------------------------------------------------------------------
 
 
+_OWN_PROCESS_GROUP = False  # True while a process group started by init_distributed is alive
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Starts a process group when launched by torchrun."""
+    global _OWN_PROCESS_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        _OWN_PROCESS_GROUP = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -270,12 +275,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes; the global batch must split evenly")
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()
     lock = RunLock(run_dir).acquire() if is_main else None
     try:
         return _train(cfg, resume, rank, world, device, run_dir, is_main)
+    except BaseException:
+        if lock is not None and created:  # bad input found before anything was written: leave no folder
+            _remove_if_only_lock(run_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
+        global _OWN_PROCESS_GROUP
+        if _OWN_PROCESS_GROUP and dist.is_initialized():
+            dist.destroy_process_group()
+            _OWN_PROCESS_GROUP = False
+
+
+def _remove_if_only_lock(run_dir: Path) -> None:
+    """Delete a run folder this process created if it holds nothing but the lock file (and empty dirs)."""
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"]
+    if not files:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> dict:
@@ -366,10 +389,11 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm) & (bad_scores is None)
-            if world > 1:  # every rank must agree to skip, or DDP ranks diverge
-                f = finite.float().to(device)
+            stop_now = stopper.stop  # read once: the handler may flip it at any time
+            if world > 1:  # every rank must agree to skip and to stop on a signal, or DDP ranks diverge
+                f = torch.stack([finite.float().cpu(), torch.tensor(0.0 if stop_now else 1.0)]).to(device)
                 dist.all_reduce(f, op=dist.ReduceOp.MIN)
-                finite = f.bool()
+                finite, stop_now = f[0].bool(), bool(f[1] == 0)
             if bool(finite):
                 opt.step()
                 with torch.no_grad():
@@ -384,8 +408,9 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                 if bad_in_row >= cfg.max_bad_steps:
                     raise NumericsError(
                         f"non-finite loss, gradient or rater scores for {bad_in_row} steps in a row, last at step {step} "
-                        f"(batch indices {idx.tolist()[:8]}...); the last good checkpoint is {ckpt_path}; "
-                        "lower --lr, enable --grad-clip or check the data"
+                        f"(batch indices {idx.tolist()[:8]}...); "
+                        + (f"the last good checkpoint is {ckpt_path}; " if ckpt_path.exists() else "no checkpoint was written; ")
+                        + "lower --lr, enable --grad-clip or check the data"
                     )
             step += 1
             seen += cfg.batch_size
@@ -404,11 +429,11 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
             if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_to_disk(ema, diffusion, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopper.stop:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
                 _check_finite_weights(step, ckpt_path, model, ema)  # never overwrite a good checkpoint with NaNs
                 if is_main:
                     save_checkpoint(ckpt_path, diffusion_state(step, spec, model, ema, opt, cfg, data), kind="diffusion")
-                if stopper.stop:
+                if stop_now:
                     summary["interrupted"] = True
                     summary["signal"] = stopper.signum
                     break
@@ -436,21 +461,25 @@ def _check_finite_weights(step: int, ckpt_path: Path, *modules: torch.nn.Module)
 def _log(run_dir: Path, is_main: bool, rec: dict) -> None:
     if not is_main:
         return
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+    with open(run_dir / "metrics.jsonl", "a") as f:  # NaN/inf become null: every line is strict JSON
         f.write(json.dumps(rec) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    """On resume, drop log lines written after the checkpoint (they will be written again); a fresh start
+    (step 0) drops them all. Records carry the number of steps done; events the index of their step."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+        s = rec.get("step", 0) if isinstance(rec, dict) else None
+        if isinstance(s, int) and step > 0 and (s < step or (s == step and "event" not in rec)):
+            keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 

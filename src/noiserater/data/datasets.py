@@ -54,12 +54,31 @@ class ImageData:
                          self.class_names)
 
 
-def load_digits_data() -> ImageData:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797,8,8] in 0..16, labels [1797]) from the CSV that scikit-learn ships.
 
+    The file is read directly: importing scikit-learn itself takes seconds, which every training process
+    (and every torchrun worker) would pay.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        raw = np.loadtxt(csv, delimiter=",", dtype=np.float64)
+        return raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(np.int64)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
-    return ImageData(x, torch.from_numpy(d.target.astype(np.int64)), 10, "digits", [str(i) for i in range(10)])
+    return d.images, d.target
+
+
+def load_digits_data() -> ImageData:
+    images, labels = _digits_arrays()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    return ImageData(x, torch.from_numpy(labels.astype(np.int64)), 10, "digits", [str(i) for i in range(10)])
 
 
 def _read_idx(path: Path) -> np.ndarray:
