@@ -7,6 +7,7 @@ A checkpoint is a ``torch.save`` of plain containers of tensors, numbers and str
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,6 +28,10 @@ class CheckpointError(RuntimeError):
 
 class RunDirError(RuntimeError):
     """A run folder cannot be used (another run is in it, or another process writes to it)."""
+
+
+class DiskFullError(RunDirError):
+    """No space (or quota) left while writing a file; the previous version of the file is intact."""
 
 
 def _read_umask() -> int:
@@ -50,11 +55,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left on the device while writing {path} ({len(data)} bytes); the previous {path.name} "
+                "(if any) is intact and no temp file was left; free some space and run again (--resume continues a run)"
+            ) from None
         raise
 
 
