@@ -28,9 +28,12 @@ from ..train import load_diffusion, save_grid
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for noise and random labels.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Samples per forward.")
-def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size) -> None:
-    """Draw samples with DDIM (eta=0) and classifier-free guidance."""
-    samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size)
+@click.option("--vae", "vae", default=None, type=click.Path(),
+              help="Latent checkpoints: the VAE folder to decode with (default: the one recorded by cache-latents; "
+                   "a VAE with another scaling factor is refused).")
+def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size, vae) -> None:
+    """Draw samples with DDIM (eta=0) and classifier-free guidance (latents are decoded with the VAE)."""
+    samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size, vae=vae)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out / "samples.png")
@@ -58,13 +61,26 @@ def parse_labels(spec: str, num: int, num_classes: int, generator: torch.Generat
 
 
 def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, steps=50, seed=0, ema=True,
-                           batch_size=256, device=None, progress=False):
-    """(samples [N,C,H,W] in data units, labels [N]) from a diffusion checkpoint; repeatable by seed."""
+                           batch_size=256, device=None, progress=False, vae=None, decode=True, shard=None):
+    """(samples [N,C,H,W] in data units, labels [N]) from a diffusion checkpoint; repeatable by seed.
+
+    A checkpoint trained on a latent cache returns images decoded with its VAE (``vae``: another folder
+    holding the same VAE; ``decode=False``: the latents). ``shard=(rank, world)`` returns only that rank's
+    contiguous share of the same N samples (noise and labels are drawn for all N first), for multi-GPU
+    sampling: concatenating the shards of ranks 0..world-1 gives the 1-process result.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, spec, state = load_diffusion(checkpoint, use_ema=ema, device=device)
+    latent = state.get("data", {}).get("latent")
+    if vae is not None and not latent:
+        raise ValueError(f"--vae given, but {checkpoint} was trained on pixels, not on a latent cache; drop --vae")
     g = torch.Generator().manual_seed(seed)
     y = parse_labels(labels, num, spec.num_classes, g)
     noise = torch.randn((num, spec.in_channels, spec.input_size, spec.input_size), generator=g)
+    if shard is not None:
+        rank, world = shard
+        lo, hi = rank * num // world, (rank + 1) * num // world
+        y, noise, num = y[lo:hi], noise[lo:hi], hi - lo
     uncond = bool(state.get("config", {}).get("unconditional", False))
     diffusion = GaussianDiffusion()
     outs = []
@@ -79,4 +95,9 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
             yy = torch.full_like(yy, spec.num_classes)
         outs.append(ddim_sample(model, diffusion, noise[i:i + batch_size].to(device), yy, steps=steps,
                                 cfg_scale=1.0 if uncond else cfg_scale, clip=spec.in_channels in (1, 3)).cpu())
-    return torch.cat(outs), y
+    samples = torch.cat(outs) if outs else noise[:0]
+    if latent and decode:
+        from ..data.latents import LatentDecoder
+
+        samples = LatentDecoder.from_recorded(latent["vae"], vae, device).decode(samples, min(batch_size, 32))
+    return samples, y

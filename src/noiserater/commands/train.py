@@ -38,6 +38,9 @@ TRAIN_HELP = {
     "cfg_scale": "Classifier-free guidance scale for the periodic sample grids.",
     "max_bad_steps": "Stop after this many non-finite losses/gradients in a row (each one is skipped).",
     "compile": "torch.compile the model for training.",
+    "tf32": "Allow TF32 matmuls and convolutions on CUDA (faster fp32 on Ampere and newer; as DiT trains).",
+    "grad_checkpointing": "Recompute each DiT block in the backward pass: much less activation memory for large "
+                          "DiTs at about 30% more compute; gradients are unchanged.",
     "tensorboard": "Write TensorBoard logs under RUN_DIR/tb.",
     "progress": "Show a progress bar.",
 }

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.func
+import torch.utils.checkpoint
 
 from .layers import (
     Attention,
@@ -69,6 +71,21 @@ class DiTBlock(nn.Module):
         return x
 
 
+def checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``block(*inputs)`` with its activations recomputed in backward (torch.utils.checkpoint).
+
+    The block's parameters are passed as checkpoint inputs, so the recomputation uses the tensors of the
+    forward pass even under ``torch.func.functional_call`` (whose substitution is gone by backward time);
+    gradients and double-backward products are exactly those without checkpointing.
+    """
+    names, params = zip(*block.named_parameters())
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(block, dict(zip(names, args[len(inputs):])), args[:len(inputs)])
+
+    return torch.utils.checkpoint.checkpoint(run, *inputs, *params, use_reentrant=False)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -116,6 +133,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False  # recompute each block in backward (saves activation memory)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -155,7 +173,7 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x = block(x, c)
+            x = checkpointed(block, x, c) if self.grad_checkpointing and torch.is_grad_enabled() else block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
 
