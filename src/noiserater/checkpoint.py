@@ -101,20 +101,43 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _torch_error_reason(e: Exception) -> str:
+    """The informative line of a torch.load error (its first lines are generic advice)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_globals: tuple = ()) -> Any:
+    """``torch.load(weights_only=True)`` on CPU with one-line errors. A file whose unpickling would import
+    and call a Python object (code execution) is refused naming that object; nothing in it is run."""
+    import re
+
+    try:
+        if allowed_globals:
+            with torch.serialization.safe_globals(list(allowed_globals)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except Exception as e:  # pickle errors, truncated or foreign files, code-carrying pickles
+        glob = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if glob:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains objects that would run code when unpickled "
+                f"(it asks for {glob.group(1)}); a {what} holds only tensors, numbers and strings"
+            ) from None
+        raise CheckpointError(f"could not read {what} {path} (truncated or corrupt?): {_torch_error_reason(e)}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Load a checkpoint without executing code; check format, version and (optionally) kind."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"refusing to load {path}: it contains objects that would run code when unpickled ({msg[:200]})"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:200]}") from None
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a noiserater checkpoint (no 'format' marker); "

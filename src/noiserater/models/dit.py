@@ -244,19 +244,12 @@ def load_reference_dit(path: str, name: str = "DiT-XL/2", *, image_size: int = 2
     ``image_size`` is the pixel resolution; the latent input size is image_size // 8 with 4 channels.
     Loading uses ``weights_only=True``: no code in the file is executed.
     """
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, safe_torch_load
 
     import argparse
 
-    try:
-        # DiT's own training checkpoints also hold ``args`` (an argparse.Namespace): allow just that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"DiT checkpoint not found: {path}") from None
-    except Exception as e:  # pickle errors, truncated files, code-carrying pickles
-        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"could not read DiT checkpoint {path} (truncated, corrupt or not a DiT file): {msg}") from None
+    # DiT's own training checkpoints also hold ``args`` (an argparse.Namespace): allow just that class.
+    state = safe_torch_load(path, "DiT checkpoint", allowed_globals=(argparse.Namespace,))
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]
     elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
