@@ -318,3 +318,19 @@ def test_decoder_refuses_mismatched_scale_and_warns_on_other_weights(tmp_path, f
     moved = dict(data.latent_info["vae"], path=str(tmp_path / "gone"))
     with pytest.raises(LatentCacheError, match="not on this machine.*--vae"):
         LatentDecoder.from_recorded(moved)
+
+
+def test_synthetic_cache_and_loader_benchmark(tmp_path):
+    from noiserater.commands.bench_loader import run_loader_benchmark
+    from noiserater.data.latents import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "syn", 300, (4, 8, 8), num_classes=7, seed=1)
+    data = load_latent_cache(cache, in_memory=False)
+    x = data.images[:]
+    assert x.shape == (300, 4, 8, 8) and abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+    assert int(data.labels.min()) >= 0 and int(data.labels.max()) < 7 and data.num_classes == 7
+    rec = run_loader_benchmark(str(cache), model="DiT-N/2", batch_size=4, repeats=1, loader_batches=3, device="cpu",
+                               log=lambda s: None)
+    assert rec["cache_records"] == 300 and rec["latent_shape"] == [4, 8, 8] and rec["losses_finite"]
+    assert rec["train_images_per_s"] > 0 and rec["loader_memmap_images_per_s"] > 0
+    assert rec["loader_over_train"] == pytest.approx(rec["loader_memmap_images_per_s"] / rec["train_images_per_s"])

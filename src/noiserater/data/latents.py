@@ -434,6 +434,34 @@ def cache_latents(
     return result
 
 
+def write_synthetic_cache(out: str | os.PathLike, num: int, latent_shape: tuple[int, int, int] = (4, 32, 32),
+                          num_classes: int = 1000, seed: int = 0, dtype: str = "float32") -> Path:
+    """A complete cache of N(0, 1) latents and uniform labels, no VAE (benchmarks and GPU checks)."""
+    out = Path(out)
+    if (out / HEADER_NAME).exists():
+        raise LatentCacheError(f"{out} already holds a cache; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rdt = record_dtype(tuple(latent_shape), dtype)
+    mm = np.lib.format.open_memmap(out / DATA_NAME, mode="w+", dtype=rdt, shape=(num,))
+    rng = np.random.default_rng(seed)
+    for lo in range(0, num, 4096):
+        hi = min(num, lo + 4096)
+        mm["latent"][lo:hi] = rng.standard_normal((hi - lo, *latent_shape), dtype=np.float32)
+        mm["label"][lo:hi] = rng.integers(0, num_classes, hi - lo)
+    mm.flush()
+    del mm
+    header = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "complete": True, "num_images": num, "num_rows": num,
+        "done_images": num, "latent_shape": list(latent_shape), "dtype": dtype, "record_dtype": str(rdt.descr),
+        "layout": "record i = image i (synthetic N(0,1) latents)", "scaling_factor": 1.0, "shift_factor": 0.0,
+        "vae": {"path": None, "synthetic": True}, "resolution": None, "flip": False, "latent": "synthetic",
+        "seed": seed, "num_classes": num_classes, "class_names": [str(i) for i in range(num_classes)],
+        "settings": {"synthetic": True}, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_header(out, header)
+    return out
+
+
 # ---- reading a cache ---------------------------------------------------------------------------------
 
 
