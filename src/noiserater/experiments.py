@@ -165,6 +165,19 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
     return total / x0.shape[0]
 
 
+def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path) -> dict:
+    """Classifier-FID, precision, recall and class accuracy of EMA samples (fixed seed: repeatable)."""
+    from .evaluate import EvalConfig, evaluate_checkpoint
+
+    if preset.eval_samples <= 0:
+        return {}
+    cfg = EvalConfig(checkpoint=checkpoint, num_samples=preset.eval_samples, steps=preset.eval_ddim_steps,
+                     cfg_scale=preset.cfg_scale, seed=0, extractors="classifier", run_dir=str(folder),
+                     progress=False)
+    rec = evaluate_checkpoint(cfg)[0]
+    return {k: rec.get(k) for k in ("fid", "precision", "recall", "class_accuracy")}
+
+
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Copy via a temp name + rename so a stage checkpoint is never half-written."""
     tmp = dst.with_suffix(".tmp")
@@ -204,12 +217,16 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
 
 
 def continuation(preset: ReproducePreset, root: Path, table: str, init: str, policy: str, k: int, seed: int,
-                 rater: str | None, model: str | None = None, log=print) -> dict:
-    """Continue training ``init`` with one policy and seed, then evaluate it (held-out loss, samples)."""
+                 rater: str | None, model: str | None = None, variant: str = "", log=print) -> dict:
+    """Continue training ``init`` with one policy and seed, then evaluate it (held-out loss, samples).
+
+    Results land in ``root/runs/<table>/<label>/seed<s>/stage.json``; ``variant`` prefixes the label
+    (e.g. the rater ablation)."""
     from .train import train
 
-    name = "vanilla" if policy == "vanilla" else f"{policy}-k{k}"
-    folder = root / "runs" / table / name / f"seed{seed}"
+    label = "vanilla" if policy == "vanilla" else f"{policy} k={k}"
+    label = f"{variant}: {label}" if variant else label
+    folder = root / "runs" / table / label.replace(" ", "_").replace(":", "").replace("=", "") / f"seed{seed}"
 
     def fn(folder: Path) -> dict:
         cfg = _train_cfg(data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
@@ -220,14 +237,80 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
         summary = train(cfg, resume=True)
         train_s = time.perf_counter() - t0
         ckpt = summary["checkpoint"]
-        result = {"table": table, "policy": policy, "k": k, "seed": seed, "checkpoint": ckpt,
-                  "train_wall_s": train_s, "final_train_loss": summary["final_loss"],
+        result = {"table": table, "label": label, "policy": policy, "k": k, "seed": seed, "init": init,
+                  "checkpoint": ckpt, "train_wall_s": train_s, "final_train_loss": summary["final_loss"],
                   "heldout_loss": heldout_loss(ckpt, preset.data, seed=0, num_images=preset.heldout_images,
                                                draws=preset.heldout_draws)}
-        result.update(sample_metrics(preset, ckpt))
+        result.update(sample_metrics(preset, ckpt, folder))
         return result
 
     cfg = {"init": init, "policy": policy, "k": k, "seed": seed, "rater": rater, "steps": preset.continue_steps,
            "lr": preset.continue_lr, "batch_size": preset.batch_size, "eval_samples": preset.eval_samples,
-           "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale}
+           "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale, "label": label}
     return run_stage(folder, cfg, fn, log)
+
+
+def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint: str, ablation: str = "full",
+                     log=print) -> str:
+    """Meta-train one rater on a frozen checkpoint (paper stage ii); returns the rater checkpoint path."""
+    from .meta.train import MetaTrainConfig, metatrain
+
+    def fn(folder: Path) -> dict:
+        cfg = MetaTrainConfig(
+            checkpoint=checkpoint, data=preset.data, run_dir=str(folder / "run"), rater=preset.rater,
+            ablation=ablation, outer_steps=preset.meta_outer_steps, inner_steps=preset.meta_inner_steps,
+            candidates=preset.meta_candidates, inner_lr=preset.meta_inner_lr or "auto", lr=preset.meta_lr,
+            seed=0, progress=False,
+        )
+        summary = metatrain(cfg, resume=True)
+        return {"rater": summary["rater"], "summary": json.loads(json.dumps(summary, default=str))}
+
+    cfg = {"checkpoint": checkpoint, "rater": preset.rater, "ablation": ablation, "outer": preset.meta_outer_steps,
+           "inner": preset.meta_inner_steps, "K": preset.meta_candidates, "inner_lr": preset.meta_inner_lr,
+           "lr": preset.meta_lr}
+    return run_stage(root / "rater" / name, cfg, fn, log)["rater"]
+
+
+def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
+    """Run the whole protocol for ``preset`` under ``out`` (resumable), then write the report."""
+    from .report import write_report
+
+    preset.validate()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "study.json", {"preset": preset.name, "settings": dataclasses.asdict(preset)})
+    pre = pretrain(preset, root, preset.model, preset.pretrain_steps, [*preset.stage_steps, preset.meta_stage], log)
+    ckpts = pre["checkpoints"]
+    base = ckpts[str(preset.meta_stage)]
+    main_rater = meta_train_rater(preset, root, "main", base, log=log)
+
+    for seed in preset.seeds:  # Table 1: every policy on the same seeds, data order and candidate noises
+        continuation(preset, root, "main", base, "vanilla", 1, seed, None, log=log)
+        for k in preset.ks:
+            for policy in preset.policies:
+                continuation(preset, root, "main", base, policy, k, seed,
+                             main_rater if policy.startswith("rater") else None, log=log)
+    for ablation in preset.ablations:  # Table 3 (compared with Table 1's vanilla runs: same init and seeds)
+        r = meta_train_rater(preset, root, f"ablation-{ablation}", base, ablation, log)
+        for seed in preset.seeds:
+            continuation(preset, root, "ablation", base, "rater", preset.ablation_k, seed, r, variant=ablation, log=log)
+    for stage in preset.stage_steps:  # Table 5: one table per pretraining stage, each with its own vanilla
+        r = main_rater if stage == preset.meta_stage else meta_train_rater(preset, root, f"stage-{stage}", ckpts[str(stage)], log=log)
+        for seed in preset.seeds:
+            for policy, k, rr in (("vanilla", 1, None), ("rater", preset.stage_k, r)):
+                continuation(preset, root, f"stage-{stage}", ckpts[str(stage)], policy, k, seed, rr, log=log)
+    if preset.transfer_model:  # Table 2: the frozen small-model rater on a larger backbone
+        from .analysis import match_stage
+
+        grid = sorted({max(1, preset.transfer_steps * i // 20) for i in range(1, 21)})
+        big = pretrain(preset, root, preset.transfer_model, preset.transfer_steps, grid, log)
+        matched = match_stage(pre["metrics"], big["metrics"], source_step=preset.meta_stage)
+        use = min([s for s in grid if s >= matched] or [grid[-1]])
+        log(f"stage matching: {preset.model}@{preset.meta_stage} ~ {preset.transfer_model}@{matched} (using checkpoint {use})")
+        write_json(root / "transfer.json", {"source": preset.model, "source_step": preset.meta_stage,
+                                            "target": preset.transfer_model, "matched_step": matched, "used_step": use})
+        for seed in preset.seeds:
+            for policy, k, rr in (("vanilla", 1, None), ("rater", preset.transfer_k, main_rater)):
+                continuation(preset, root, "transfer", big["checkpoints"][str(use)], policy, k, seed, rr,
+                             model=preset.transfer_model, log=log)
+    return write_report(root)

@@ -25,9 +25,7 @@ def load_results(root: str | Path) -> pd.DataFrame:
         rows.append(json.loads(marker.read_text())["result"])
     if not rows:
         raise FileNotFoundError(f"no finished continuation runs under {root}/runs; run `noiserater reproduce` first")
-    df = pd.DataFrame(rows)
-    df["label"] = [p if p == "vanilla" else f"{p} k={k}" for p, k in zip(df["policy"], df["k"])]
-    return df
+    return pd.DataFrame(rows)
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -72,7 +70,10 @@ def summarize(df: pd.DataFrame, table: str) -> pd.DataFrame:
     """Per policy/k of one table: mean, std, CI of each metric; relative change and paired test vs vanilla."""
     sub = df[df["table"] == table]
     out = []
-    van = sub[sub["policy"] == "vanilla"].set_index("seed")
+    # A table without its own vanilla runs (the ablations) is compared with Table 1's, which share the
+    # initial checkpoint and seeds.
+    base = sub if (sub["policy"] == "vanilla").any() else df[df["table"] == "main"]
+    van = base[base["policy"] == "vanilla"].set_index("seed")
     wall_v = van["train_wall_s"].median() if len(van) else float("nan")
     for label, g in sub.groupby("label", sort=False):
         row = {"label": label, "policy": g["policy"].iloc[0], "k": int(g["k"].iloc[0]), "seeds": len(g)}
@@ -167,12 +168,21 @@ def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
     plt.close(fig)
 
 
-TABLE_TITLES = {
-    "main": "Table 1: policies and k (continuation from the pretrained checkpoint)",
-    "ablation": "Table 3: rater ablations",
-    "stage": "Table 5: raters meta-trained at several pretraining stages",
-    "transfer": "Table 2: a frozen rater transferred to a larger backbone",
-}
+def table_title(table: str) -> str:
+    if table == "main":
+        return "Table 1: policies and k (continuation from the pretrained checkpoint)"
+    if table == "ablation":
+        return "Table 3: rater ablations (vs Table 1's vanilla runs)"
+    if table.startswith("stage-"):
+        return f"Table 5: rater meta-trained at pretraining step {table[6:]}, continued from there"
+    if table == "transfer":
+        return "Table 2: the frozen rater transferred to a larger backbone at the matched stage"
+    return table
+
+
+def _table_order(tables) -> list[str]:
+    rank = {"main": 0, "ablation": 1, "transfer": 3}
+    return sorted(set(tables), key=lambda t: (rank.get(t, 2), int(t[6:]) if t.startswith("stage-") else 0, t))
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k: int = 4) -> dict:
@@ -195,9 +205,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
         "",
     ]
     tables, headline = {}, {}
-    for table, title in TABLE_TITLES.items():
-        if not (df["table"] == table).any():
-            continue
+    for table in _table_order(df["table"]):
+        title = table_title(table)
         s = summarize(df, table)
         tables[table] = s.to_dict(orient="records")
         parts += [f"## {title}", "", markdown_table(s, has_fid), ""]
