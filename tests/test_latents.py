@@ -334,3 +334,30 @@ def test_synthetic_cache_and_loader_benchmark(tmp_path):
     assert rec["cache_records"] == 300 and rec["latent_shape"] == [4, 8, 8] and rec["losses_finite"]
     assert rec["train_images_per_s"] > 0 and rec["loader_memmap_images_per_s"] > 0
     assert rec["loader_over_train"] == pytest.approx(rec["loader_memmap_images_per_s"] / rec["train_images_per_s"])
+
+
+def test_two_process_training_on_a_memmapped_cache_matches_one_process(tmp_path, flip_cache):
+    """torchrun, 2 gloo processes, each reading only its half of every batch from the memory-mapped cache,
+    with gradient checkpointing: the same weights as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from noiserater.train import TrainConfig, load_diffusion, train
+
+    opts = dict(data=str(flip_cache), model="DiT-N/2", steps=3, batch_size=8, lr=1e-3, log_every=1,
+                sample_every=1000, ckpt_every=1000, sample_steps=2)
+    one = train(TrainConfig(run_dir=str(tmp_path / "one"), tensorboard=False, progress=False, **opts))
+    args = ["train", "--run-dir", str(tmp_path / "two"), "--no-tensorboard", "--no-progress", "--grad-checkpointing"]
+    for k, v in opts.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NOISERATER_CACHE_IN_MEMORY_MB": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noiserater",
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, _, sa = load_diffusion(one["checkpoint"], use_ema=False)
+    b, _, sb = load_diffusion(tmp_path / "two" / "checkpoints" / "latest.pt", use_ema=False)
+    assert sb["step"] == 3 and sb["data"]["latent"]["scaling_factor"] == pytest.approx(0.18215)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=k)
