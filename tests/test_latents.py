@@ -305,6 +305,13 @@ def test_train_on_cache_then_sample_decodes_with_the_same_vae(tmp_path, flip_cac
         sample_from_checkpoint(ckpt, 2, "cycle", 1.0, 2, device="cpu", vae=str(wrong))
     again, _ = sample_from_checkpoint(ckpt, 4, "cycle", 1.25, 2, seed=0, device="cpu", vae=str(vae_dir))
     assert torch.equal(again, imgs)
+    # multi-GPU sampling: rank shards of the same N samples concatenate to the 1-process result
+    parts = [sample_from_checkpoint(ckpt, 5, "random", 1.25, 2, seed=3, device="cpu", decode=False, shard=(r, 2))
+             for r in range(2)]
+    full, yfull = sample_from_checkpoint(ckpt, 5, "random", 1.25, 2, seed=3, device="cpu", decode=False)
+    assert [p[0].shape[0] for p in parts] == [2, 3]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), full, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat([p[1] for p in parts]), yfull)
 
 
 def test_decoder_refuses_mismatched_scale_and_warns_on_other_weights(tmp_path, flip_cache, vae_dir):
