@@ -1,7 +1,7 @@
 """Meta-learning the noise rater: the bilevel losses, differentiable inner optimisers, meta-gradients
 (unrolled, reverse accumulation, forward-over-reverse, Theorem 4.2 alignment) and the meta-training loop."""
 
-from .gradient import METHODS, MetaResult, Reducer, meta_gradient, meta_gradient_info
+from .gradient import METHODS, MetaResult, Reducer, inner_steps, meta_gradient, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import (
     candidate_losses,
@@ -24,6 +24,7 @@ __all__ = [
     "candidate_weights",
     "eval_mode",
     "inner_loss",
+    "inner_steps",
     "math_attention",
     "meta_gradient",
     "meta_gradient_info",

@@ -95,14 +95,29 @@ class Reducer:
         return _split_like(flat, tensors)
 
     def mean_differentiable(self, tensors: Sequence[torch.Tensor]) -> Tensors:
-        """Average that autograd can differentiate through (its backward all-reduces the gradients)."""
+        """Average that autograd can differentiate through (its backward averages the gradients)."""
         if not self.active:
             return list(tensors)
-        import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
+        flat = _AllReduceMean.apply(torch.cat([t.reshape(-1) for t in tensors]), self.group, self.world)
+        return _split_like(flat, tensors)
 
-        flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), op=dist.ReduceOp.SUM, group=self.group)
-        return _split_like(flat / self.world, tensors)
+
+class _AllReduceMean(torch.autograd.Function):
+    """y = mean over ranks of x (the same on every rank). With L = sum_r L_r over ranks, dL/dx_r =
+    mean_r' dL_r'/dy, so the backward is the same mean of the incoming gradients (itself differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world):
+        import torch.distributed as dist
+
+        ctx.group, ctx.world = group, world
+        y = x.detach().clone()
+        dist.all_reduce(y, group=group)
+        return y / world
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceMean.apply(grad.contiguous(), ctx.group, ctx.world), None, None
 
 
 def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tensors:
@@ -319,6 +334,28 @@ def _alignment(P: _Problem) -> MetaResult:
         for acc, ge in zip(eta_grads, P.eta_backward(batch, dl / batch[0].shape[0])):
             acc.add_(ge)
     return MetaResult(P.full_grads(eta_grads), val, None, scores, weights)
+
+
+def inner_steps(
+    model: nn.Module, train_batches: Sequence[Batch], weights: Sequence[torch.Tensor], *, inner_lr: float,
+    inner_optimizer: str | InnerOptimizer = "sgd", diffusion: GaussianDiffusion | None = None,
+    reducer: Reducer | None = None,
+) -> dict[str, torch.Tensor]:
+    """theta_S (name -> tensor, no graph) after the inner steps with the given fixed weights [B,K] per batch
+    (e.g. :func:`uniform_weights` for the baseline), starting from the model's current parameters."""
+    opt = inner_optimizer if isinstance(inner_optimizer, InnerOptimizer) else InnerOptimizer(inner_optimizer, inner_lr)
+    reducer = reducer if reducer is not None else Reducer()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = [p.detach() for n, p in model.named_parameters() if p.requires_grad]
+    state = opt.init_state(theta)
+    with eval_mode(model), math_attention():
+        for s, (batch, w) in enumerate(zip(train_batches, weights), 1):
+            th = _leaves(theta)
+            loss = weighted_loss(candidate_losses(model, batch, params=dict(zip(names, th)), diffusion=diffusion), w.detach())
+            g = reducer.mean(_grads_or_zeros(loss, th))
+            with torch.no_grad():
+                theta, state = opt.step(theta, g, state, s)
+    return dict(zip(names, theta))
 
 
 def meta_gradient_info(
