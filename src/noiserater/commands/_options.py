@@ -37,6 +37,7 @@ def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = ())
             return fn(cfg=cfg, **kwargs)
 
         functools.update_wrapper(wrapper, fn)  # keeps options declared below this decorator
+        wrapper.config_class = cls  # lets tests find every config-backed command (command.callback.config_class)
         cmd = wrapper
         for f in reversed(fields):
             hint = hints[f.name]
