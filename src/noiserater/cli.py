@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -15,7 +16,18 @@ COMMANDS = ["demo", "train", "sample", "metatrain", "evaluate", "analyze", "repr
 
 
 class _Group(click.Group):
-    """Turns the library's own error types into one-line messages and a non-zero exit."""
+    """Loads each subcommand's module only when it is used (``noiserater --version`` and ``train`` do not
+    pay for importing every command), and turns the library's own error types into one-line messages
+    and exit code 2."""
+
+    def list_commands(self, ctx):
+        return [n.replace("_", "-") for n in COMMANDS if _module_exists(n)]
+
+    def get_command(self, ctx, name):
+        module = name.replace("-", "_")
+        if module not in COMMANDS or not _module_exists(module):
+            return None
+        return importlib.import_module(f"noiserater.commands.{module}").command
 
     def invoke(self, ctx):
         from .errors import USER_ERRORS
@@ -27,6 +39,11 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _module_exists(module: str) -> bool:
+    """Whether ``noiserater.commands.<module>`` exists in this checkout (found without importing it)."""
+    return importlib.util.find_spec(f"noiserater.commands.{module}") is not None
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="noiserater")
 def main() -> None:
@@ -34,13 +51,3 @@ def main() -> None:
 
     Start with `noiserater demo` (a few minutes on a laptop CPU).
     """
-
-
-for _name in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"noiserater.commands.{_name}")
-    except ModuleNotFoundError as _e:  # a command still being written in this checkout
-        if _e.name != f"noiserater.commands.{_name}":
-            raise
-        continue
-    main.add_command(_mod.command)
