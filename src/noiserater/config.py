@@ -45,8 +45,8 @@ def _check_type(cls_name: str, key: str, value: Any, hint: Any) -> Any:
                 value = float(value)
             except OverflowError:  # an int too large for a float (YAML 1e400 is inf, 10**400 is an int)
                 raise ConfigError(f"config key '{key}' of {cls_name} is out of range: {value!r}") from None
-            if value != value:  # NaN passes no range check meaningfully: refuse it for every key
-                raise ConfigError(f"config key '{key}' of {cls_name} must be a number, got NaN")
+            if value != value or value in (float("inf"), float("-inf")):  # no key means anything by NaN/inf
+                raise ConfigError(f"config key '{key}' of {cls_name} must be a finite number, got {value}")
             return value
     elif hint is str:
         if isinstance(value, str):

@@ -12,6 +12,24 @@ import click
 from ..config import ConfigError, from_dict, load_yaml
 
 
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and +-inf (FloatRange lets NaN through every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number", param, ctx)
+        return rv
+
+
+# Seeds: torch.manual_seed overflows above 2**64 and numpy's seeds are 32-bit.
+SEED = click.IntRange(0, 2**32 - 1)
+
+
 def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> Callable:
     """Decorate a click command with one ``--field-name`` option per field of ``cls`` (all documented)
     plus ``--config FILE.yaml``. The command receives ``cfg`` (an instance of ``cls``)."""

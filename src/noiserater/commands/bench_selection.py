@@ -328,19 +328,19 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), required=True,
               help="Write the list of records here (e.g. benchmarks/selection.json).")
 @click.option("--model", default="DiT-S/2", show_default=True, help="DiT config being trained.")
-@click.option("--input-size", default=32, show_default=True, help="Image/latent side (32 = 256px through the VAE).")
-@click.option("--channels", default=4, show_default=True, help="Image/latent channels.")
-@click.option("--classes", default=1000, show_default=True, help="Number of classes.")
-@click.option("--batch", default=2, show_default=True, help="Batch size (small on CPU; ratios, not absolute numbers).")
+@click.option("--input-size", default=32, show_default=True, type=click.IntRange(min=1), help="Image/latent side (32 = 256px through the VAE).")
+@click.option("--channels", default=4, show_default=True, type=click.IntRange(min=1), help="Image/latent channels.")
+@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of classes.")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Batch size (small on CPU; ratios, not absolute numbers).")
 @click.option("--raters", default=DEFAULT_RATERS, show_default=True,
               help="Comma-separated rater configs for the 'rater' policy.")
 @click.option("--k", "ks", default="1,2,4,8", show_default=True, help="Candidate counts.")
 @click.option("--soft-raters", default="FastRater-T/2", show_default=True,
               help="Rater configs for 'rater_soft' (empty to skip).")
 @click.option("--soft-k", "soft_ks", default="2,4", show_default=True, help="Candidate counts for rater_soft.")
-@click.option("--repeats", default=3, show_default=True, help="Interleaved rounds (each config once per round).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds (each config once per round).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--threads", default=None, type=int,
+@click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads (default: 1 with --clock cpu, torch's default otherwise).")
 @click.option("--clock", type=click.Choice(["cpu", "wall"]), default=None,
               help="Time with process CPU time (default on CPU) or wall clock (default on CUDA).")

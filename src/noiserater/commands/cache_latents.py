@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..data.latents import cache_latents
+from ._options import SEED
 
 
 @click.command("cache-latents")
@@ -27,7 +28,7 @@ from ..data.latents import cache_latents
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Image-decoding worker processes (0: in the main process).")
 @click.option("--device", default=None, help="Device for the VAE (default: cuda when available, else cpu).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the posterior samples (per record).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the posterior samples (per record).")
 @click.option("--max-images", default=None, type=click.IntRange(min=0),
               help="Encode at most this many images in this call (the cache stays resumable).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar with images/s.")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from ._options import SEED, FiniteFloat
+
 # Tuned on a 2-core CPU: recognisable digits in about 2-3 minutes (see docs/performance-train.md).
 DEMO_DEFAULTS = dict(model="DiT-T/2", steps=1500, batch_size=128, lr=1e-3, ema_decay=0.995, cfg_scale=2.0)
 
@@ -96,12 +98,12 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--model", default=DEMO_DEFAULTS["model"], show_default=True, help="DiT config.")
 @click.option("--batch-size", default=DEMO_DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1),
               help="Training batch size.")
-@click.option("--lr", default=DEMO_DEFAULTS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=DEMO_DEFAULTS["lr"], show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="AdamW learning rate (higher than DiT's 1e-4: the demo is short).")
 @click.option("--sample-steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="DDIM steps.")
-@click.option("--cfg-scale", default=DEMO_DEFAULTS["cfg_scale"], show_default=True, type=click.FloatRange(min=0),
+@click.option("--cfg-scale", default=DEMO_DEFAULTS["cfg_scale"], show_default=True, type=FiniteFloat(min=0),
               help="Classifier-free guidance scale for the sample grid.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for everything.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for everything.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(out_dir, steps, model, batch_size, lr, sample_steps, cfg_scale, seed, progress) -> None:
     """Train a tiny DiT on the bundled 8x8 digits (a few minutes on a laptop CPU) and write a sample grid.

@@ -12,6 +12,7 @@ import torch
 from ..checkpoint import atomic_write_bytes
 from ..diffusion import GaussianDiffusion, ddim_sample
 from ..train import load_diffusion, save_grid
+from ._options import SEED, FiniteFloat
 
 
 @click.command("sample")
@@ -22,10 +23,10 @@ from ..train import load_diffusion, save_grid
 @click.option("--num", "num", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
 @click.option("--labels", "labels", default="random", show_default=True,
               help="'random', 'cycle' (0,1,2,...), 'null' (unconditional), or comma-separated class ids.")
-@click.option("--cfg-scale", default=1.25, show_default=True, type=click.FloatRange(min=0),
+@click.option("--cfg-scale", default=1.25, show_default=True, type=FiniteFloat(min=0),
               help="Classifier-free guidance scale on all channels (1 = no guidance).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="DDIM steps.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for noise and random labels.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for noise and random labels.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Samples per forward.")
 @click.option("--vae", "vae", default=None, type=click.Path(),

@@ -108,6 +108,8 @@ class MetaTrainConfig:
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.label_dropout is None or 0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
+        require(self.inner_lr == "auto" or math.isfinite(self.inner_lr), "inner_lr", "must be a finite number > 0 or 'auto'")
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         self.sweep_grid()
 
     def sweep_grid(self) -> tuple[float, ...]:
@@ -117,7 +119,7 @@ class MetaTrainConfig:
             grid = tuple(float(x) for x in self.sweep_lrs.split(","))
         except ValueError:
             raise ConfigError(f"invalid sweep_lrs: {self.sweep_lrs!r}; use comma-separated numbers like 0.01,0.1,1") from None
-        require(all(x > 0 for x in grid), "sweep_lrs", "every learning rate must be > 0")
+        require(all(math.isfinite(x) and x > 0 for x in grid), "sweep_lrs", "every learning rate must be a finite number > 0")
         return grid
 
 
