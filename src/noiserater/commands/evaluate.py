@@ -1,0 +1,59 @@
+"""`noiserater evaluate`: FID, precision/recall and class accuracy of a checkpoint's samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..evaluate import EvalConfig, _run_dir_of, evaluate_checkpoint, summary_table
+from ._options import config_options
+
+EVAL_HELP = {
+    "checkpoint": "Diffusion checkpoint to evaluate (a run's checkpoints/latest.pt). Required.",
+    "num_samples": "Number of generated samples (FIDs are only comparable at equal numbers).",
+    "steps": "DDIM steps (eta=0).",
+    "cfg_scale": "Classifier-free guidance scale on all channels (1 = no guidance, as in the paper's FID tables).",
+    "ema": "Sample with the EMA weights.",
+    "seed": "Seed of the initial noise and labels: the same seed gives the same samples and numbers.",
+    "labels": "Class labels of the samples: 'cycle' (balanced 0,1,2,...), 'random', 'null' (unconditional) "
+              "or comma-separated class ids.",
+    "extractors": "Comma-separated feature extractors: 'classifier' (the dataset's cached classifier, trained "
+                  "once) and/or 'inception' (InceptionV3 pool3 from --inception-weights).",
+    "inception_weights": "Local InceptionV3 FID weights (pytorch-fid pt_inception-2015-12-05-6726825d.pth or "
+                         "torch-fidelity weights-inception-2015-12-05-6726825d.pth); default "
+                         "$NOISERATER_INCEPTION_WEIGHTS. Nothing is downloaded.",
+    "reference": "Reference images (a dataset source); default: Fashion-MNIST's test file for fashion-mnist, "
+                 "otherwise the checkpoint's training data.",
+    "reference_split": "Split of the reference: all, train or val (default: all).",
+    "pr_k": "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. use 3).",
+    "cache_dir": "Cache folder for classifiers and reference statistics (default $NOISERATER_CACHE or "
+                 "~/.cache/noiserater).",
+    "run_dir": "Folder whose eval.jsonl receives the records (default: the checkpoint's run folder).",
+    "record": "Append the records to RUN_DIR/eval.jsonl.",
+    "batch_size": "Images per forward pass when sampling and extracting features.",
+    "progress": "Show progress bars.",
+}
+
+
+@click.command("evaluate")
+@config_options(EvalConfig, EVAL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
+def command(cfg: EvalConfig, as_json: bool) -> None:
+    """Sample from a checkpoint (DDIM, fixed seed) and measure FID, precision/recall and class accuracy.
+
+    Each extractor gives one record (number of samples, sampler, steps, CFG scale, EMA, extractor and
+    reference included) appended to RUN_DIR/eval.jsonl.
+    """
+    records = evaluate_checkpoint(cfg)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(summary_table(records))
+    acc = records[0]["extractor_info"].get("test_accuracy") if records[0]["extractor"] == "classifier" else None
+    if acc is not None:
+        click.echo(f"classifier test accuracy: {acc:.4f}")
+    if cfg.record:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else _run_dir_of(cfg.checkpoint)
+        click.echo(f"appended {len(records)} record(s) to {run_dir / 'eval.jsonl'}")
