@@ -115,9 +115,14 @@ if [[ "$HAVE_BENCH" == *metagrad* ]]; then
   META_HELP=$("${NR[@]}" bench metagrad --help 2>/dev/null || true)
   OUTFLAG=--out
   [[ "$META_HELP" == *--json* ]] && OUTFLAG=--json
-  DEVFLAG=()
-  [[ "$META_HELP" == *--device* ]] && DEVFLAG=(--device "$DEVICE")
-  run metagrad 150 "${NR[@]}" bench metagrad ${DEVFLAG[@]+"${DEVFLAG[@]}"} "$OUTFLAG" "$RESULTS/metagrad.json"
+  # the paper's scale: DiT-S/2 + Rater-S/2 on 4x32x32 latents, K = 8, S = 1 and 5 (one process each)
+  META_ARGS=()
+  for pair in "--device=$DEVICE" "--model=${GPU_CHECK_META_MODEL:-DiT-S/2}" "--rater=${GPU_CHECK_META_RATER:-Rater-S/2}" \
+              "--image-size=32" "--channels=4" "--batch=8" "--candidates=8" "--steps=1,5" \
+              "--methods=reverse,reverse_fwd,unrolled" "--repeats=2" "--timeout=60" "--plot=$RESULTS/metagrad.png"; do
+    [[ "$META_HELP" == *"${pair%%=*}"* ]] && META_ARGS+=("$pair")
+  done
+  run metagrad 240 "${NR[@]}" bench metagrad ${META_ARGS[@]+"${META_ARGS[@]}"} "$OUTFLAG" "$RESULTS/metagrad.json"
 else
   log "SKIP metagrad: this checkout has no 'noiserater bench metagrad'"
 fi
@@ -128,8 +133,8 @@ if [ "${GPU_CHECK_COMPILE:-0}" = "1" ]; then  # optional: torch.compile'd bf16 s
 fi
 
 # ---- 4. summary ------------------------------------------------------------------------------------
-BUDGET=$((SECONDS + 60))  # the summary always gets its minute
-run summary 60 $PY scripts/gpu_summary.py "$RESULTS"
+BUDGET=$((SECONDS + 40))  # the summary always gets its half minute
+run summary 30 $PY scripts/gpu_summary.py "$RESULTS"
 if [ "${#FAILED[@]}" -gt 0 ]; then
   log "done in ${SECONDS}s; FAILED: ${FAILED[*]}"
   exit 1
