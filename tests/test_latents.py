@@ -368,3 +368,19 @@ def test_two_process_training_on_a_memmapped_cache_matches_one_process(tmp_path,
     assert sb["step"] == 3 and sb["data"]["latent"]["scaling_factor"] == pytest.approx(0.18215)
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_flat_folder_is_one_class_and_empty_folder_is_an_error(tmp_path):
+    from PIL import Image
+
+    from noiserater.data.latents import list_images
+
+    flat = tmp_path / "ffhq"
+    flat.mkdir()
+    for i in (2, 0, 1):
+        Image.new("RGB", (8, 8)).save(flat / f"{i:05d}.png")
+    files, labels, classes = list_images(flat)
+    assert files == ["00000.png", "00001.png", "00002.png"] and labels == [0, 0, 0] and classes == ["ffhq"]
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(LatentCacheError, match="has no images"):
+        list_images(tmp_path / "empty")
