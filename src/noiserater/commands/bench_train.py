@@ -12,7 +12,8 @@ For each config, one process times two formulations of the same training step, i
   float32, AdamW with ``fused=True`` (supported on CPU), foreach clipping and EMA. Its weights are
   copied from ours (a test checks that both compute the same outputs).
 
-``ratio`` = median over rounds of (ours step time / plain step time); > 1 means ours is slower.
+``ratio`` = median over rounds of (ours step time / plain step time); > 1 means ours is slower. The same
+ratio of process CPU time is reported too: on a shared machine it is the steadier of the two.
 For configs with bundled data the end-to-end ``train()`` loop's images/s is measured too.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size
@@ -145,14 +146,13 @@ class _Ours:
     def __init__(self, cfg: TrainBenchConfig, device: torch.device, seed: int = 0):
         from ..diffusion import GaussianDiffusion
         from ..models import DiTSpec, build_dit_from_spec
-        from ..train import TrainConfig
+        from ..train import TrainConfig, make_adamw
 
         torch.manual_seed(seed)
         self.spec = DiTSpec(cfg.model, cfg.size, cfg.channels, cfg.num_classes, False, 0.0)
         self.model = build_dit_from_spec(self.spec).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        fused = device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused or None)
+        self.opt = make_adamw(self.model.parameters(), 1e-4, 0.0, device)
         self.tc = TrainConfig(model=cfg.model, batch_size=cfg.batch_size)
         self.diffusion = GaussianDiffusion()
         self.cfg, self.device, self.step_i = cfg, device, 0
@@ -223,14 +223,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(runner, steps: int, device: torch.device) -> float:
-    """Seconds per step, averaged over ``steps`` consecutive steps."""
+def time_steps(runner, steps: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step, averaged over ``steps`` consecutive steps. CPU time is
+    the steadier measure on a shared machine (time spent waiting for a core does not count)."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         runner.step()
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def bench_speed(cfg: TrainBenchConfig, steps: int, rounds: int, warmup: int, device: torch.device) -> dict:
@@ -239,19 +240,25 @@ def bench_speed(cfg: TrainBenchConfig, steps: int, rounds: int, warmup: int, dev
         if warmup:
             time_steps(r, warmup, device)
     per = {k: [] for k in runners}
-    ratios = []
+    cpu = {k: [] for k in runners}
+    ratios, cpu_ratios = [], []
     for i in range(rounds):
         order = list(runners) if i % 2 == 0 else list(reversed(runners))
         got = {k: time_steps(runners[k], steps, device) for k in order}
-        for k, v in got.items():
-            per[k].append(v)
-        ratios.append(got["ours"] / got["plain"])
+        for k, (wall, c) in got.items():
+            per[k].append(wall)
+            cpu[k].append(c)
+        ratios.append(got["ours"][0] / got["plain"][0])
+        cpu_ratios.append(got["ours"][1] / got["plain"][1])
     med = {k: statistics.median(v) for k, v in per.items()}
     return {
         "ours_step_s": med["ours"], "plain_step_s": med["plain"],
         "ours_images_per_s": cfg.batch_size / med["ours"], "plain_images_per_s": cfg.batch_size / med["plain"],
         "ratio_ours_over_plain": statistics.median(ratios),
-        "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds, "steps_per_round": steps,
+        "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ours_cpu_s_per_step": statistics.median(cpu["ours"]), "plain_cpu_s_per_step": statistics.median(cpu["plain"]),
+        "cpu_time_ratio_ours_over_plain": statistics.median(cpu_ratios),
+        "rounds": rounds, "steps_per_round": steps,
     }
 
 
@@ -312,8 +319,9 @@ def machine_info() -> dict:
 
 
 def markdown_table(records: list[dict]) -> str:
-    head = ("| config | model | input | batch | ours img/s | plain img/s | ours/plain step time | train() loop img/s "
-            "| peak RSS ours / plain (MiB) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | model | input | batch | ours img/s | plain img/s | ours/plain wall time (min-max) "
+            "| ours/plain CPU time | train() loop img/s | peak RSS ours / plain (MiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in records:
         loop = f"{r['train_loop_images_per_s']:.0f}" if r.get("train_loop_images_per_s") else "-"
@@ -322,7 +330,8 @@ def markdown_table(records: list[dict]) -> str:
             mem = f"{r['memory']['ours']['peak_mb']:.0f} / {r['memory']['plain']['peak_mb']:.0f}"
         rows.append(f"| {r['config']} | {r['model']} | {r['channels']}x{r['size']}x{r['size']} | {r['batch_size']} "
                     f"| {r['ours_images_per_s']:.0f} | {r['plain_images_per_s']:.0f} "
-                    f"| {r['ratio_ours_over_plain']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {loop} | {mem} |")
+                    f"| {r['ratio_ours_over_plain']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+                    f"| {r['cpu_time_ratio_ours_over_plain']:.3f} | {loop} | {mem} |")
     return "\n".join([head, *rows])
 
 

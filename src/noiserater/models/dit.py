@@ -21,6 +21,7 @@ from .layers import (
     PatchEmbed,
     TimestepEmbedder,
     check_model_inputs,
+    gated_residual,
     modulate,
     sincos_pos_embed_2d,
 )
@@ -66,9 +67,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 def checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -164,8 +164,7 @@ class DiT(nn.Module):
         """Tokens [B,T,p*p*C] -> images [B,C,H,W]."""
         c, p = self.out_channels, self.patch_size
         h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # n c h p w q
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

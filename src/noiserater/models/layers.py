@@ -15,8 +15,14 @@ import torch.nn.functional as F
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation. x [B,T,D], shift/scale [B,D]."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation x * (1 + scale) + shift. x [B,T,D], shift/scale [B,D]. One fused ``addcmul``
+    instead of three elementwise passes over x (measurably faster on CPU; see docs/performance-train.md)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + gate * branch with x, branch [B,T,D] and gate [B,D], as one ``addcmul``."""
+    return torch.addcmul(x, gate.unsqueeze(1), branch)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -54,7 +60,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Same function as the strided conv (and the same `proj` parameters), computed as non-overlapping
+        # patches @ flattened kernel: one matmul, faster than a convolution for these tiny kernels on CPU.
+        B, C, H, W = x.shape
+        p, D = self.patch_size, self.proj.out_channels
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+        return F.linear(patches, self.proj.weight.reshape(D, C * p * p), self.proj.bias)
 
 
 class Attention(nn.Module):
