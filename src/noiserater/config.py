@@ -87,9 +87,15 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] |
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config of keys and values") from None
+    if data is None:  # an empty file (or only comments): all defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     data.update(overrides or {})
