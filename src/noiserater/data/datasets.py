@@ -82,16 +82,25 @@ def load_digits_data() -> ImageData:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    import math
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or a cut/damaged stream
+        raise DatasetError(f"{path} is not a readable gzip file ({e}); reinstall the dataset") from None
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF
-    if magic >> 8 != 0x08:
+    if len(data) < 4 or magic >> 8 != 0x08:
         raise DatasetError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}); reinstall the dataset")
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated (its header announces {ndim} dimensions); reinstall the dataset")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise DatasetError(f"{path} is truncated ({arr.size} of {int(np.prod(dims))} values); reinstall the dataset")
+    if arr.size != math.prod(dims):  # math.prod: exact, where np.prod would overflow on a damaged header
+        raise DatasetError(f"{path} is truncated or damaged ({arr.size} values, the header announces "
+                           f"{math.prod(dims)}); reinstall the dataset")
     return arr.reshape(dims)
 
 
@@ -105,10 +114,17 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> ImageDa
             f"Fashion-MNIST not found under {root_path}: install it with "
             "'apt-get install dataset-fashion-mnist' or set NOISERATER_FASHION_MNIST_DIR"
         )
-    x = torch.from_numpy(_read_idx(img).astype(np.float32) / 127.5 - 1.0)[:, None]
+    images, labels = _read_idx(img), _read_idx(lab)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or len(images) == 0 \
+            or images.shape[1] != images.shape[2] or int(labels.max()) >= 10:
+        raise DatasetError(
+            f"Fashion-MNIST files under {root_path} do not fit together (images {list(images.shape)}, labels "
+            f"{list(labels.shape)}, largest label {int(labels.max()) if labels.size else None}); reinstall the dataset"
+        )
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
     x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    return ImageData(x, torch.from_numpy(_read_idx(lab).astype(np.int64)), 10, "fashion-mnist", names)
+    return ImageData(x, torch.from_numpy(labels.astype(np.int64)), 10, "fashion-mnist", names)
 
 
 def load_image_folder(root: str | os.PathLike) -> ImageData:
@@ -140,8 +156,13 @@ def load_image_folder(root: str | os.PathLike) -> ImageData:
                     if im.size[0] != im.size[1]:
                         raise DatasetError(f"{f} is not square ({im.size[0]}x{im.size[1]}); crop images to squares")
                     arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
+            except DatasetError:
+                raise
             except UnidentifiedImageError:
                 raise DatasetError(f"{f} is not a readable image; remove it or fix it") from None
+            except Exception as e:  # truncated/damaged files: PIL raises OSError, SyntaxError, ValueError, ...
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+                raise DatasetError(f"{f} is not a readable image ({reason}); remove it or fix it") from None
             labels.append(ci)
     if not arrays:
         raise DatasetError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
