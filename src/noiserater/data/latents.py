@@ -247,9 +247,9 @@ def read_header(cache: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise LatentCacheError(f"{cache} is not a latent cache (no {HEADER_NAME}); make one with "
                                "'noiserater cache-latents'") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LatentCacheError(f"{path} is not valid JSON ({e}); delete the cache and rerun cache-latents") from None
-    if header.get("format") != CACHE_FORMAT:
+    if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT:
         raise LatentCacheError(f"{path} is not a noiserater latent cache header (format {header.get('format')!r})")
     if header.get("version") != CACHE_VERSION:
         raise LatentCacheError(f"{path} has cache version {header.get('version')}, this noiserater reads version "
@@ -592,7 +592,17 @@ def latent_info(header: dict, cache: str | os.PathLike) -> dict:
 def load_latent_cache(path: str | os.PathLike, in_memory: bool | None = None) -> LatentData:
     """A complete latent cache as a dataset. ``in_memory`` None: read into RAM when the array is at most
     ``NOISERATER_CACHE_IN_MEMORY_MB`` (default 2048), else rows are read per batch (:class:`MemmapRows`)."""
-    path = Path(path)
+    try:
+        return _load_latent_cache(Path(path), in_memory)
+    except LatentCacheError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, EOFError, OSError) as e:
+        # a header with missing or mistyped fields, or a damaged data.npy
+        raise LatentCacheError(f"latent cache {path} is damaged ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:120]}); "
+                               "rerun cache-latents into a new folder") from None
+
+
+def _load_latent_cache(path: Path, in_memory: bool | None) -> LatentData:
     header = read_header(path)
     if not header.get("complete"):
         raise LatentCacheError(
