@@ -109,8 +109,14 @@ def n_train() -> int:
 # a real process running the real CLI (`main(argv)`, exit codes included); SIGKILL/SIGINT/SIGTERM go to it.
 LAUNCHER = r"""
 import json, os, signal, sys
+import importlib
 import torch  # noqa: F401  (the expensive imports, done once)
 from noiserater.cli import main
+for name in ("train", "metatrain"):
+    try:
+        importlib.import_module("noiserater.commands." + name)
+    except ImportError:
+        pass
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
