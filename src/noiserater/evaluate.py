@@ -620,6 +620,7 @@ class EvalConfig:
         require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0 (1 = no guidance)")
         require(self.pr_k >= 1, "pr_k", "k must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         names = self.extractor_list()
         require(bool(names) and all(n in EXTRACTORS for n in names), "extractors",
                 f"comma-separated names from {', '.join(EXTRACTORS)}, got {self.extractors!r}")
