@@ -598,7 +598,7 @@ def load_latent_cache(path: str | os.PathLike, in_memory: bool | None = None) ->
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, EOFError, OSError) as e:
         # a header with missing or mistyped fields, or a damaged data.npy
-        raise LatentCacheError(f"latent cache {path} is damaged ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:120]}); "
+        raise LatentCacheError(f"latent cache {path} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                                "rerun cache-latents into a new folder") from None
 
 
