@@ -244,6 +244,7 @@ class AnalyzeConfig:
         require(self.num_noises >= 2, "num_noises", "must be >= 2 (a correlation needs two noises)")
         require(self.timesteps >= 2, "timesteps", "must be >= 2")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         require(self.split in ("train", "val", "all"), "split", "use train, val or all")
 
 
@@ -366,6 +367,8 @@ class StagesConfig:
         require(self.meta_outer_steps >= 1, "meta_outer_steps", "must be >= 1")
         require(self.num_images >= 1 and self.num_noises >= 2 and self.timesteps >= 2, "num_images",
                 "need num_images >= 1, num_noises >= 2 and timesteps >= 2")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
 
 
 def analyze_stages(cfg: StagesConfig, rater_factory: RaterFactory | None = None,

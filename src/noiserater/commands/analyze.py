@@ -75,7 +75,7 @@ def stages_cmd(cfg: StagesConfig) -> None:
 @command.command("match-stage")
 @click.option("--source-log", required=True, type=click.Path(dir_okay=False),
               help="metrics.jsonl of the run the rater was trained on (e.g. the small backbone).")
-@click.option("--source-step", required=True, type=int, help="Training step of the source checkpoint.")
+@click.option("--source-step", required=True, type=click.IntRange(min=0), help="Training step of the source checkpoint.")
 @click.option("--target-log", required=True, type=click.Path(dir_okay=False),
               help="metrics.jsonl of the run to match (e.g. the larger backbone).")
 @click.option("--smooth-window", default=500, show_default=True, type=click.IntRange(min=1),
