@@ -111,6 +111,7 @@ LAUNCHER = r"""
 import json, os, signal, sys
 import importlib
 import torch  # noqa: F401  (the expensive imports, done once)
+import torch._dynamo  # noqa: F401  (imported by the first optimizer; seconds on a busy machine)
 from noiserater.cli import main
 for name in ("train", "metatrain"):
     try:
@@ -355,7 +356,7 @@ def wait_for_temp_file(folder: Path, proc, timeout: float = 120) -> bool:
 
 
 def kill_resume_cycle(launcher: Launcher, run: Path, args: list[str], n_kills: int, rng: random.Random, steps: int,
-                      modes: list[str] | None = None) -> dict:
+                      modes: list[str] | None = None, kind: str = "diffusion") -> dict:
     """Start the run (always with --resume), SIGKILL it at a random moment, check what is on disk, repeat
     ``n_kills`` times; then let it finish. The moment is one of
     - ``loop``: after a random step of the training loop, plus a random fraction of a step;
@@ -364,12 +365,12 @@ def kill_resume_cycle(launcher: Launcher, run: Path, args: list[str], n_kills: i
     ``modes`` fixes the sequence; by default each kill draws one (loop 1/2, write 1/4, startup 1/4)."""
     counts = {"kills": 0, "kills_during_checkpoint_write": 0, "kills_during_startup": 0, "kills_in_loop": 0}
     startup_time = None
-    span = max(1, (steps - 6) // n_kills)
+    span = max(1, (steps - max(2, steps // 8)) // n_kills)
     for i in range(3 * n_kills):
         if counts["kills"] >= n_kills:
             break
-        ck = load_checkpoint(ckpt_path(run), kind="diffusion")["step"] if ckpt_path(run).exists() else 0
-        lo, hi = max(ck, last_logged_step(run) or 0) + 1, steps - 6  # target > any stale log line
+        ck = load_checkpoint(ckpt_path(run), kind=kind)["step"] if ckpt_path(run).exists() else 0
+        lo, hi = max(ck, last_logged_step(run) or 0) + 1, steps - max(2, steps // 8)  # target > any stale log line
         mode = modes[i % len(modes)] if modes else rng.choice(["loop", "loop", "write", "startup"])
         if startup_time is None or lo > hi:
             mode = "loop" if lo <= hi else "startup"
@@ -399,7 +400,7 @@ def kill_resume_cycle(launcher: Launcher, run: Path, args: list[str], n_kills: i
         # a temp file left next to latest.pt: the kill landed inside a checkpoint write
         counts["kills_during_checkpoint_write"] += any(p.parent.name == "checkpoints" for p in temp_files(run))
         if ckpt_path(run).exists():  # what a killed run leaves behind always loads
-            load_checkpoint(ckpt_path(run), kind="diffusion")
+            load_checkpoint(ckpt_path(run), kind=kind)
     res = launcher.start(args + ["--resume"])
     _, err = res.communicate(timeout=300)
     assert res.returncode == 0, err
@@ -462,6 +463,102 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit(launcher, tmp_path, refer
     assert res.wait() == 0, res.communicate()[1]
     assert_same_training_state(load_checkpoint(ckpt_path(run), kind="diffusion"), ref_state)
     assert loss_curve(run) == ref_curve
+
+
+# ---- 1b. crash safety of meta-training ---------------------------------------------------------------------
+
+META_STEPS = 14
+META = dict(outer_steps=META_STEPS, inner_steps=1, candidates=2, batch_size=2, val_batch_size=2, inner_lr=0.1,
+            log_every=1, progress=False, seed=5)
+
+
+def meta_args(run_dir, checkpoint, **kw) -> list[str]:
+    opts = {**META, "checkpoint": str(checkpoint), "run_dir": str(run_dir), **kw}
+    args = ["metatrain"]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        args += ([flag] if v else [f"--no-{k.replace('_', '-')}"]) if isinstance(v, bool) else [flag, str(v)]
+    return args
+
+
+def meta_curve(run_dir) -> list[tuple]:
+    keys = ("step", "val_loss_init", "val_loss_rater", "val_loss_uniform", "meta_grad_norm", "score_mean", "score_std")
+    return [tuple(r[k] for k in keys) for r in metrics(run_dir) if "event" not in r]
+
+
+def assert_same_rater_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["inner_lr"] == b["inner_lr"] and a.get("bad_in_row") == b.get("bad_in_row")
+    for key in ("rater", "optimizer"):
+        ta, tb = flat_tensors(a[key]), flat_tensors(b[key])
+        assert ta.keys() == tb.keys() and ta, key
+        diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not diff, f"{key} differs at {diff[:5]}"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+@pytest.fixture(scope="module")
+def diffusion_ckpt(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    train(tiny_cfg(run, steps=2, ckpt_every=1000))
+    return ckpt_path(run)
+
+
+@pytest.fixture(scope="module")
+def meta_reference(tmp_path_factory, launcher, diffusion_ckpt):
+    run = tmp_path_factory.mktemp("meta_reference") / "run"
+    res = launcher.start(meta_args(run, diffusion_ckpt, ckpt_every=1000))
+    assert res.wait() == 0, res.communicate()[1]
+    return load_checkpoint(ckpt_path(run), kind="rater"), meta_curve(run)
+
+
+def _meta_crash_test(launcher, tmp_path, diffusion_ckpt, meta_reference, n_kills, ckpt_every, seed, name, modes=None):
+    ref_state, ref_curve = meta_reference
+    run = tmp_path / "run"
+    args = meta_args(run, diffusion_ckpt, ckpt_every=ckpt_every)
+    watcher = CheckpointWatcher(ckpt_path(run), kind="rater")
+    watcher.start()
+    try:
+        stats = kill_resume_cycle(launcher, run, args, n_kills, random.Random(seed), META_STEPS, modes, kind="rater")
+    finally:
+        watcher.stop()
+    assert stats["kills"] == n_kills, stats
+    assert not watcher.errors, watcher.errors[:3]
+    assert watcher.loads > 0 and watcher.steps == sorted(watcher.steps)
+    assert_same_rater_state(load_checkpoint(ckpt_path(run), kind="rater"), ref_state)
+    assert meta_curve(run) == ref_curve
+    load_rater(run / "rater.pt")  # the exported rater is whole too
+    assert not temp_files(run)
+    record(name, seed=seed, ckpt_every=ckpt_every, steps=META_STEPS, watcher_loads=watcher.loads, **stats)
+
+
+def test_metatrain_sigkill_at_random_moments_then_resume_is_bit_exact(launcher, tmp_path, diffusion_ckpt,
+                                                                       meta_reference):
+    _meta_crash_test(launcher, tmp_path, diffusion_ckpt, meta_reference, n_kills=3, ckpt_every=1, seed=7,
+                     name="metatrain_sigkill", modes=["loop", "write", "startup"])
+
+
+@pytest.mark.slow
+def test_metatrain_sigkill_many_times(launcher, tmp_path, diffusion_ckpt, meta_reference):
+    _meta_crash_test(launcher, tmp_path, diffusion_ckpt, meta_reference, n_kills=8, ckpt_every=2, seed=8,
+                     name="metatrain_sigkill_slow")
+
+
+def test_metatrain_sigterm_saves_and_exits_143(launcher, tmp_path, diffusion_ckpt, meta_reference):
+    ref_state, ref_curve = meta_reference
+    run = tmp_path / "run"
+    args = meta_args(run, diffusion_ckpt, ckpt_every=1000)
+    proc = launcher.start(args)
+    assert wait_for_step(run, 3, proc) is not None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate()
+    assert proc.returncode == 143, err
+    st = load_checkpoint(ckpt_path(run), kind="rater")
+    assert st["step"] == last_logged_step(run) and 3 <= st["step"] < META_STEPS
+    assert "interrupted by signal 15" in err
+    res = launcher.start(args + ["--resume"])
+    assert res.wait() == 0, res.communicate()[1]
+    assert_same_rater_state(load_checkpoint(ckpt_path(run), kind="rater"), ref_state)
+    assert meta_curve(run) == ref_curve
 
 
 # ---- 2. safe loading ------------------------------------------------------------------------------------
@@ -747,6 +844,69 @@ def test_weights_that_overflow_are_never_checkpointed(tmp_path, monkeypatch, cle
     assert st["step"] == 3
     assert all(torch.isfinite(v).all() for v in flat_tensors(st["model"]).values())
     assert_same_training_state(st, clean_runs[3])
+
+
+def _meta_cfg(run, ckpt, **kw):
+    from noiserater.meta.train import MetaTrainConfig
+
+    return MetaTrainConfig(**{**META, "checkpoint": str(ckpt), "run_dir": str(run), **kw})
+
+
+def test_metatrain_nonfinite_meta_gradients_are_skipped_then_stop(tmp_path, monkeypatch, diffusion_ckpt):
+    """A NaN meta-gradient (injected on chosen outer steps) is skipped and logged; three in a row stop the
+    run naming the step; the last good checkpoint (equal to a clean run's) stays loadable."""
+    import noiserater.meta.train as mt
+    from noiserater.meta.train import metatrain
+
+    clean = tmp_path / "clean"
+    metatrain(_meta_cfg(clean, diffusion_ckpt, outer_steps=3, ckpt_every=1000))
+    real, calls = mt.meta_gradient_info, {"n": -1}
+    bad = {3, 4, 5}
+
+    def info(*a, **kw):
+        calls["n"] += 1
+        res = real(*a, **kw)
+        if calls["n"] in bad:
+            res.grads = [g * float("nan") for g in res.grads]
+        return res
+
+    monkeypatch.setattr(mt, "meta_gradient_info", info)
+    run = tmp_path / "run"
+    with pytest.raises(NumericsError, match="3 outer steps in a row, last at step 6"):
+        metatrain(_meta_cfg(run, diffusion_ckpt, outer_steps=10, ckpt_every=3, max_bad_steps=3))
+    events = [r for r in metrics(run) if r.get("event") == "nonfinite_skipped"]
+    assert [e["step"] for e in events] == [4, 5, 6]
+    st = load_checkpoint(ckpt_path(run), kind="rater")
+    assert_same_rater_state(st, load_checkpoint(ckpt_path(clean), kind="rater"))
+    assert not temp_files(run)
+    # one bad step is skipped and the run goes on
+    calls["n"], bad = -1, {1}
+    run2 = tmp_path / "run2"
+    metatrain(_meta_cfg(run2, diffusion_ckpt, outer_steps=3, ckpt_every=1000))
+    assert [r["step"] for r in metrics(run2) if r.get("event")] == [2]
+    assert load_checkpoint(ckpt_path(run2), kind="rater")["step"] == 3
+
+
+def test_metatrain_never_checkpoints_nonfinite_rater_weights(tmp_path, monkeypatch, diffusion_ckpt):
+    from noiserater.meta.train import metatrain
+
+    real_step, calls = torch.optim.Adam.step, {"n": -1}
+
+    def step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(NumericsError, match="became non-finite by step 3"):
+        metatrain(_meta_cfg(run, diffusion_ckpt, outer_steps=6, ckpt_every=1))
+    st = load_checkpoint(ckpt_path(run), kind="rater")
+    assert st["step"] == 2 and all(torch.isfinite(v).all() for v in flat_tensors(st["rater"]).values())
+    assert load_rater(run / "rater.pt") is not None
 
 
 # ---- 5. locking and a full disk --------------------------------------------------------------------------

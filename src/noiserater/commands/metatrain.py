@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -55,3 +56,8 @@ def command(cfg: MetaTrainConfig, resume: bool) -> None:
     """
     summary = metatrain(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):  # SIGINT/SIGTERM: checkpoint saved; exit 128+signal (130/143) like a shell
+        signum = int(summary.get("signal") or 2)
+        click.echo(f"interrupted by signal {signum} after outer step {summary['step']}; checkpoint saved to "
+                   f"{summary['checkpoint']}; continue with --resume", err=True)
+        sys.exit(128 + signum)

@@ -332,6 +332,10 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 f.write(json.dumps(rec) + "\n")
 
     def save(final: bool = False) -> None:
+        for name, p in rater.named_parameters():  # never overwrite the last good checkpoint with NaN/inf weights
+            if not bool(torch.isfinite(p).all()):
+                raise NumericsError(f"rater weight {name} became non-finite by step {step}; not saving, the last good "
+                                    f"checkpoint {ckpt_path} is untouched; lower --lr or use --grad-clip")
         if not is_main:
             return
         extra = {
@@ -424,6 +428,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 save()
                 if stopper.stop:
                     summary["interrupted"] = True
+                    summary["signal"] = stopper.signum
                     break
     if bar is not None:
         bar.close()
