@@ -45,7 +45,6 @@ from noiserater.models import build_rater
 from noiserater.models.dit import load_reference_dit
 from noiserater.train import NumericsError, TrainConfig, batch_indices, train
 
-REPO = Path(__file__).resolve().parents[1]
 
 # A tiny run: DiT-N/2 on the bundled 8x8 digits, one metrics line per step, no periodic samples.
 TINY = dict(data="digits", model="DiT-N/2", batch_size=8, lr=1e-3, ema_decay=0.9, log_every=1,
@@ -80,8 +79,11 @@ def cli_args(run_dir, **kw) -> list[str]:
 
 
 def subprocess_env() -> dict:
+    """Children import the same noiserater as this process, with one thread each."""
+    import noiserater
+
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    src = str(REPO / "src")
+    src = str(Path(noiserater.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
