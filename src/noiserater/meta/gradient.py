@@ -257,30 +257,41 @@ def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
         if opt.state_size == 0:
             u = [-opt.lr * a for a in a_theta]
         else:
-            gl = _leaves(g_saved)
-            st = [_leaves(x) for x in state_prev]
-            new_theta, new_state = opt.step(theta_prev, gl, st, s)
-            outs = new_theta + [x for xs in new_state for x in xs]
-            adj = a_theta + [x for xs in a_state for x in xs]
-            flat_st = [x for xs in st for x in xs]
-            res = _grads_or_zeros(outs, gl + flat_st, grad_outputs=adj)
-            u, rest = res[: len(gl)], res[len(gl):]
-            n = len(P.theta0)
-            a_state = [rest[i * n:(i + 1) * n] for i in range(opt.state_size)]
-        B = batch[0].shape[0]
+            u, a_state = _optimizer_vjp(opt, s, theta_prev, state_prev, g_saved, a_theta, a_state)
+        # Helpers return only tensors without graphs: no step's graph outlives its iteration.
         if forward_mode:
             hu, dl = _hvp_forward_over_reverse(P, batch, theta_prev, w, u)
-            grad_w = dl / B
+            grad_w = dl / batch[0].shape[0]
         else:
-            th = _leaves(theta_prev)
-            w_leaf = w.detach().requires_grad_()
-            g = _grads_or_zeros(weighted_loss(P.losses(batch, th), w_leaf), th, create_graph=True)
-            *hu, grad_w = _grads_or_zeros(_dot(g, u), th + [w_leaf])
+            hu, grad_w = _hvp_double_backward(P, batch, theta_prev, w, u)
+        del u
         hu = P.reducer.mean(hu)
         a_theta = [a + h for a, h in zip(a_theta, hu)]
+        del hu
         for acc, ge in zip(eta_grads, P.eta_backward(batch, grad_w)):
             acc.add_(ge)
     return MetaResult(P.full_grads(eta_grads), val, params, scores, weights)
+
+
+def _optimizer_vjp(opt: InnerOptimizer, s: int, theta_prev, state_prev, g_saved, a_theta, a_state):
+    """(u, adjoints of the optimiser state before step s) from the elementwise VJP of one optimiser step."""
+    gl = _leaves(g_saved)
+    st = [_leaves(x) for x in state_prev]
+    new_theta, new_state = opt.step(theta_prev, gl, st, s)
+    outs = new_theta + [x for xs in new_state for x in xs]
+    adj = list(a_theta) + [x for xs in a_state for x in xs]
+    res = _grads_or_zeros(outs, gl + [x for xs in st for x in xs], grad_outputs=adj)
+    n = len(gl)
+    return res[:n], [res[n + i * n: n + (i + 1) * n] for i in range(opt.state_size)]
+
+
+def _hvp_double_backward(P: _Problem, batch: Batch, theta: Tensors, w: torch.Tensor, u: Tensors):
+    """(H u, [<grad l_bk, u> / B]_bk) from one double backward of <grad_theta L_in(theta; w), u>."""
+    th = _leaves(theta)
+    w_leaf = w.detach().requires_grad_()
+    g = _grads_or_zeros(weighted_loss(P.losses(batch, th), w_leaf), th, create_graph=True)
+    *hu, grad_w = _grads_or_zeros(_dot(g, u), th + [w_leaf])
+    return hu, grad_w
 
 
 def _hvp_forward_over_reverse(P: _Problem, batch: Batch, theta: Tensors, w: torch.Tensor, u: Tensors):

@@ -1,0 +1,62 @@
+"""`noiserater bench metagrad` (issue 5): record format, the goal lines, and memory behaviour vs S."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from noiserater.commands.bench_metagrad import goal_lines, markdown_table, run_child
+
+TINY = {"model": "DiT-N/2", "rater": "Rater-N/2", "image_size": 8, "channels": 1, "batch": 2, "candidates": 2,
+        "inner_optimizer": "sgd", "inner_lr": 0.01, "repeats": 1, "threads": 1, "device": "cpu", "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_child_record_has_the_contract_fields():
+    rec = run_child({**TINY, "method": "reverse", "inner_steps": 2})
+    assert {"method", "inner_steps", "time_s", "peak_mem_bytes"} <= set(rec)
+    assert rec["method"] == "reverse" and rec["inner_steps"] == 2
+    assert rec["time_s"] > 0 and rec["peak_mem_bytes"] > 0 and rec["meta_grad_norm"] > 0
+    assert rec["time_per_inner_step_s"] == pytest.approx(rec["time_s"] / 2)
+
+
+def test_goal_lines_and_table():
+    recs = [{"method": m, "inner_steps": s, "time_s": t, "time_per_inner_step_s": t / s, "peak_mem_bytes": mem}
+            for m, s, t, mem in [("unrolled", 1, 1.0, 100), ("unrolled", 4, 4.0, 400),
+                                 ("reverse", 1, 1.5, 120), ("reverse", 4, 6.0, 130)]]
+    lines = "\n".join(goal_lines(recs))
+    assert "reverse: peak memory S=4 / S=1 = 1.08" in lines and "unrolled: peak memory S=4 / S=1 = 4.00" in lines
+    assert "1.50 .. 1.50" in lines
+    assert markdown_table(recs).count("\n") == 5
+
+
+def test_bad_options_are_clear():
+    from noiserater.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "magic"])
+    assert r.exit_code == 2 and "unknown methods" in r.output
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--steps", "1,x"])
+    assert r.exit_code == 2 and "--steps" in r.output
+
+
+@pytest.mark.slow
+def test_reverse_memory_is_flat_and_unrolled_grows(tmp_path):
+    """Fresh processes per configuration: unrolled's live memory grows with S, reverse's does not."""
+    from noiserater.cli import main
+
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--plot", "", "--steps", "1,4",
+                                  "--methods", "unrolled,reverse", "--image-size", "8", "--repeats", "1"])
+    assert r.exit_code == 0, r.output
+    recs = {(x["method"], x["inner_steps"]): x for x in json.loads(out.read_text())}
+    assert recs[("unrolled", 4)]["peak_mem_bytes"] > 2.5 * recs[("unrolled", 1)]["peak_mem_bytes"]
+    assert recs[("reverse", 4)]["peak_mem_bytes"] < 1.2 * recs[("reverse", 1)]["peak_mem_bytes"]
