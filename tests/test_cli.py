@@ -95,7 +95,7 @@ def test_demo_end_to_end_small(tmp_path):
     assert result.exit_code == 0, result.output
     assert "training speed" in result.stdout and "samples.png" in result.stdout
     with Image.open(out / "samples.png") as im:  # 10 x 10 grid of 8x8 digits, upscaled
-        assert im.size == (2 * (10 * 9 + 1),) * 2
+        assert im.size == (6 * (10 * 9 + 1),) * 2
     assert (out / "pretrain" / "checkpoints" / "latest.pt").exists()
     again = _invoke(args)  # a finished demo is continued (nothing to train) and re-sampled
     assert again.exit_code == 0, again.output

@@ -147,7 +147,7 @@ def test_run_folder_layout_and_logs(tmp_path):
     assert [r["step"] for r in lines] == [2, 4] and all(r["images_per_s"] > 0 for r in lines)
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     with Image.open(run / "samples" / "step_0000004.png") as im:  # 2 rows x 10 classes of 8x8, upscaled
-        assert im.size == (2 * (10 * 9 + 1), 2 * (2 * 9 + 1))
+        assert im.size == (6 * (10 * 9 + 1), 6 * (2 * 9 + 1))
     assert list((run / "tb").iterdir())
     st = state(run)
     assert st["step"] == 4 and st["config"]["model"] == "DiT-N/2" and set(st["rng"]) >= {"torch", "numpy", "python"}

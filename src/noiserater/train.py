@@ -219,7 +219,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
     arr = grid.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    scale = max(1, 256 // max(img.size))  # upscale tiny images so the grid is viewable
+    scale = max(1, -(-512 // max(img.size)))  # upscale small grids to at least 512 px so they are viewable
     if scale > 1:
         img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
     buf = io.BytesIO()
