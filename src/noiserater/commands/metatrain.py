@@ -24,7 +24,7 @@ METATRAIN_HELP = {
               "unrolled (exact, memory grows with S), alignment (Theorem 4.2 first-order estimate).",
     "inner_optimizer": "Inner optimiser: sgd, or adam (betas 0.9/0.999, eps 1e-8, fresh state each outer step).",
     "inner_lr": "Inner learning rate, or 'auto': a short sweep picks the lr with the largest uniform inner gain.",
-    "sweep_lrs": "Comma-separated inner lrs tried by --inner-lr auto (default: 0.01..3 for sgd, 1e-5..3e-3 for adam).",
+    "sweep_lrs": "Comma-separated inner lrs tried by --inner-lr auto (default: 1e-4..1 for sgd, 1e-6..1e-3 for adam).",
     "sweep_steps": "Outer batches averaged per lr in the --inner-lr auto sweep.",
     "temperature": "Softmax temperature of the group weights w = softmax(scores / T).",
     "lr": "Adam learning rate of the rater.",

@@ -47,7 +47,8 @@ from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
 
-DEFAULT_SWEEP = {"sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "adam": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)}
+DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+                 "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
 
 
 @dataclass
