@@ -71,6 +71,8 @@ def test_metatrain_logs_and_writes_a_loadable_rater(tiny_checkpoint, tmp_path):
     torch.manual_seed(0)
     init = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
     assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), rater.state_dict().values()))
+    # shift-only parameters (zero meta-gradient under the group softmax) stay at their initial values
+    assert torch.equal(init.head.bias, rater.head.bias) and torch.equal(init.head_norm.bias, rater.head_norm.bias)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt", kind="rater")
     assert state["step"] == 3 and "optimizer" in state and "rng" in state and state["inner_lr"] == 0.05
 
@@ -236,8 +238,15 @@ def test_metatrain_two_processes_match_one(tiny_checkpoint, tmp_path):
     port = _free_port()
     mp.spawn(_metatrain_worker, args=(2, port, tiny_checkpoint, str(tmp_path / "two")), nprocs=2, join=True)
     metatrain(tiny_cfg(tiny_checkpoint, tmp_path / "one", outer_steps=2, batch_size=4, val_batch_size=8))
-    # Compare what the raters do (group weights on fixed candidates): parameters that shift all K scores of a
-    # group equally (head.bias, ...) have a zero meta-gradient up to round-off, which Adam scales to +-lr.
+    a = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.pt")["rater"]
+    b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")["rater"]
+    torch.manual_seed(0)  # metatrain's rater initialisation
+    init = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10).state_dict()
+    flat = lambda sd: torch.cat([sd[k].reshape(-1) for k in sorted(sd)])  # noqa: E731
+    # Adam maps entries whose meta-gradient is ~0 to +-lr steps, so round-off of a different summation
+    # order moves a handful of entries by up to ~1e-5: compare against the size of the update itself.
+    assert (flat(a) - flat(b)).norm() < 1e-3 * (flat(b) - flat(init)).norm()
+    # and what they do: group weights on fixed candidates agree, and differ from the initial rater's
     two, one = load_rater(tmp_path / "two" / "rater.pt"), load_rater(tmp_path / "one" / "rater.pt")
     g = torch.Generator().manual_seed(3)
     x0, eps = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 4, 1, 8, 8, generator=g)
@@ -245,13 +254,13 @@ def test_metatrain_two_processes_match_one(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         wa = torch.softmax(two.score_candidates(eps, t, x0, y), 1)
         wb = torch.softmax(one.score_candidates(eps, t, x0, y), 1)
-        w0 = torch.softmax(build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
-                           .score_candidates(eps, t, x0, y), 1)
+        r0 = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
+        r0.load_state_dict(init)
+        w0 = torch.softmax(r0.score_candidates(eps, t, x0, y), 1)
     assert (wa - wb).abs().max() < 1e-5 < (wa - w0).abs().max()
     ra, rb = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert len(ra) == len(rb) == 2
     for x, y in zip(ra, rb):
-        for key in ("val_loss_init", "val_loss_rater", "val_loss_uniform", "meta_grad_norm", "score_std",
+        for key in ("val_loss_init", "val_loss_rater", "val_loss_uniform", "meta_grad_norm", "score_mean", "score_std",
                     "weight_entropy"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5), key
-    assert ra[0]["score_mean"] == pytest.approx(rb[0]["score_mean"], rel=1e-6)  # later: shifted by head.bias noise
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key

@@ -47,6 +47,7 @@ from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
 
+SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
                  "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
 
@@ -293,7 +294,11 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                        GaussianDiffusion().num_timesteps)
     torch.manual_seed(cfg.seed)
     rater = NoiseRater(RaterSpec(cfg.rater, spec.input_size, spec.in_channels, spec.num_classes, cfg.ablation)).to(device)
-    opt = torch.optim.Adam([p for p in rater.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The group softmax ignores a shift shared by all K scores, so the head's bias and its LayerNorm's bias
+    # (which only shift every score) have an exactly zero meta-gradient; Adam would scale its round-off to
+    # lr-sized steps. They stay at their initial values.
+    trainable = [p for n, p in rater.named_parameters() if p.requires_grad and n not in SHIFT_ONLY_PARAMS]
+    opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reducer = Reducer()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
@@ -377,10 +382,9 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             theta_unif = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=inner_lr,
                                      inner_optimizer=inner_opt, reducer=reducer)
             l_unif = _val(model, val, theta_unif, reducer)
-            for p, g in zip(rater.parameters(), res.grads):
-                p.grad = g.detach().clone() if p.requires_grad else None
-            gnorm = torch.nn.utils.clip_grad_norm_([p for p in rater.parameters() if p.requires_grad],
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            for (name, p), g in zip(rater.named_parameters(), res.grads):
+                p.grad = g.detach().clone() if p.requires_grad and name not in SHIFT_ONLY_PARAMS else None
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             finite = math.isfinite(float(gnorm)) and math.isfinite(l_rater)
             if finite:
                 opt.step()
