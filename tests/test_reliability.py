@@ -921,12 +921,14 @@ def test_a_second_writer_gets_a_clear_error_while_a_run_is_live(tmp_path):
     try:
         assert wait_for_step(run, 3, proc) is not None, proc.communicate()[1]
         r = CliRunner()
-        for second in (args + ["--resume"], args, cli_args(run, steps=5, lr=0.5)):
+        # second writers that would end at once if they got in (few steps), so a missing lock fails fast
+        short = cli_args(run, steps=2, ckpt_every=20)
+        for second in (short + ["--resume"], short, cli_args(run, steps=2, lr=0.5)):
             res = r.invoke(main, second)
             assert res.exit_code == 2, (res.output, res.exception)
             assert "is locked by another process" in res.stderr and "\n" not in res.stderr.strip()
         with pytest.raises(RunDirError, match="locked"):
-            train(tiny_cfg(run, steps=5, ckpt_every=1000), resume=True)
+            train(tiny_cfg(run, steps=2, ckpt_every=20), resume=True)
         with pytest.raises(RunDirError):
             RunLock(run).acquire()
         before = last_logged_step(run)

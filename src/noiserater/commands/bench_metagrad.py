@@ -35,6 +35,8 @@ from pathlib import Path
 
 import click
 
+from ._options import SEED, FiniteFloat
+
 DEFAULT_METHODS = "unrolled,reverse,reverse_fwd,alignment"
 
 
@@ -203,14 +205,14 @@ def run_child(cfg: dict) -> dict:
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1), help="Images per inner batch.")
 @click.option("--candidates", default=8, show_default=True, type=click.IntRange(min=2), help="K noises per image.")
 @click.option("--inner-optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
-@click.option("--inner-lr", default=0.01, show_default=True, type=float, help="Inner learning rate.")
+@click.option("--inner-lr", default=0.01, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Inner learning rate.")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed calls per configuration.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--plot", "plot_path", default="docs/img/metagrad.png", show_default=True,
               help="PNG plot of memory and time vs S ('' to skip).")
-@click.option("--timeout", "timeout_s", default=600, show_default=True, type=int, help="Seconds allowed per configuration.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--timeout", "timeout_s", default=600, show_default=True, type=click.IntRange(min=1), help="Seconds allowed per configuration.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random weights, images and noises.")
 @click.option("--child", default=None, hidden=True)
 def command(json_path, methods, steps, model, rater, image_size, channels, batch, candidates, inner_optimizer, inner_lr,
             repeats, threads, device, plot_path, timeout_s, seed, child) -> None:
