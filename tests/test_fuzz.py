@@ -110,12 +110,12 @@ def _rejected(cmd: click.Command, path: tuple, opt: click.Option, value: str) ->
 
 
 def minimal_config(cls) -> dict:
-    """The fewest keys that make ``cls`` valid: fill required path-like keys (empty string by default) that
+    """The fewest keys that make ``cls`` valid: fill required path-like keys (empty or None by default) that
     validate() asks for, one at a time."""
     import dataclasses
 
     base: dict = {}
-    empty = {f.name for f in dataclasses.fields(cls) if f.default == ""}
+    empty = {f.name for f in dataclasses.fields(cls) if f.default == "" or f.default is None}
     for _ in range(len(empty) + 1):
         try:
             from_dict(cls, base)
