@@ -226,7 +226,7 @@ def plot_by_stage(stage_steps: list[int], per_stage: list[dict[str, np.ndarray]]
 
 @dataclass
 class AnalyzeConfig:
-    rater: str = ""
+    rater: str | None = None
     checkpoint: str | None = None
     data: str | None = None
     split: str = "train"
@@ -346,7 +346,7 @@ def metatrain_rater_factory(outer_steps: int = 50, rater: str = "Rater-T/2", met
 
 @dataclass
 class StagesConfig:
-    checkpoints: str = ""  # comma-separated diffusion checkpoints, one per stage
+    checkpoints: str | None = None  # comma-separated diffusion checkpoints, one per stage
     out: str = "analysis_stages"
     rater: str = "Rater-T/2"
     meta_outer_steps: int = 50
@@ -359,7 +359,7 @@ class StagesConfig:
     progress: bool = True
 
     def checkpoint_list(self) -> list[str]:
-        return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
+        return [c.strip() for c in (self.checkpoints or "").split(",") if c.strip()]
 
     def validate(self) -> None:
         require(len(self.checkpoint_list()) >= 1, "checkpoints",
@@ -394,7 +394,7 @@ def analyze_stages(cfg: StagesConfig, rater_factory: RaterFactory | None = None,
     per_stage, rows = [], []
     for step, ckpt in stages:
         folder = out / f"stage_{step:07d}"
-        acfg = AnalyzeConfig(rater="", checkpoint=ckpt, num_images=cfg.num_images, num_noises=cfg.num_noises,
+        acfg = AnalyzeConfig(rater=None, checkpoint=ckpt, num_images=cfg.num_images, num_noises=cfg.num_noises,
                              timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size, out=str(folder),
                              progress=cfg.progress)
         done = folder / "analysis.json"

@@ -595,7 +595,7 @@ def reference_features(source: str, split: str, extractor: Extractor, cache: str
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""
+    checkpoint: str | None = None
     num_samples: int = 2000
     steps: int = 50
     cfg_scale: float = 1.0
