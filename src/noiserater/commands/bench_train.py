@@ -17,7 +17,7 @@ ratio of process CPU time is reported too: on a shared machine it is the steadie
 For configs with bundled data the end-to-end ``train()`` loop's images/s is measured too.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size
-(``ru_maxrss``) of a fresh subprocess per (config, formulation) that builds the model and runs a few
+(``VmHWM``, or ``ru_maxrss`` off Linux) of a fresh subprocess per (config, formulation) that builds the model and runs a few
 steps, and its increase over the same process right after building the model (``step_rss_mb``).
 """
 
@@ -277,23 +277,36 @@ def bench_train_loop(cfg: TrainBenchConfig, steps: int) -> float | None:
         return [r for r in recs if r.get("step") == 2 * steps][0]["images_per_s"]
 
 
-def _memory_child(name: str, which: str, steps: int) -> dict:
-    """Runs in a fresh process: RSS after building, peak RSS after ``steps`` steps (MiB)."""
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process. Linux: VmHWM of /proc/self/status, which belongs to the
+    current address space (``ru_maxrss`` of a freshly exec'd child still holds its parent's peak at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _memory_child(name: str, which: str, steps: int) -> dict:
+    """Runs in a fresh process: RSS after building, peak RSS after ``steps`` steps (MiB)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner = FORMULATIONS[which](CONFIGS[name], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _peak_rss_bytes()
     for _ in range(steps):
         runner.step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mb": peak / 2**20, "step_mb": (peak - base) / 2**20, "kind": "cuda_max_memory_allocated"}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     return {"peak_mb": peak / 2**20, "step_mb": (peak - base) / 2**20, "kind": "cpu_peak_rss"}
 
 
@@ -329,7 +342,7 @@ def markdown_table(records: list[dict]) -> str:
         if r.get("memory"):
             mem = f"{r['memory']['ours']['peak_mb']:.0f} / {r['memory']['plain']['peak_mb']:.0f}"
         rows.append(f"| {r['config']} | {r['model']} | {r['channels']}x{r['size']}x{r['size']} | {r['batch_size']} "
-                    f"| {r['ours_images_per_s']:.0f} | {r['plain_images_per_s']:.0f} "
+                    f"| {r['ours_images_per_s']:.3g} | {r['plain_images_per_s']:.3g} "
                     f"| {r['ratio_ours_over_plain']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
                     f"| {r['cpu_time_ratio_ours_over_plain']:.3f} | {loop} | {mem} |")
     return "\n".join([head, *rows])
