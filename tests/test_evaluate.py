@@ -358,3 +358,28 @@ def test_evaluate_bad_inputs_are_one_line_errors(untrained_checkpoint, cache, tm
     assert r.exit_code == 2 and "checkpoint not found" in r.stderr
     with pytest.raises(ConfigError, match="num_samples"):
         EvalConfig(checkpoint="x", num_samples=1).validate()
+
+
+def test_inception_extractor_identity_and_features(inception_file):
+    path, _ = inception_file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = build_extractor("inception", "digits", inception_weights=path, progress=False)
+    assert ex.key.startswith("inception-pool3-") and ex.info["sha256"].startswith(ex.key.split("-")[-1])
+    assert ex.info["standard_weights"] is False and ex.max_batch == 64
+    feats = ex(load_dataset("digits", "val").images[:2], batch_size=1)
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+
+
+@pytest.mark.slow
+def test_evaluate_with_inception_end_to_end(untrained_checkpoint, inception_file, cache, monkeypatch):
+    monkeypatch.setenv("NOISERATER_INCEPTION_WEIGHTS", str(inception_file[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = evaluate_checkpoint(EvalConfig(checkpoint=str(untrained_checkpoint), num_samples=8, steps=2,
+                                              extractors="classifier,inception", reference_split="val",
+                                              cache_dir=str(cache), record=False, progress=False))
+    assert [r["extractor"] for r in recs] == ["classifier", "inception"]
+    inc = recs[1]
+    assert inc["reference"]["num_images"] == 180 and inc["extractor_info"]["standard_weights"] is False
+    assert math.isfinite(inc["fid"]) and inc["class_accuracy"] == recs[0]["class_accuracy"]

@@ -516,6 +516,7 @@ class Extractor:
     network: nn.Module
     feature_fn: Any
     info: dict
+    max_batch: int = 1 << 30  # Inception at 299x299 needs ~10 MB of activations per image: keep batches small
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 250, device: str | torch.device = "cpu",
@@ -527,6 +528,7 @@ class Extractor:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=images.shape[0], desc=f"{desc} ({self.name})", dynamic_ncols=True, leave=False)
+        batch_size = min(batch_size, self.max_batch)
         for i in range(0, images.shape[0], batch_size):
             x = quantize(images[i:i + batch_size]).to(device)
             out.append(self.feature_fn(x).double().cpu())
@@ -551,7 +553,8 @@ def build_extractor(name: str, source: str, cache: str | os.PathLike | None = No
         model, digest = load_inception(weights)
         return Extractor("inception", f"inception-pool3-{digest[:12]}", model, model,
                          {"feature_dim": 2048, "sha256": digest, "path": str(weights),
-                          "standard_weights": digest.startswith(INCEPTION_SHA256_PREFIX), "resize": "bilinear 299"})
+                          "standard_weights": digest.startswith(INCEPTION_SHA256_PREFIX), "resize": "bilinear 299"},
+                         max_batch=64)
     raise ValueError(f"unknown feature extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
 
 
