@@ -53,6 +53,7 @@ class ReproducePreset:
     meta_lr: float = 1e-4
     continue_steps: int = 500
     continue_lr: float = 1e-4
+    continue_ema: float = 0.99  # short continuations: the EMA must forget the initial weights (0.99^200 = 0.13)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     policies: list[str] = field(default_factory=lambda: ["max_norm", "min_norm", "nearest", "rater", "rater_soft"])
     ks: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -81,16 +82,22 @@ PRESETS: dict[str, ReproducePreset] = {
     # The demo: minutes on 2 cores. Small everything; the numbers are a smoke test, not evidence.
     "digits-quick": ReproducePreset(
         name="digits-quick", pretrain_steps=1500, stage_steps=[300, 1500], meta_stage=1500,
-        rater="FastRater-N/2", meta_outer_steps=40, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=0.01,
+        rater="FastRater-N/2", meta_outer_steps=20, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=1e-3,
         continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
         stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
     ),
-    # The published CPU study (docs/results/): sized to run in well under an hour on 2 cores.
-    "digits": ReproducePreset(name="digits"),
+    # The published CPU study (docs/results/): sized to run in about half an hour on 2 cores.
+    "digits": ReproducePreset(
+        name="digits", batch_size=32, pretrain_steps=2000, stage_steps=[300, 2000], meta_stage=2000,
+        rater="Rater-N/2", meta_outer_steps=60, meta_inner_steps=3, meta_candidates=8, continue_steps=200,
+        continue_lr=1e-4, seeds=[0, 1, 2], ks=[2, 4, 8], transfer_model="DiT-M/2", transfer_steps=2000,
+        transfer_k=2, stage_k=2, ablation_k=4, eval_samples=500, eval_ddim_steps=25, heldout_images=180,
+        heldout_draws=8,
+    ),
     "fashion-mnist": ReproducePreset(
         name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=6000,
         stage_steps=[500, 2000, 6000], meta_stage=6000, rater="Rater-T/4", continue_steps=1000,
-        transfer_model="DiT-S/8", transfer_steps=6000, eval_samples=2000, heldout_images=1000,
+        transfer_model="DiT-M/4", transfer_steps=6000, eval_samples=2000, heldout_images=1000,
     ),
 }
 
@@ -231,7 +238,7 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
     def fn(folder: Path) -> dict:
         cfg = _train_cfg(data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
                          steps=preset.continue_steps, batch_size=preset.batch_size, lr=preset.continue_lr,
-                         seed=seed, init_checkpoint=init, policy=policy, candidates=k, rater=rater,
+                         ema_decay=preset.continue_ema, seed=seed, init_checkpoint=init, policy=policy, candidates=k, rater=rater,
                          log_every=10, sample_every=preset.continue_steps, ckpt_every=max(50, preset.continue_steps // 4))
         t0 = time.perf_counter()
         summary = train(cfg, resume=True)
@@ -245,7 +252,7 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
         return result
 
     cfg = {"init": init, "policy": policy, "k": k, "seed": seed, "rater": rater, "steps": preset.continue_steps,
-           "lr": preset.continue_lr, "batch_size": preset.batch_size, "eval_samples": preset.eval_samples,
+           "lr": preset.continue_lr, "ema": preset.continue_ema, "batch_size": preset.batch_size, "eval_samples": preset.eval_samples,
            "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale, "label": label}
     return run_stage(folder, cfg, fn, log)
 
@@ -304,10 +311,15 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
 
         grid = sorted({max(1, preset.transfer_steps * i // 20) for i in range(1, 21)})
         big = pretrain(preset, root, preset.transfer_model, preset.transfer_steps, grid, log)
-        matched = match_stage(pre["metrics"], big["metrics"], source_step=preset.meta_stage)
+        # Losses are logged every 10 steps: windows of 20 logged steps = 200 optimiser steps.
+        try:
+            match = match_stage(pre["metrics"], preset.meta_stage, big["metrics"], smooth_window=20, stability_window=20)
+            matched, note = match["target_step"], "matched by eq. 10"
+        except ValueError as e:  # the target never reached the source's loss: use its last checkpoint
+            matched, note = preset.transfer_steps, f"not matched ({e}); using the last checkpoint"
         use = min([s for s in grid if s >= matched] or [grid[-1]])
         log(f"stage matching: {preset.model}@{preset.meta_stage} ~ {preset.transfer_model}@{matched} (using checkpoint {use})")
-        write_json(root / "transfer.json", {"source": preset.model, "source_step": preset.meta_stage,
+        write_json(root / "transfer.json", {"source": preset.model, "source_step": preset.meta_stage, "note": note,
                                             "target": preset.transfer_model, "matched_step": matched, "used_step": use})
         for seed in preset.seeds:
             for policy, k, rr in (("vanilla", 1, None), ("rater", preset.transfer_k, main_rater)):
