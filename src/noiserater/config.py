@@ -102,6 +102,32 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] |
     return from_dict(cls, data)
 
 
+def parse_overrides(cls: type, items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["key=value", ...]`` (command-line ``--set``) -> {key: value} for dataclass ``cls``. Values are
+    read as YAML (``300``, ``1e-3``, ``[0, 1, 2]``, ``null``, ``DiT-T/2``); keys are checked against
+    ``cls`` here and the types when the config is built (:func:`from_dict`)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set meta_outer_steps=300")
+        if key not in fields:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r} for {cls.__name__}; known keys: {', '.join(sorted(fields))}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML (quote strings, lists as [1, 2])") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

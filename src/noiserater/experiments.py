@@ -68,6 +68,7 @@ class ReproducePreset:
     cfg_scale: float = 1.25
     heldout_images: int = 180
     heldout_draws: int = 8
+    analysis_images: int = 64  # images the rater analysis scores (x 16 noises x 11 timesteps)
 
     def validate(self) -> None:
         require(self.pretrain_steps >= 1, "pretrain_steps", "must be >= 1")
@@ -103,17 +104,26 @@ PRESETS: dict[str, ReproducePreset] = {
 
 
 def get_preset(name: str, **overrides: Any) -> ReproducePreset:
-    if name not in PRESETS:
+    """The preset ``name`` with ``overrides`` of its fields (type-checked, then validated)."""
+    from .config import from_dict
+
+    if name in PRESETS:
+        base = PRESETS[name]
+    else:
         try:
             from .presets import PRESETS as GPU_PRESETS  # full-scale presets (latent cache, GPUs)
         except ImportError:
             GPU_PRESETS = {}
-        if name in GPU_PRESETS:
-            return GPU_PRESETS[name] if not overrides else dataclasses.replace(GPU_PRESETS[name], **overrides)
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *GPU_PRESETS])}")
-    preset = dataclasses.replace(PRESETS[name], **overrides)
-    preset.validate()
-    return preset
+        if name not in GPU_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *GPU_PRESETS])}")
+        base = GPU_PRESETS[name]
+        if not overrides:
+            return base
+    if not overrides:
+        base = dataclasses.replace(base)
+        base.validate()
+        return base
+    return from_dict(type(base), {**dataclasses.asdict(base), **overrides})
 
 
 # ---- stages ------------------------------------------------------------------------------------------
@@ -278,6 +288,21 @@ def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint:
     return run_stage(root / "rater" / name, cfg, fn, log)["rater"]
 
 
+def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], log=print) -> dict:
+    """What the raters learned (paper Fig. 2-3): Spearman(score, -loss) and score spread by timestep for
+    each rater, and across the pretraining stages; ``raters`` maps diffusion checkpoint -> its rater."""
+    from .analysis import StagesConfig, analyze_stages
+
+    def fn(folder: Path) -> dict:
+        cfg = StagesConfig(checkpoints=",".join(raters), out=str(folder), num_images=preset.analysis_images,
+                           num_noises=16, timesteps=11, seed=0, progress=False)
+        summary = analyze_stages(cfg, rater_factory=lambda ckpt, _folder: raters[ckpt], log=log)
+        return {"figures": summary["figures"], "stages": [{k: r[k] for k in ("step", "rater", "pooled")}
+                                                          for r in summary["stages"]]}
+
+    return run_stage(root / "analysis", {"raters": raters, "images": preset.analysis_images}, fn, log)
+
+
 def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     """Run the whole protocol for ``preset`` under ``out`` (resumable), then write the report."""
     from .report import write_report
@@ -301,11 +326,13 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
         r = meta_train_rater(preset, root, f"ablation-{ablation}", base, ablation, log)
         for seed in preset.seeds:
             continuation(preset, root, "ablation", base, "rater", preset.ablation_k, seed, r, variant=ablation, log=log)
+    stage_raters = {s: main_rater if s == preset.meta_stage else meta_train_rater(preset, root, f"stage-{s}", ckpts[str(s)], log=log)
+                    for s in preset.stage_steps}
     for stage in preset.stage_steps:  # Table 5: one table per pretraining stage, each with its own vanilla
-        r = main_rater if stage == preset.meta_stage else meta_train_rater(preset, root, f"stage-{stage}", ckpts[str(stage)], log=log)
         for seed in preset.seeds:
-            for policy, k, rr in (("vanilla", 1, None), ("rater", preset.stage_k, r)):
+            for policy, k, rr in (("vanilla", 1, None), ("rater", preset.stage_k, stage_raters[stage])):
                 continuation(preset, root, f"stage-{stage}", ckpts[str(stage)], policy, k, seed, rr, log=log)
+    analyze_raters(preset, root, {ckpts[str(s)]: r for s, r in stage_raters.items()} | {base: main_rater}, log)
     if preset.transfer_model:  # Table 2: the frozen small-model rater on a larger backbone
         from .analysis import match_stage
 

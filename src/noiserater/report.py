@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .checkpoint import atomic_write_text, write_json
+from .checkpoint import atomic_write_bytes, atomic_write_text, write_json
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
 
@@ -185,6 +185,35 @@ def _table_order(tables) -> list[str]:
     return sorted(set(tables), key=lambda t: (rank.get(t, 2), int(t[6:]) if t.startswith("stage-") else 0, t))
 
 
+def _analysis_section(root: Path, out: Path) -> list[str]:
+    """The rater analysis of the study (``root/analysis``, see experiments.analyze_raters): a table of the
+    pooled statistics per stage and the figures, copied next to report.md as analysis_*.png."""
+    marker = root / "analysis" / "stage.json"
+    if not marker.exists():
+        return []
+    res = json.loads(marker.read_text())["result"]
+    lines = ["## What the rater learned", "",
+             "Per rater: the Spearman rank correlation between its scores of 16 candidate noises and their L2 norms "
+             "(positive = it prefers larger-norm noises; near 0 = it is not a norm filter), and the spread of its "
+             "scores across the 16 noises of one (image, timestep), pooled over images and 11 timesteps "
+             "(paper Fig. 2-3).", "",
+             "| rater meta-trained at step | mean Spearman(score, norm) | median | mean score std |", "|---|---|---|---|"]
+    for st in res["stages"]:
+        sp, sd = st["pooled"]["spearman"], st["pooled"]["score_std"]
+        lines.append(f"| {st['step']} | {sp.get('mean', float('nan')):+.3f} | {sp.get('median', float('nan')):+.3f} | "
+                     f"{sd.get('mean', float('nan')):.4f} |")
+    lines.append("")
+    last = max(st["step"] for st in res["stages"])
+    figures = [(root / "analysis" / f, f"analysis_{f}") for f in res["figures"]]
+    figures += [(p, f"analysis_step{last}_{p.name}") for p in sorted((root / "analysis" / f"stage_{last:07d}").glob("*.png"))]
+    for src, name in figures:
+        if src.exists():
+            if src.resolve() != (out / name).resolve():
+                atomic_write_bytes(out / name, src.read_bytes())
+            lines.append(f"![{name}]({name})")
+    return lines + [""]
+
+
 def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k: int = 4) -> dict:
     """Write report.md, report.json and PNG plots for the study in ``root``; return the headline."""
     root = Path(root)
@@ -213,34 +242,37 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
         plot_summary(s, "fid" if has_fid else "heldout_loss", out / f"{table}_{'fid' if has_fid else 'loss'}.png", title)
         plot_loss_curves(df, table, out / f"{table}_loss_curves.png")
         parts += [f"![{table}]({table}_{'fid' if has_fid else 'loss'}.png) ![{table} curves]({table}_loss_curves.png)", ""]
+    if (root / "transfer.json").exists():
+        tr = json.loads((root / "transfer.json").read_text())
+        parts += [f"Stage matching (paper eq. 10) for Table 2: {tr['source']} at step {tr['source_step']} ~ "
+                  f"{tr['target']} at step {tr['matched_step']} ({tr['note']}); continued from its checkpoint at "
+                  f"step {tr['used_step']}.", ""]
     main = df[df["table"] == "main"]
     van = main[main["policy"] == "vanilla"].set_index("seed")
     rat = main[(main["policy"] == "rater") & (main["k"] == headline_k)].set_index("seed")
     if len(van) and len(rat):
-        for m in ("fid", "heldout_loss"):
-            if m in main and main[m].notna().any():
-                headline[m] = paired_test(rat[m], van[m])
-        common = sorted(set(rat.index) & set(van.index))
-        rel = 100 * (rat.loc[common, "heldout_loss"].to_numpy() - van.loc[common, "heldout_loss"].to_numpy()) / van.loc[common, "heldout_loss"].to_numpy()
-        need = seeds_needed(rel)
         parts += ["## Headline and power", ""]
-        for m, h in headline.items():
+        common = sorted(set(rat.index) & set(van.index))
+        for m in ("fid", "heldout_loss"):
+            if m not in main or not main[m].notna().any():
+                continue
+            h = headline[m] = paired_test(rat[m], van[m])
+            rel = 100 * (rat.loc[common, m].to_numpy(float) - van.loc[common, m].to_numpy(float)) / van.loc[common, m].to_numpy(float)
+            h["rel_sd_pct"] = float(np.std(rel, ddof=1)) if len(rel) > 1 else float("nan")
+            h["seeds_for_1pct"] = seeds_needed(rel)
             parts.append(f"- rater k={headline_k} vs vanilla, {m}: {_verdict(h['rel_diff_pct'], h['ci_pct'], h['p'])} "
                          f"over {h['n']} paired seeds (paper: -2.6% FID at k=4 on ImageNet).")
-        parts.append(
-            f"- Power: the paired relative held-out-loss differences have a seed-to-seed standard deviation of "
-            f"{np.std(rel, ddof=1) if len(rel) > 1 else float('nan'):.3f}%; detecting a 1% change with a two-sided paired test "
-            f"(alpha 0.05, power 0.8) needs about {need:.0f} seeds; this study used {len(common)}."
-        )
+            parts.append(
+                f"  Power: the paired relative differences have a seed-to-seed standard deviation of "
+                f"{h['rel_sd_pct']:.3f}%; detecting a 1% change with a two-sided paired test (alpha 0.05, power 0.8) "
+                f"needs about {h['seeds_for_1pct']:.0f} seeds; this study used {h['n']}.")
         parts.append("")
     parts += ["## Reading this report", "",
               "Selection changes the distribution of the training noise, so a held-out loss measured with plain "
               "Gaussian noise can penalise every selection policy by construction; sample quality "
               "(classifier-FID) is the primary metric, as in the paper. A difference whose interval contains 0 "
               "is marked 'inside the noise'.", ""]
-    analysis = sorted(p.name for p in out.glob("analysis_*.png"))
-    if analysis:
-        parts += ["## What the rater learned", ""] + [f"![{a}]({a})" for a in analysis] + [""]
+    parts += _analysis_section(root, out)
     atomic_write_text(out / "report.md", "\n".join(parts))
     write_json(out / "report.json", {"tables": tables, "headline": headline, "study": info})
     return {"headline": headline, "report": str(out / "report.md")}

@@ -1,88 +1,92 @@
-"""`noiserater demo`: train a tiny DiT on the bundled digits for a few minutes and write a sample grid.
+"""`noiserater demo`: the paper's protocol at demo scale (`reproduce --preset digits-quick`), then the report.
 
-The body is :func:`run_demo`, so the reproduction pipeline can extend it stage by stage.
+Pretrains a tiny DiT on the bundled 8x8 digits, meta-trains a rater on the frozen checkpoint, continues
+training with vanilla noise, max_norm and the rater over two seeds, evaluates every run, writes
+``report.md`` with its plots, draws a sample grid from the rater-trained model and prints the headline
+table. The body is :func:`run_demo`, so tests and notebooks call the same code as the command.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from ._options import SEED, FiniteFloat
+from .reproduce import SET_HELP, study_overrides
 
-# Tuned on a 2-core CPU: recognisable digits in about 2-3 minutes (see docs/performance-train.md).
-DEMO_DEFAULTS = dict(model="DiT-T/2", steps=1500, batch_size=128, lr=1e-3, ema_decay=0.995, cfg_scale=2.0)
+DEMO_PRESET = "digits-quick"
 
 
 @dataclass
 class DemoResult:
-    """What the demo produced; ``rows`` is the summary table (one dict per line)."""
+    """What the demo produced; ``rows`` is the headline table (one dict per policy of Table 1)."""
 
     out_dir: Path
     grid: Path
+    report: Path
     checkpoint: Path
     rows: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
 
 
-def run_demo(out_dir: str | Path = "demo", *, steps: int = DEMO_DEFAULTS["steps"], model: str = DEMO_DEFAULTS["model"],
-             batch_size: int = DEMO_DEFAULTS["batch_size"], lr: float = DEMO_DEFAULTS["lr"],
-             ema_decay: float = DEMO_DEFAULTS["ema_decay"], cfg_scale: float = DEMO_DEFAULTS["cfg_scale"],
-             sample_steps: int = 50, seed: int = 0, progress: bool = True) -> DemoResult:
-    """Stage 1 of the paper's protocol at CPU scale: pretrain a class-conditional DiT on digits, then
-    draw one row of samples per class with DDIM + classifier-free guidance. Returns paths and a summary.
+def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_steps: int = 50,
+             cfg_scale: float = 2.0, log=print, **overrides) -> DemoResult:
+    """Run ``reproduce`` for ``preset`` (with ``overrides`` of its fields) under ``out_dir``, then sample a
+    10 x 10 grid (rows = classes 0-9) from the seed-0 continuation with the rater at the preset's k.
 
-    Running it again with the same settings continues an interrupted run (or only re-samples a finished one).
+    Running it again continues an interrupted demo; finished stages are skipped.
     """
-    from ..commands.sample import sample_from_checkpoint
-    from ..train import TrainConfig, save_grid, train
+    from ..experiments import get_preset, reproduce
+    from ..train import save_grid
+    from .sample import sample_from_checkpoint
 
-    out = Path(out_dir)
-    cfg = TrainConfig(data="digits", model=model, run_dir=str(out / "pretrain"), steps=steps, batch_size=batch_size,
-                      lr=lr, ema_decay=ema_decay, seed=seed, cfg_scale=cfg_scale, sample_steps=sample_steps,
-                      log_every=max(1, min(100, steps // 10 or 1)), sample_every=max(steps, 1),
-                      ckpt_every=max(1, min(500, steps)), progress=progress)
+    p = get_preset(preset, **overrides)
     t0 = time.perf_counter()
-    summary = train(cfg, resume=True)
-    train_s = time.perf_counter() - t0
-    ckpt = Path(summary["checkpoint"])
-    t1 = time.perf_counter()
-    samples, _ = sample_from_checkpoint(ckpt, num=100, labels="cycle", cfg_scale=cfg_scale, steps=sample_steps,
-                                        seed=seed)
-    sample_s = time.perf_counter() - t1
-    # rows = classes 0..9, columns = 10 samples each
+    result = reproduce(p, out_dir, log=log)
+    out = Path(out_dir)
+    tables = json.loads((out / "report.json").read_text())["tables"]
+    main = tables.get("main", [])
+    k = p.ks[len(p.ks) // 2]
+    pick = next((r for r in main if r["policy"] == "rater" and r["k"] == k), None) or main[0]
+    label_dir = "vanilla" if pick["policy"] == "vanilla" else f"{pick['policy']}_k{pick['k']}"
+    ckpt = out / "runs" / "main" / label_dir / f"seed{p.seeds[0]}" / "run" / "checkpoints" / "latest.pt"
+    samples, _ = sample_from_checkpoint(ckpt, num=100, labels="cycle", cfg_scale=cfg_scale, steps=sample_steps, seed=0)
     grid_order = samples.reshape(10, 10, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape)
     grid = out / "samples.png"
     save_grid(grid_order, grid, nrow=10)
-    metrics = [json.loads(s) for s in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines() if s.strip()]
-    speeds = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
-    rows = [
-        {"stage": "pretrain", "what": f"{model} on digits (8x8, 10 classes)", "value": f"{summary['step']} steps"},
-        {"stage": "pretrain", "what": "final training loss", "value": _fmt(summary.get("final_loss"))},
-        {"stage": "pretrain", "what": "training speed", "value": f"{_median(speeds):.0f} img/s" if speeds else "-"},
-        {"stage": "pretrain", "what": "wall time", "value": f"{train_s:.0f} s"},
-        {"stage": "sample", "what": f"100 samples, DDIM {sample_steps} steps, CFG {cfg_scale}",
-         "value": f"{sample_s:.1f} s"},
-        {"stage": "sample", "what": "sample grid (rows = classes 0-9)", "value": str(grid)},
-    ]
-    return DemoResult(out, grid, ckpt, rows)
+    rows = [{"policy": r["label"], "seeds": r["seeds"], "classifier-FID": _pm(r.get("fid_mean"), r.get("fid_ci"), 2),
+             "FID vs vanilla": _pct(r.get("fid_vs_vanilla_pct"), r.get("fid_vs_vanilla_ci")),
+             "held-out loss": _pm(r.get("heldout_loss_mean"), r.get("heldout_loss_ci"), 5),
+             "loss vs vanilla": _pct(r.get("heldout_loss_vs_vanilla_pct"), r.get("heldout_loss_vs_vanilla_ci")),
+             "cost": f"{r['cost_ratio']:.2f}x"} for r in main]
+    return DemoResult(out, grid, Path(result["report"]), ckpt, rows, time.perf_counter() - t0)
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2]
+def _pm(m, ci, digits) -> str:
+    if not _finite(m):
+        return "-"
+    return f"{m:.{digits}f} ± {ci:.{digits}f}" if _finite(ci) else f"{m:.{digits}f}"
+
+
+def _pct(m, ci) -> str:
+    if not _finite(m):
+        return "-"
+    return f"{m:+.2f}% ± {ci:.2f}" if _finite(ci) else f"{m:+.2f}%"
 
 
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table with aligned columns."""
-    keys = ["stage", "what", "value"]
+    """A plain-text table with aligned columns (keys of the first row)."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
     line = "  ".join(k.ljust(widths[k]) for k in keys)
     sep = "  ".join("-" * widths[k] for k in keys)
@@ -92,25 +96,27 @@ def format_table(rows: list[dict]) -> str:
 
 @click.command("demo")
 @click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False),
-              help="Output folder: pretrain/ (a run folder), samples.png.")
-@click.option("--steps", default=DEMO_DEFAULTS["steps"], show_default=True, type=click.IntRange(min=1),
-              help="Training steps (fewer = faster, blurrier digits).")
-@click.option("--model", default=DEMO_DEFAULTS["model"], show_default=True, help="DiT config.")
-@click.option("--batch-size", default=DEMO_DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1),
-              help="Training batch size.")
-@click.option("--lr", default=DEMO_DEFAULTS["lr"], show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="AdamW learning rate (higher than DiT's 1e-4: the demo is short).")
-@click.option("--sample-steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="DDIM steps.")
-@click.option("--cfg-scale", default=DEMO_DEFAULTS["cfg_scale"], show_default=True, type=FiniteFloat(min=0),
-              help="Classifier-free guidance scale for the sample grid.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for everything.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def command(out_dir, steps, model, batch_size, lr, sample_steps, cfg_scale, seed, progress) -> None:
-    """Train a tiny DiT on the bundled 8x8 digits (a few minutes on a laptop CPU) and write a sample grid.
+              help="Study folder: pretrain, raters, runs/, report.md with plots, samples.png.")
+@click.option("--preset", default=DEMO_PRESET, show_default=True,
+              help="Study scale (see `noiserater reproduce --help`); the demo's is minutes on 2 cores.")
+@click.option("--seeds", default=None, type=click.IntRange(min=1),
+              help="Override the number of continuation seeds (0..N-1).")
+@click.option("--pretrain-steps", default=None, type=click.IntRange(min=2),
+              help="Override the pretraining length (stage checkpoints shrink with it).")
+@click.option("--continue-steps", default=None, type=click.IntRange(min=1),
+              help="Override the continuation length in steps.")
+@click.option("--sample-steps", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="DDIM steps for the sample grid.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def command(out_dir, preset, seeds, pretrain_steps, continue_steps, sample_steps, sets) -> None:
+    """The paper's protocol on the bundled 8x8 digits in a few minutes: pretrain, meta-train a rater,
+    continue with vanilla / max_norm / rater noise over 2 seeds, evaluate, report, sample grid.
 
-    Run it again with the same options to continue an interrupted demo (Ctrl-C saves a checkpoint).
+    Run it again with the same options to continue an interrupted demo (finished stages are skipped).
     """
-    result = run_demo(out_dir, steps=steps, model=model, batch_size=batch_size, lr=lr, cfg_scale=cfg_scale,
-                      sample_steps=sample_steps, seed=seed, progress=progress)
+    overrides = study_overrides(preset, seeds, continue_steps, pretrain_steps, sets)
+    result = run_demo(out_dir, preset=preset, sample_steps=sample_steps, log=click.echo, **overrides)
+    click.echo("\nTable 1 at demo scale (mean ± 95% interval over seeds; 'vs vanilla' paired over seeds):\n")
     click.echo(format_table(result.rows))
-    click.echo(f"\nsample grid: {result.grid}\ncheckpoint:  {result.checkpoint}")
+    click.echo(f"\nreport:      {result.report}\nsample grid: {result.grid} (rows = digits 0-9, "
+               f"rater-trained model)\ntotal:       {result.wall_s:.0f} s")
