@@ -4,7 +4,7 @@
 - bf16 autocast: ``TrainConfig.amp`` (:func:`autocast`).
 - ``torch.compile``: ``TrainConfig.compile`` (off by default; never on the meta-gradient path, which
   needs double backward).
-- fused AdamW on CUDA: chosen by :func:`noiserater.train.train`.
+- fused AdamW on CUDA and CPU: chosen by :func:`noiserater.train.train`.
 - gradient checkpointing: ``DiT.grad_checkpointing`` / ``TrainConfig.grad_checkpointing``
   (:func:`noiserater.models.dit.checkpointed`, exact gradients, also under ``functional_call``).
 - pinned host memory for latent-cache batches: :class:`noiserater.data.latents.MemmapRows`.

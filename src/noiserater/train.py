@@ -127,9 +127,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, step, stream): resumable and rank-independent."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+def step_generator(seed: int, step: int, stream: int = 0, streams: int = 8) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): resumable and rank-independent.
+    ``stream`` in [0, streams) tells apart independent draws of one step."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * streams + stream) % (2**63 - 1))
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
@@ -356,7 +357,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         record_selection(run_dir, policy, cfg.rater, resume)  # policy, k, rater path + sha256 -> run_info.json
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -416,7 +417,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                 last_loss = float(loss.detach())
             else:
                 bad_in_row += 1
-                _log(run_dir, is_main, {"step": step, "event": "nonfinite_skipped", "loss": float(loss.detach()),
+                log_metrics(run_dir, is_main, {"step": step, "event": "nonfinite_skipped", "loss": float(loss.detach()),
                                         "grad_norm": float(gnorm), "batch": idx.tolist(),
                                         "cause": bad_scores or "non-finite loss or gradient"})
                 if bad_in_row >= cfg.max_bad_steps:
@@ -435,7 +436,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                 rec = {"step": step, "loss": last_loss, "grad_norm": float(gnorm), "images_per_s": seen / (now - t_last),
                        "lr": cfg.lr, "time": time.time()}
                 t_last, seen = now, 0
-                _log(run_dir, is_main, rec)
+                log_metrics(run_dir, is_main, rec)
                 if writer is not None:
                     writer.add_scalar("train/loss", last_loss, step)
                     writer.add_scalar("train/images_per_s", rec["images_per_s"], step)
@@ -472,7 +473,8 @@ def _check_finite_weights(step: int, ckpt_path: Path, *modules: torch.nn.Module)
                 )
 
 
-def _log(run_dir: Path, is_main: bool, rec: dict) -> None:
+def log_metrics(run_dir: Path, is_main: bool, rec: dict) -> None:
+    """Append one record to run_dir/metrics.jsonl (main process only)."""
     if not is_main:
         return
     rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
@@ -480,9 +482,10 @@ def _log(run_dir: Path, is_main: bool, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int, events_count_done: bool = False) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again); a fresh start
-    (step 0) drops them all. Records carry the number of steps done; events the index of their step."""
+    (step 0) drops them all. Records carry the number of steps done; events the index of their step
+    (``train``) or, with ``events_count_done``, the number of steps done like records (``metatrain``)."""
     if not path.exists():
         return
     keep = []
@@ -492,7 +495,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
         s = rec.get("step", 0) if isinstance(rec, dict) else None
-        if isinstance(s, int) and step > 0 and (s < step or (s == step and "event" not in rec)):
+        done = s is not None and isinstance(s, int) and (s < step or (s == step and (events_count_done or "event" not in rec)))
+        if step > 0 and done:
             keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 

@@ -18,7 +18,6 @@ so N processes compute exactly what one process computes on the global batch.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -42,6 +41,7 @@ from ..checkpoint import (
 from ..config import ConfigError, dump_yaml, require, to_dict
 from ..data import ImageData, load_dataset
 from ..diffusion import GaussianDiffusion
+from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
 from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
@@ -129,17 +129,7 @@ class MetaTrainConfig:
 
 
 def _generator(seed: int, step: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + stream) % (2**63 - 1))
-
-
-def _indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Global batch ``step`` of size ``batch``: consecutive slices of seeded per-epoch permutations."""
-    start, out = step * batch, []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.extend(perm[offset: offset + batch - len(out)].tolist())
-    return torch.tensor(out, dtype=torch.long)
+    return step_generator(seed, step, stream, streams=64)  # stream 0: validation, 1..S: inner steps
 
 
 @dataclass
@@ -171,13 +161,13 @@ class _Sampler:
         batches = []
         for s in range(self.S):
             g = _generator(seed, n, 1 + s)
-            idx = _indices(len(self.train), self.B, n * self.S + s, seed)
+            idx = batch_indices(len(self.train), self.B, n * self.S + s, seed)
             t = torch.randint(0, self.num_timesteps, (self.B,), generator=g)
             y = self._labels(self.train.labels[idx], g)
             eps = torch.randn((self.B, self.K, *shape), generator=g)
             batches.append(tuple(x[sl].to(device) for x in (self.train.images[idx].to(dtype), y, t, eps.to(dtype))))
         g = _generator(seed, n, 0)
-        idx = _indices(len(self.val), self.Bv, n, seed + 1)
+        idx = batch_indices(len(self.val), self.Bv, n, seed + 1)
         t = torch.randint(0, self.num_timesteps, (self.Bv,), generator=g)
         y = self._labels(self.val.labels[idx], g)
         eps = torch.randn((self.Bv, *shape), generator=g)
@@ -225,19 +215,6 @@ def sweep_inner_lr(model, sampler: _Sampler, grid, opt_name: str, steps: int, ra
     if best is None or best["uniform_gain"] <= 0:
         return min(grid), rows
     return best["inner_lr"], rows
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def _warn(msg: str, is_main: bool) -> None:
@@ -327,15 +304,13 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step, events_count_done=True)
         if sweep is not None and step == 0:
             write_json(run_dir / "inner_lr_sweep.json", {"chosen": inner_lr, "grid": sweep})
     inner_opt = InnerOptimizer(cfg.inner_optimizer, inner_lr)
 
     def log(rec: dict) -> None:
-        if is_main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        log_metrics(run_dir, is_main, rec)
 
     def save(final: bool = False) -> None:
         for name, p in rater.named_parameters():  # never overwrite the last good checkpoint with NaN/inf weights
@@ -429,9 +404,16 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 bar.update(1)
                 adv = sum(r["rater_advantage"] for r in window) / len(window)
                 bar.set_postfix(val=f"{l_rater:.4f}", adv=f"{adv:+.2e}", gain=f"{rec['uniform_gain']:+.2e}")
-            if step % cfg.ckpt_every == 0 or step == cfg.outer_steps or stopper.stop:
+            stop_now = stopper.stop  # read once: the handler may flip it at any time
+            if world > 1:  # a signal may reach one rank only: all stop together or the others hang in a collective
+                import torch.distributed as dist
+
+                f = torch.tensor(1.0 if stop_now else 0.0, device=device)
+                dist.all_reduce(f, op=dist.ReduceOp.MAX)
+                stop_now = bool(f > 0)
+            if step % cfg.ckpt_every == 0 or step == cfg.outer_steps or stop_now:
                 save()
-                if stopper.stop:
+                if stop_now:
                     summary["interrupted"] = True
                     summary["signal"] = stopper.signum
                     break
