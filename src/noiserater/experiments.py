@@ -65,6 +65,7 @@ class ReproducePreset:
     transfer_k: int = 2
     eval_samples: int = 1000
     eval_ddim_steps: int = 25
+    eval_extractors: str = "classifier"  # "classifier" (small data) or "inception" (needs local weights)
     cfg_scale: float = 1.25
     heldout_images: int = 180
     heldout_draws: int = 8
@@ -189,7 +190,7 @@ def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path) -> di
     if preset.eval_samples <= 0:
         return {}
     cfg = EvalConfig(checkpoint=checkpoint, num_samples=preset.eval_samples, steps=preset.eval_ddim_steps,
-                     cfg_scale=preset.cfg_scale, seed=0, extractors="classifier", run_dir=str(folder),
+                     cfg_scale=preset.cfg_scale, seed=0, extractors=preset.eval_extractors, run_dir=str(folder),
                      progress=False)
     rec = evaluate_checkpoint(cfg)[0]
     return {k: rec.get(k) for k in ("fid", "precision", "recall", "class_accuracy")}
@@ -264,6 +265,8 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
     cfg = {"init": init, "policy": policy, "k": k, "seed": seed, "rater": rater, "steps": preset.continue_steps,
            "lr": preset.continue_lr, "ema": preset.continue_ema, "batch_size": preset.batch_size, "eval_samples": preset.eval_samples,
            "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale, "label": label}
+    if preset.eval_extractors != "classifier":  # recorded only when not the default, so earlier studies still match
+        cfg["eval_extractors"] = preset.eval_extractors
     return run_stage(folder, cfg, fn, log)
 
 

@@ -65,6 +65,7 @@ IMAGENET_DIT_S2 = FullScalePreset(
     transfer_k=2,
     eval_samples=50_000,  # FID-50K
     eval_ddim_steps=250,  # not in the text: DiT's usual 250 sampling steps, here with DDIM (eta = 0)
+    eval_extractors="inception",  # FID-50K against the source images (set NOISERATER_INCEPTION_WEIGHTS)
     cfg_scale=1.25,
     heldout_images=5_000,
     heldout_draws=8,
