@@ -47,9 +47,12 @@ def test_seeds_needed_normal_approximation():
 def test_summarize_cost_ratio_and_vs_vanilla():
     rows = []
     for seed, (v, r) in enumerate([(1.0, 0.9), (1.2, 1.1), (0.8, 0.7)]):
-        rows.append(dict(table="main", policy="vanilla", k=1, seed=seed, heldout_loss=v, train_wall_s=10.0, label="vanilla"))
-        rows.append(dict(table="main", policy="rater", k=4, seed=seed, heldout_loss=r, train_wall_s=15.0, label="rater k=4"))
+        rows.append(dict(table="main", policy="vanilla", k=1, seed=seed, heldout_loss=v, train_wall_s=99.0 if seed == 0 else 10.0,
+                         images_per_s=300.0, label="vanilla"))
+        rows.append(dict(table="main", policy="rater", k=4, seed=seed, heldout_loss=r, train_wall_s=15.0,
+                         images_per_s=200.0, label="rater k=4"))
     s = summarize(pd.DataFrame(rows), "main").set_index("label")
+    # cost = throughput ratio: the warm-up inside vanilla seed 0's wall-clock (99 s) is not charged to anyone
     assert s.loc["rater k=4", "cost_ratio"] == pytest.approx(1.5)
     assert s.loc["rater k=4", "heldout_loss_vs_vanilla_pct"] < 0
     assert s.loc["vanilla", "cost_ratio"] == pytest.approx(1.0)
@@ -68,3 +71,25 @@ def test_run_stage_skips_done_and_refuses_changed_config(tmp_path):
     with pytest.raises(RunDirError, match="different config"):
         run_stage(tmp_path / "s", {"a": 2}, fn, log=lambda m: None)
     assert json.loads((tmp_path / "s" / "stage.json").read_text())["config"] == {"a": 1}
+
+
+def test_load_results_reads_throughput_from_each_runs_metrics(tmp_path):
+    from noiserater.report import load_results
+
+    speeds = {"vanilla": [5.0, 100.0, 104.0, 98.0], "rater k=4": [1.0, 50.0, 49.0, 52.0, 51.0]}
+    for i, (label, sp) in enumerate(speeds.items()):
+        run = tmp_path / "runs" / "main" / label.replace(" ", "_") / "seed0"
+        (run / "run" / "checkpoints").mkdir(parents=True)
+        lines = [json.dumps({"step": 10 * (j + 1), "loss": 0.1, "images_per_s": v}) for j, v in enumerate(sp)]
+        lines.insert(2, json.dumps({"step": 15, "event": "nonfinite_skipped", "loss": None}))
+        lines.append('{"step": 99, "lo')  # a line cut by a crash
+        (run / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        result = {"table": "main", "label": label, "policy": label.split()[0], "k": 4 if i else 1, "seed": 0,
+                  "heldout_loss": 0.1, "train_wall_s": 1.0, "checkpoint": str(run / "run" / "checkpoints" / "latest.pt")}
+        (run / "stage.json").write_text(json.dumps({"config": {}, "result": result}))
+    df = load_results(tmp_path).set_index("label")
+    # the first (warm-up) line is dropped, events and torn lines are ignored
+    assert df.loc["vanilla", "images_per_s"] == pytest.approx(np.median([100.0, 104.0, 98.0]))
+    assert df.loc["rater k=4", "images_per_s"] == pytest.approx(np.median([50.0, 49.0, 52.0, 51.0]))
+    s = summarize(df.reset_index(), "main").set_index("label")
+    assert s.loc["rater k=4", "cost_ratio"] == pytest.approx(100.0 / 50.5)
