@@ -27,3 +27,31 @@ def autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast on ``device`` when ``enabled`` (CPU and CUDA), else a no-op context."""
     dev = torch.device(device)
     return torch.autocast(dev.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def machine_info(device: str | torch.device | None = None) -> dict:
+    """What a benchmark record needs to be read later: platform, Python, torch, threads, CPU model, the
+    GPU name on CUDA, and the load average when the benchmark started (a busy machine reads slower)."""
+    import os
+    import platform
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info

@@ -24,12 +24,12 @@ import torch.distributed as dist
 
 from .checkpoint import (
     CheckpointError,
-    load_rater,
     RunLock,
     atomic_write_text,
     check_run_config,
     get_rng_state,
     load_checkpoint,
+    load_rater,
     load_state_dict_checked,
     save_checkpoint,
     set_rng_state,
@@ -38,7 +38,13 @@ from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
-from .selection import POLICIES, NonFiniteError, SelectionPolicy, record_selection, soft_selection_loss
+from .selection import (
+    POLICIES,
+    NonFiniteError,
+    SelectionPolicy,
+    record_selection,
+    soft_selection_loss,
+)
 
 
 class NumericsError(RuntimeError):

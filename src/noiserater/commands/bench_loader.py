@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -31,23 +29,7 @@ from pathlib import Path
 import click
 import torch
 
-
-def _machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+from ..speed import machine_info
 
 
 class _TrainStep:
@@ -149,7 +131,7 @@ def run_loader_benchmark(cache: str | None, *, model: str = "DiT-S/2", batch_siz
                 f"loader(memory) {memory_rates[-1]:.0f} img/s, train step {train_rates[-1]:.1f} img/s")
         med = statistics.median
         rec = {
-            "bench": "loader", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": _machine(dev),
+            "bench": "loader", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(dev),
             "model": model, "params": step.params, "batch_size": batch_size, "latent_shape": [lazy.channels,
                                                                                                lazy.image_size,
                                                                                                lazy.image_size],

@@ -24,16 +24,15 @@ in-use heap before it.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import click
 import torch
+
+from ..speed import machine_info
 
 DEFAULT_RATERS = "Rater-S/2,FastRater-S/2,Rater-M/4,FastRater-M/4,FastRater-T/2"
 
@@ -196,26 +195,6 @@ def _cuda_step_growth(stepper: _Stepper, cfg: BenchConfig) -> int:
     stepper.step(cfg)
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated() - before)
-
-
-def machine_info(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_available"] = len(os.sched_getaffinity(0))
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    try:
-        info["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 def run_benchmark(setup: Setup, configs: list[BenchConfig], repeats: int, memory: bool = True,

@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,8 @@ import click
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..speed import machine_info
 
 
 @dataclass(frozen=True)
@@ -318,17 +318,6 @@ def bench_memory(name: str, which: str, steps: int = 3) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {name}/{which} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    try:
-        info["load_avg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
 
 
 def markdown_table(records: list[dict]) -> str:

@@ -34,18 +34,17 @@ from ..checkpoint import (
     get_rng_state,
     load_checkpoint,
     load_state_dict_checked,
-    save_checkpoint,
     set_rng_state,
     write_json,
 )
 from ..config import ConfigError, dump_yaml, require, to_dict
 from ..data import ImageData, load_dataset
 from ..diffusion import GaussianDiffusion
-from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
 from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
+from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
-from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
+from .losses import eval_mode, uniform_weights, val_loss
 
 SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
@@ -277,7 +276,6 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     trainable = [p for n, p in rater.named_parameters() if p.requires_grad and n not in SHIFT_ONLY_PARAMS]
     opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reducer = Reducer()
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     step, inner_lr, sweep, carried, bad_in_row = 0, None, None, None, 0
     if resume and ckpt_path.exists():
