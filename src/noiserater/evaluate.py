@@ -11,13 +11,16 @@ Pieces, each usable on its own:
   ``weights-inception-2015-12-05-6726825d.pth``; nothing is downloaded) and ``classifier`` (the
   penultimate features of a small CNN the project trains once per dataset and caches, its test accuracy
   recorded beside it: "classifier FID").
-- :func:`reference_features`: features of the dataset's reference split, cached on disk under
-  ``CACHE/ref/`` keyed by dataset, split and extractor (the extractor key includes its weights' hash).
+- :func:`reference_features`: statistics of the dataset's reference split, cached on disk under
+  ``CACHE/ref/`` keyed by dataset, split and extractor (the extractor key includes its weights' hash);
+  :func:`folder_reference_features`: the same for an image folder of any size (the source images of a
+  latent cache, read as ``cache-latents`` read them, streamed in batches, at most ``max_images``). Both
+  share one implementation (:func:`_reference_stats`, exact batch-merged mean and covariance).
 - :func:`evaluate_checkpoint`: samples from a diffusion checkpoint (the project's one sampler,
-  :func:`noiserater.commands.sample.sample_from_checkpoint`), then one record per extractor with FID,
-  precision, recall and class accuracy, and everything that makes the number comparable (number of
-  samples, sampler, steps, CFG scale, EMA, seed, extractor, reference). Records are appended to
-  ``RUN_DIR/eval.jsonl``.
+  :func:`noiserater.commands.sample.sample_from_checkpoint`; latent checkpoints are decoded with their
+  VAE), then one record per extractor with FID, precision, recall and class accuracy, and everything that
+  makes the number comparable (number of samples, sampler, steps, CFG scale, EMA, seed, extractor,
+  reference). Records are appended to ``RUN_DIR/eval.jsonl``.
 
 Images are quantised to 8 bits (as if saved to PNG) before any extractor sees them, real and generated
 alike. The cache folder is ``$NOISERATER_CACHE`` or ``~/.cache/noiserater`` unless given.
@@ -82,8 +85,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (float64, scipy's sqrtm).
 
     When the product of the covariances is singular enough that its square root is not finite,
-    ``eps`` is added to both diagonals (as pytorch-fid does). An imaginary part above 1e-3 of the
-    trace is an error (the covariances are not positive semi-definite)."""
+    ``eps`` is added to both diagonals (as pytorch-fid does). An imaginary part of the root's diagonal
+    (the entries the trace sums) above 1e-3 of the trace is an error (the covariances are not positive
+    semi-definite). Off-diagonal imaginary parts are rounding noise that rank-deficient covariances
+    (fewer images than feature dimensions) produce and that the trace never sees; they are ignored, as
+    pytorch-fid ignores them."""
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
@@ -106,7 +112,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         offset = np.eye(s1.shape[0]) * eps
         covmean, _ = sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
-        imag = np.max(np.abs(covmean.imag))
+        imag = np.max(np.abs(np.diag(covmean.imag)))
         scale = max(1.0, abs(np.trace(covmean.real)))
         if imag > 1e-3 * scale:
             raise ValueError(f"covariance product has a large imaginary square root component ({imag:.3g}); "
@@ -567,12 +573,44 @@ def default_reference(data_source: str) -> tuple[str, str]:
     return data_source, "all"
 
 
-def reference_features(source: str, split: str, extractor: Extractor, cache: str | os.PathLike | None = None,
-                       batch_size: int = 250, device: str | torch.device = "cpu", progress: bool = True,
-                       max_pr: int = 10000) -> dict[str, Any]:
-    """{'mu', 'sigma', 'n', 'pr_features' (at most ``max_pr`` rows, seeded subset), 'cached'} of the
-    reference images; cached under CACHE/ref/ keyed by (source, split, extractor key)."""
-    path = cache_dir(cache) / "ref" / f"{_slug(source)}-{split}-{extractor.key}.npz"
+class RunningStats:
+    """Mean and covariance (ddof=1) of feature rows given in batches, in float64, without keeping the rows:
+    batch means and centred scatter matrices are merged exactly (Chan, Golub and LeVeque's pairwise update),
+    so the result equals ``feature_stats`` of all rows up to rounding."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mb = x.mean(axis=0)
+        xc = x - mb
+        m2b = xc.T @ xc
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"feature statistics need at least 2 images, got {self.n}")
+        sigma = self.m2 / (self.n - 1)
+        return self.mean, (sigma + sigma.T) / 2
+
+
+def _reference_stats(path: Path, prepare, extractor: Extractor, batch_size: int, device: str | torch.device,
+                     progress: bool, desc: str, max_pr: int) -> dict[str, Any]:
+    """The one implementation behind every reference: the cached statistics at ``path`` if readable, else
+    (``prepare()`` giving the number of images and an iterable of image batches [B,C,H,W] in [-1,1]) the
+    batches' features reduced to mean, covariance and a seeded subset of at most ``max_pr`` rows for
+    precision/recall, written to ``path``. Only one batch of images is in memory at a time."""
     if path.exists():
         try:
             with np.load(path) as z:
@@ -580,20 +618,99 @@ def reference_features(source: str, split: str, extractor: Extractor, cache: str
                         "cached": True, "path": str(path)}
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is recomputed and replaced
-    data = load_dataset(source, split)
-    feats = extractor(data.images, batch_size, device, progress, desc=f"reference {source}:{split}")
-    mu, sigma = feature_stats(feats)
-    pr = feats
-    if feats.shape[0] > max_pr:
-        pr = feats[np.random.default_rng(0).choice(feats.shape[0], max_pr, replace=False)]
+    total, batches = prepare()
+    # the same rows as picking from all features at once: rng(0).choice(total, max_pr) in that order
+    pr_idx = np.random.default_rng(0).choice(total, max_pr, replace=False) if total > max_pr else np.arange(total)
+    stats, pr, seen = RunningStats(), None, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"{desc} ({extractor.name})", dynamic_ncols=True, leave=False)
+    for x in batches:
+        feats = extractor(x, batch_size, device)
+        stats.update(feats)
+        if pr is None:
+            pr = np.empty((len(pr_idx), feats.shape[1]), dtype=np.float32)
+        mask = (pr_idx >= seen) & (pr_idx < seen + feats.shape[0])
+        pr[mask] = feats[pr_idx[mask] - seen]
+        seen += feats.shape[0]
+        if bar is not None:
+            bar.update(feats.shape[0])
+    if bar is not None:
+        bar.close()
+    if seen != total:
+        raise DatasetError(f"the reference for {path.name} yielded {seen} images, {total} expected")
+    mu, sigma = stats.stats()
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(feats.shape[0]), pr_features=pr.astype(np.float32))
+    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(seen), pr_features=pr)
     atomic_write_bytes(path, buf.getvalue())
-    return {"mu": mu, "sigma": sigma, "n": feats.shape[0], "pr_features": pr.astype(np.float32), "cached": False,
-            "path": str(path)}
+    return {"mu": mu, "sigma": sigma, "n": seen, "pr_features": pr, "cached": False, "path": str(path)}
+
+
+def reference_features(source: str, split: str, extractor: Extractor, cache: str | os.PathLike | None = None,
+                       batch_size: int = 250, device: str | torch.device = "cpu", progress: bool = True,
+                       max_pr: int = 10000) -> dict[str, Any]:
+    """{'mu', 'sigma', 'n', 'pr_features' (at most ``max_pr`` rows, seeded subset), 'cached'} of the
+    reference images of a dataset source (loaded with ``load_dataset``); cached under CACHE/ref/ keyed by
+    (source, split, extractor key)."""
+    path = cache_dir(cache) / "ref" / f"{_slug(source)}-{split}-{extractor.key}.npz"
+
+    def prepare():
+        data = load_dataset(source, split)
+        return len(data), (data.images[i:i + batch_size] for i in range(0, len(data), batch_size))
+
+    return _reference_stats(path, prepare, extractor, batch_size, device, progress, f"reference {source}:{split}",
+                            max_pr)
+
+
+def folder_reference_files(root: str | os.PathLike, max_images: int | None = 50_000, seed: int = 0) -> tuple[list[str], int]:
+    """(relative paths of the reference images, number of images in the folder): every image of an image
+    folder (as ``cache-latents`` lists them), or a seeded subset of ``max_images`` in file order."""
+    from .data.latents import list_images
+
+    files = list_images(root)[0]
+    if max_images is not None and len(files) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
+        return [files[i] for i in keep], len(files)
+    return files, len(files)
+
+
+def folder_reference_features(root: str | os.PathLike, resolution: int, extractor: Extractor,
+                              cache: str | os.PathLike | None = None, batch_size: int = 250,
+                              device: str | torch.device = "cpu", progress: bool = True,
+                              max_images: int | None = 50_000, max_pr: int = 10000, workers: int = 0) -> dict[str, Any]:
+    """Reference statistics of an image folder of any size (e.g. the ImageNet train set a latent cache was
+    made from), as :func:`reference_features` returns them plus 'available' (images in the folder).
+
+    Images are read as ``cache-latents`` read them (``list_images``, then ``load_image(path, resolution)``:
+    RGB, center crop, bicubic resize) and streamed through the extractor ``batch_size`` at a time
+    (``workers`` DataLoader processes decode them); at most ``max_images`` (a seeded subset, seed 0) are
+    used. Cached under CACHE/ref/ keyed by (folder, resolution, count, the chosen files, extractor key)."""
+    from .data.latents import _Images
+
+    root = Path(root)
+    files, available = folder_reference_files(root, max_images)
+    digest = hashlib.sha256("".join(f + "\n" for f in files).encode()).hexdigest()[:8]
+    path = cache_dir(cache) / "ref" / f"{_slug(str(root))}-r{resolution}-n{len(files)}-{digest}-{extractor.key}.npz"
+
+    def prepare():
+        loader = torch.utils.data.DataLoader(_Images(root, files, resolution), batch_size=batch_size, shuffle=False,
+                                             num_workers=workers)
+        # uint8 [B,3,R,R] -> [-1, 1], as cache-latents feeds the VAE
+        return len(files), (pixels.float().div_(127.5).sub_(1.0) for pixels in loader)
+
+    out = _reference_stats(path, prepare, extractor, batch_size, device, progress,
+                           f"reference {root.name} @{resolution}px", max_pr)
+    return {**out, "available": available}
 
 
 # ---- evaluating a checkpoint ------------------------------------------------------------------------------
+
+# Samples generated (and, for latent checkpoints, decoded) and held at once: 50,000 decoded 256x256 images
+# would be 39 GB of float32. Chunks are shards of the same N samples, so the chunking changes no sample.
+SAMPLE_CHUNK = 5000
+NAMED_SOURCES = ("digits", "fashion-mnist", "fashion-mnist-test")
 
 
 @dataclass
@@ -609,6 +726,9 @@ class EvalConfig:
     inception_weights: str | None = None
     reference: str | None = None
     reference_split: str | None = None
+    reference_max_images: int = 50_000
+    reference_workers: int = 0
+    vae: str | None = None
     pr_k: int = 3
     cache_dir: str | None = None
     run_dir: str | None = None
@@ -624,6 +744,8 @@ class EvalConfig:
         require(self.pr_k >= 1, "pr_k", "k must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        require(self.reference_max_images >= 2, "reference_max_images", "FID needs at least 2 reference images")
+        require(self.reference_workers >= 0, "reference_workers", "must be >= 0 (0 = decode in this process)")
         names = self.extractor_list()
         require(bool(names) and all(n in EXTRACTORS for n in names), "extractors",
                 f"comma-separated names from {', '.join(EXTRACTORS)}, got {self.extractors!r}")
@@ -638,9 +760,58 @@ def _run_dir_of(checkpoint: str) -> Path:
     return p.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
+def latent_reference(checkpoint: str, latent: dict, reference: str | None = None,
+                     reference_split: str | None = None) -> dict[str, Any]:
+    """The reference images of a checkpoint trained on a latent cache (``latent``: the cache's record in the
+    checkpoint): {'source', 'split', 'folder' (stream an image folder?), 'resolution'}. By default the image
+    folder the cache was made from (its header's source), at the cache's resolution; ``reference`` (a folder
+    or a named dataset) wins. Every way the folder can be unusable is a LatentCacheError that names it."""
+    from .data.latents import HEADER_NAME, LatentCacheError, read_header
+
+    hint = ("pass --reference FOLDER: the image folder the latent cache was made from (or a copy of it), read "
+            "at the cache's resolution")
+    cache = latent.get("cache")
+    header: dict = {}
+    if cache:
+        try:
+            header = read_header(cache)
+        except LatentCacheError as e:
+            if not reference:
+                raise LatentCacheError(f"{checkpoint} was trained on the latent cache {cache}, whose header (which "
+                                       f"names the source images) cannot be read: {e}. {hint}") from None
+    resolution = latent.get("resolution") or header.get("resolution")
+    if reference in NAMED_SOURCES:
+        return {"source": reference, "split": reference_split or "all", "folder": False, "resolution": None}
+    if reference:
+        folder = Path(reference)
+        if not folder.is_dir():
+            raise LatentCacheError(f"--reference {folder} does not exist or is not a folder; {hint}")
+    else:
+        source = header.get("source") or (header.get("settings") or {}).get("source")
+        if not source:
+            raise LatentCacheError(f"the latent cache {cache} of {checkpoint} does not record the image folder it "
+                                   f"was made from; {hint}")
+        folder = Path(source)
+        if not folder.is_dir():
+            raise LatentCacheError(f"the reference images of {checkpoint} are the source folder of its latent cache, "
+                                   f"{folder}, which does not exist (moved or deleted?); {hint}")
+    if (folder / HEADER_NAME).is_file():
+        raise LatentCacheError(f"--reference {folder} is a latent cache; FID compares decoded samples with pixel "
+                               f"images: {hint}")
+    if reference_split not in (None, "all"):
+        raise LatentCacheError(f"--reference-split {reference_split} applies to dataset sources; an image-folder "
+                               "reference uses all its images (at most --reference-max-images); drop it")
+    return {"source": str(folder.resolve()), "split": "all", "folder": True, "resolution": resolution}
+
+
 def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = None) -> list[dict]:
     """Sample from ``cfg.checkpoint`` and measure FID / precision / recall (one record per extractor) and
-    class accuracy of the class-conditional samples; append the records to ``RUN_DIR/eval.jsonl``."""
+    class accuracy of the class-conditional samples; append the records to ``RUN_DIR/eval.jsonl``.
+
+    A checkpoint trained on a latent cache is sampled, decoded with the cache's VAE (``cfg.vae``: another
+    copy of it) and compared, in pixels, with the image folder the cache was made from (see
+    :func:`latent_reference`, :func:`folder_reference_features`); only the ``inception`` extractor applies
+    and class accuracy is None (there is no dataset classifier)."""
     from .commands.sample import sample_from_checkpoint
 
     cfg.validate()
@@ -651,50 +822,87 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
     if not data_source:
         raise CheckpointError(f"{cfg.checkpoint} does not record its training data; pass --reference SOURCE")
     spec = state["spec"]
-    if spec.get("in_channels") not in (1, 3):
-        raise ValueError(f"{cfg.checkpoint} generates {spec.get('in_channels')}-channel latents; FID on latents is "
-                         "not supported here (decode them with the VAE first)")
-    ref_source, ref_split = default_reference(data_source)
-    ref_source = cfg.reference or ref_source
-    ref_split = cfg.reference_split or ref_split
-    unconditional = bool(config.get("unconditional", False))
-    t0 = time.perf_counter()
-    samples, labels = sample_from_checkpoint(cfg.checkpoint, cfg.num_samples, cfg.labels, cfg.cfg_scale, cfg.steps,
-                                             cfg.seed, cfg.ema, cfg.batch_size, device=device, progress=cfg.progress)
-    sample_s = time.perf_counter() - t0
-    conditional = not unconditional and cfg.labels != "null"
-    class_acc, clf_info = None, None
+    latent = (state.get("data") or {}).get("latent")
     names = cfg.extractor_list()
-    extractors = {}
-    for name in names:
-        extractors[name] = build_extractor(name, ref_source, cfg.cache_dir, cfg.inception_weights, cfg.progress)
-    if conditional:
+    if spec.get("in_channels") in (1, 3):
+        ref_source, ref_split = default_reference(data_source)
+        ref = {"source": cfg.reference or ref_source, "split": cfg.reference_split or ref_split, "folder": False,
+               "resolution": None}
+    elif not latent:
+        raise ValueError(f"{cfg.checkpoint} generates {spec.get('in_channels')}-channel data and records no latent "
+                         "cache (no VAE to decode with); FID needs pixel images")
+    else:
+        if "classifier" in names:
+            raise ValueError(f"{cfg.checkpoint} was trained on a latent cache ({latent.get('cache')}): the 'classifier' "
+                             "extractor (a small per-dataset classifier) does not apply to its decoded images; use "
+                             "--extractors inception with --inception-weights PATH")
+        ref = latent_reference(cfg.checkpoint, latent, cfg.reference, cfg.reference_split)
+    unconditional = bool(config.get("unconditional", False))
+    conditional = not unconditional and cfg.labels != "null"
+    extractors = {name: build_extractor(name, ref["source"], cfg.cache_dir, cfg.inception_weights, cfg.progress)
+                  for name in names}
+    class_acc, clf, clf_info = None, None, None
+    if conditional and not latent:
         clf = extractors["classifier"].network if "classifier" in extractors else \
-            get_classifier(ref_source, cfg.cache_dir, progress=cfg.progress)[0]
+            get_classifier(ref["source"], cfg.cache_dir, progress=cfg.progress)[0]
         clf_info = extractors["classifier"].info if "classifier" in extractors else None
-        with torch.no_grad():
-            clf = clf.to(device).eval()
-            pred = torch.cat([clf(quantize(samples[i:i + cfg.batch_size]).to(device)).argmax(1).cpu()
-                              for i in range(0, samples.shape[0], cfg.batch_size)])
-        class_acc = float((pred == labels).double().mean())
+        clf = clf.to(device).eval()
+    chunks = max(1, math.ceil(cfg.num_samples / SAMPLE_CHUNK))
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in extractors}
+    all_labels, preds, sample_s, image_size = [], [], 0.0, None
+    for c in range(chunks):
+        t0 = time.perf_counter()
+        samples, labels = sample_from_checkpoint(cfg.checkpoint, cfg.num_samples, cfg.labels, cfg.cfg_scale,
+                                                 cfg.steps, cfg.seed, cfg.ema, cfg.batch_size, device=device,
+                                                 progress=cfg.progress, vae=cfg.vae, decode=True,
+                                                 shard=(c, chunks) if chunks > 1 else None)
+        sample_s += time.perf_counter() - t0
+        image_size = samples.shape[-1]
+        all_labels.append(labels)
+        if clf is not None:
+            with torch.no_grad():
+                preds += [clf(quantize(samples[i:i + cfg.batch_size]).to(device)).argmax(1).cpu()
+                          for i in range(0, samples.shape[0], cfg.batch_size)]
+        for name, ex in extractors.items():
+            feats[name].append(ex(samples, cfg.batch_size, device, cfg.progress, desc="samples"))
+        del samples
+    labels = torch.cat(all_labels)
+    if clf is not None:
+        class_acc = float((torch.cat(preds) == labels).double().mean())
+    if ref["folder"] and ref["resolution"] is None:
+        ref["resolution"] = int(image_size)  # a cache that does not record it: the decoded samples' size
+    reference = {"source": ref["source"], "split": ref["split"]}
+    if ref["folder"]:
+        reference.update(resolution=ref["resolution"], max_images=cfg.reference_max_images)
     records = []
     common = {
         "checkpoint": str(cfg.checkpoint), "checkpoint_step": int(state.get("step", -1)), "model": spec.get("name"),
-        "data": data_source, "reference": {"source": ref_source, "split": ref_split},
+        "data": data_source, "reference": reference,
         "num_samples": cfg.num_samples, "sampler": "ddim", "eta": 0.0, "steps": cfg.steps,
         "cfg_scale": 1.0 if unconditional else cfg.cfg_scale, "ema": cfg.ema, "seed": cfg.seed,
         "labels": "null" if unconditional else cfg.labels, "class_accuracy": class_acc, "pr_k": cfg.pr_k,
     }
+    if latent:
+        common["latent"] = {"cache": latent.get("cache"), "decoded": True, "image_size": int(image_size),
+                            "vae": str(cfg.vae) if cfg.vae else (latent.get("vae") or {}).get("path"),
+                            "vae_sha256": (latent.get("vae") or {}).get("sha256")}
     for name, ex in extractors.items():
-        ref = reference_features(ref_source, ref_split, ex, cfg.cache_dir, cfg.batch_size, device, cfg.progress)
-        feats = ex(samples, cfg.batch_size, device, cfg.progress, desc="samples")
-        fid = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
-        pr = precision_recall(ref["pr_features"], feats, cfg.pr_k)
+        if ref["folder"]:
+            rf = folder_reference_features(ref["source"], ref["resolution"], ex, cfg.cache_dir, cfg.batch_size, device,
+                                           cfg.progress, max_images=cfg.reference_max_images,
+                                           workers=cfg.reference_workers)
+        else:
+            rf = reference_features(ref["source"], ref["split"], ex, cfg.cache_dir, cfg.batch_size, device,
+                                    cfg.progress)
+        fx = np.concatenate(feats[name])
+        fid = frechet_distance(*feature_stats(fx), rf["mu"], rf["sigma"])
+        pr = precision_recall(rf["pr_features"], fx, cfg.pr_k)
+        rec_ref = {**reference, "num_images": rf["n"], "pr_images": int(rf["pr_features"].shape[0]),
+                   "stats_cache": rf["path"]}
+        if "available" in rf:
+            rec_ref["available_images"] = rf["available"]
         rec = {**common, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extractor": name, "extractor_key": ex.key,
-               "extractor_info": ex.info, "fid": fid, **pr,
-               "reference": {**common["reference"], "num_images": ref["n"], "pr_images": int(ref["pr_features"].shape[0]),
-                             "stats_cache": ref["path"]},
-               "sample_seconds": round(sample_s, 2)}
+               "extractor_info": ex.info, "fid": fid, **pr, "reference": rec_ref, "sample_seconds": round(sample_s, 2)}
         if name != "classifier" and clf_info is not None:
             rec["class_accuracy_classifier"] = {"test_accuracy": clf_info["test_accuracy"]}
         records.append(rec)
@@ -722,4 +930,5 @@ def summary_table(records: list[dict]) -> str:
 __all__ = ["EvalConfig", "Extractor", "DatasetClassifier", "InceptionV3", "evaluate_checkpoint", "feature_stats",
            "frechet_distance", "fid_from_features", "precision_recall", "knn_radii", "load_inception",
            "get_classifier", "train_classifier", "reference_features", "build_extractor", "summary_table",
-           "default_reference", "quantize"]
+           "default_reference", "quantize", "RunningStats", "folder_reference_features", "folder_reference_files",
+           "latent_reference"]

@@ -20,13 +20,23 @@ EVAL_HELP = {
     "labels": "Class labels of the samples: 'cycle' (balanced 0,1,2,...), 'random', 'null' (unconditional) "
               "or comma-separated class ids.",
     "extractors": "Comma-separated feature extractors: 'classifier' (the dataset's cached classifier, trained "
-                  "once) and/or 'inception' (InceptionV3 pool3 from --inception-weights).",
+                  "once) and/or 'inception' (InceptionV3 pool3 from --inception-weights). Latent-cache "
+                  "checkpoints (decoded with their VAE): inception only.",
     "inception_weights": "Local InceptionV3 FID weights (pytorch-fid pt_inception-2015-12-05-6726825d.pth or "
                          "torch-fidelity weights-inception-2015-12-05-6726825d.pth); default "
                          "$NOISERATER_INCEPTION_WEIGHTS. Nothing is downloaded.",
     "reference": "Reference images (a dataset source); default: Fashion-MNIST's test file for fashion-mnist, "
-                 "otherwise the checkpoint's training data.",
-    "reference_split": "Split of the reference: all, train or val (default: all).",
+                 "otherwise the checkpoint's training data. Latent-cache checkpoints: an image folder, read "
+                 "like cache-latents reads it at the cache's resolution (default: the folder the cache was "
+                 "made from, as its header records).",
+    "reference_split": "Split of the reference: all, train or val (default: all; image-folder references of "
+                       "latent checkpoints always use all images).",
+    "reference_max_images": "Image-folder references of latent checkpoints: use at most this many images "
+                            "(a seeded subset of a larger folder, e.g. ImageNet's 1.28M), streamed in batches.",
+    "reference_workers": "Image-folder references: DataLoader worker processes decoding the images "
+                         "(0 = in this process).",
+    "vae": "Latent-cache checkpoints: the VAE folder to decode samples with (default: the one recorded by "
+           "cache-latents; a VAE with another scaling factor is refused).",
     "pr_k": "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. use 3).",
     "cache_dir": "Cache folder for classifiers and reference statistics (default $NOISERATER_CACHE or "
                  "~/.cache/noiserater).",
