@@ -8,6 +8,7 @@ A checkpoint is a ``torch.save`` of plain containers of tensors, numbers and str
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,15 @@ class RunDirError(RuntimeError):
 
 class DiskFullError(RunDirError):
     """No space (or quota) left while writing a file; the previous version of the file is intact."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks): provenance of checkpoints and weights files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read_umask() -> int:

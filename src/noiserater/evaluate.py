@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint, sha256_file, write_json
 from .config import require
 from .data import ImageData, load_dataset
 from .data.datasets import DatasetError, split_indices
@@ -60,14 +60,6 @@ EXTRACTORS = ("classifier", "inception")
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """The cache folder: ``path``, else ``$NOISERATER_CACHE``, else ``~/.cache/noiserater``."""
     return Path(path or os.environ.get("NOISERATER_CACHE") or Path.home() / ".cache" / "noiserater")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- Frechet distance ---------------------------------------------------------------------------------

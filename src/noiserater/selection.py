@@ -20,7 +20,6 @@ chosen index ``[B]``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import sha256_file
 from .models.rater import NoiseRater, group_weights
 
 class NonFiniteError(FloatingPointError):
@@ -232,14 +232,6 @@ class NoiseSelector:
 # ---- run-folder provenance ---------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None) -> dict[str, Any]:
     """What a run used for noise selection: policy, k, temperature, and the rater file, spec and sha256."""
     info: dict[str, Any] = {"policy": policy.name, "candidates": policy.k, "temperature": policy.temperature,
@@ -247,7 +239,7 @@ def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None
     if rater_path and policy.rater is not None:
         info["rater"] = {
             "path": str(Path(rater_path).resolve()),
-            "sha256": file_sha256(rater_path),
+            "sha256": sha256_file(rater_path),
             "spec": policy.rater.spec.to_dict(),
             "parameters": sum(p.numel() for p in policy.rater.parameters()),
         }
