@@ -19,7 +19,8 @@ from noiserater.experiments import ReproducePreset, get_preset
 TINY = ["--pretrain-steps", "12", "--continue-steps", "3", "--sample-steps", "2",
         "--set", "model=DiT-N/2", "--set", "meta_outer_steps=2", "--set", "meta_candidates=2",
         "--set", "batch_size=16", "--set", "eval_samples=40", "--set", "eval_ddim_steps=2",
-        "--set", "heldout_images=16", "--set", "heldout_draws=2", "--set", "analysis_images=3"]
+        "--set", "heldout_images=16", "--set", "heldout_draws=2", "--set", "power_seeds=[2]",
+        "--set", "analysis_images=3"]
 
 
 def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -38,12 +39,15 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
     # every continuation ran and was evaluated on the same seeds
     rows = [json.loads(p.read_text())["result"] for p in out.glob("runs/**/stage.json")]
     df = pd.DataFrame(rows)
-    assert len(df) == 2 * 3 + 2 * 2 * 2  # Table 1 (2 seeds x 3 policies) + Table 5 (2 stages x 2 policies x 2 seeds)
+    # Table 1 (2 seeds x 3 policies, + power seed 2 for vanilla and rater) + Table 5 (2 stages x 2 policies x 2 seeds)
+    assert len(df) == 2 * 3 + 2 + 2 * 2 * 2
     assert df["fid"].notna().all() and (df["fid"] > 0).all()
-    assert all(sorted(g) == [0, 1] for _, g in df.groupby(["table", "label"])["seed"])
+    seeds = {key: sorted(g) for key, g in df.groupby(["table", "label"])["seed"]}
+    assert seeds.pop(("main", "vanilla")) == [0, 1, 2] and seeds.pop(("main", "rater k=4")) == [0, 1, 2]
+    assert all(v == [0, 1] for v in seeds.values())
     assert ((df["class_accuracy"] >= 0) & (df["class_accuracy"] <= 1)).all()
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["headline"]) == {"fid", "heldout_loss"} and rep["headline"]["fid"]["n"] == 2
+    assert set(rep["headline"]) == {"fid", "heldout_loss"} and rep["headline"]["fid"]["n"] == 3  # power seed paired too
     for png in ("main_fid.png", "main_loss_curves.png", "analysis_stages.png", "samples.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 50

@@ -234,7 +234,7 @@ def _analysis_section(root: Path, out: Path) -> list[str]:
     return lines + [""]
 
 
-def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k: int = 4) -> dict:
+def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k: int | None = None) -> dict:
     """Write report.md, report.json and PNG plots for the study in ``root``; return the headline."""
     root = Path(root)
     out = Path(out_dir) if out_dir else root
@@ -242,6 +242,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     df = load_results(root)
     has_fid = "fid" in df and df["fid"].notna().any()
     info = json.loads((root / "study.json").read_text()) if (root / "study.json").exists() else {}
+    if headline_k is None:  # the study's own headline k (ReproducePreset.headline_k), else the paper's k=4
+        headline_k = int(info.get("settings", {}).get("headline_k", 4))
     parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", ""]
     if info:
         parts += ["Study settings: " + ", ".join(f"`{k}={v}`" for k, v in info.get("settings", {}).items()), ""]

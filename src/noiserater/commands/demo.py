@@ -50,7 +50,7 @@ def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_
     out = Path(out_dir)
     tables = json.loads((out / "report.json").read_text())["tables"]
     main = tables.get("main", [])
-    k = p.ks[len(p.ks) // 2]
+    k = p.headline_k if p.headline_k in p.ks else p.ks[0]
     pick = next((r for r in main if r["policy"] == "rater" and r["k"] == k), None) or main[0]
     label_dir = "vanilla" if pick["policy"] == "vanilla" else f"{pick['policy']}_k{pick['k']}"
     ckpt = out / "runs" / "main" / label_dir / f"seed{p.seeds[0]}" / "run" / "checkpoints" / "latest.pt"

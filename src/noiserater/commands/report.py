@@ -11,9 +11,9 @@ from ..report import write_report
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Where report.md and the PNGs go (default: RUN_DIR).")
-@click.option("--k", "k", default=4, show_default=True, type=click.IntRange(min=2),
-              help="k of the headline comparison (rater vs vanilla).")
-def command(run_dir: str, out: str | None, k: int) -> None:
+@click.option("--k", "k", default=None, type=click.IntRange(min=2),
+              help="k of the headline comparison (rater vs vanilla); default: the study's headline_k (4).")
+def command(run_dir: str, out: str | None, k: int | None) -> None:
     """Tables with mean, std and 95% intervals over seeds, paired tests vs vanilla, cost ratios, plots."""
     result = write_report(run_dir, out, headline_k=k)
     click.echo(f"wrote {result['report']}")
