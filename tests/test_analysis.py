@@ -273,3 +273,19 @@ def test_stage_matching_errors_and_log_parsing(tmp_path):
                                   "--target-log", str(s_log), "--smooth-window", "3", "--stability-window", "2"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["target_step"] == 300  # a run matched against itself
+
+
+def test_policy_agreement_against_known_scorers():
+    from noiserater.analysis import policy_agreement
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (40,), generator=g)
+    by_norm = policy_agreement(lambda x, t, y, c: c.flatten(2).norm(dim=-1), images, labels, k=4, draws=5)
+    assert by_norm["max_norm"] == 1.0 and by_norm["min_norm"] == 0.0 and by_norm["n"] == 200
+    closest = policy_agreement(lambda x, t, y, c: -(c - x[:, None]).flatten(2).norm(dim=-1), images, labels, k=4, draws=5)
+    assert closest["nearest"] == 1.0
+    # scores unrelated to the candidates: each heuristic is matched at chance (1/4), binomial 4-sigma band
+    rnd = torch.Generator().manual_seed(1)
+    chance = policy_agreement(lambda x, t, y, c: torch.rand(c.shape[:2], generator=rnd), images, labels, k=4, draws=50)
+    sigma = (0.25 * 0.75 / chance["n"]) ** 0.5
+    assert all(abs(chance[p] - 0.25) < 4 * sigma for p in ("max_norm", "min_norm", "nearest"))

@@ -115,6 +115,31 @@ def rater_statistics(rater: torch.nn.Module, images: torch.Tensor, labels: torch
             "timesteps": np.asarray(tn), "timesteps_int": np.asarray(ts)}
 
 
+@torch.no_grad()
+def policy_agreement(score_fn: Callable[..., torch.Tensor], images: torch.Tensor, labels: torch.Tensor, k: int = 4,
+                     draws: int = 8, seed: int = 0, batch_size: int = 256,
+                     policies: tuple[str, ...] = ("max_norm", "min_norm", "nearest")) -> dict[str, Any]:
+    """How often the top-scored of k fresh Gaussian candidates is the one each heuristic policy picks.
+
+    ``score_fn(x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]) -> scores [B,k]``. Every image is drawn
+    ``draws`` times with new candidates and a uniform integer timestep. Chance agreement is 1/k; a rater
+    that agrees with ``max_norm`` far above chance acts as a norm filter, one near chance with every
+    heuristic selects by something else. Returns {policy: fraction, 'chance': 1/k, 'n': picks}."""
+    from .selection import SelectionPolicy, draw_candidates
+
+    g = torch.Generator().manual_seed(seed)
+    x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
+    t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), generator=g)
+    cand = draw_candidates(x0, k, g)
+    hits = {p: 0 for p in policies}
+    for i in range(0, x0.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        pick = score_fn(x0[sl], t[sl], y[sl], cand[sl]).argmax(dim=1).cpu()
+        for p in policies:
+            hits[p] += int((SelectionPolicy(p, k).select(x0[sl], t[sl], y[sl], cand[sl])[1].cpu() == pick).sum())
+    return {**{p: hits[p] / x0.shape[0] for p in policies}, "chance": 1.0 / k, "k": k, "n": int(x0.shape[0])}
+
+
 def summarize(values: np.ndarray) -> dict[str, float]:
     """NaN-aware summary of a 1-D array (NaNs are counted, not used)."""
     v = np.asarray(values, np.float64).ravel()
@@ -299,6 +324,12 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
         "pooled": {"spearman": summarize(stats["spearman"]), "score_std": summarize(stats["score_std"])},
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    from .selection import SelectionPolicy
+
+    scorer = SelectionPolicy("rater", 4, rater.to(device))
+    summary["agreement_k4"] = policy_agreement(
+        lambda x, t, y, c: scorer.scores(x.to(device), t.to(device), y.to(device), c.to(device)),
+        images, labels, k=4, draws=8, seed=cfg.seed)
     if write:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -402,18 +433,20 @@ def analyze_stages(cfg: StagesConfig, rater_factory: RaterFactory | None = None,
             prev = json.loads(done.read_text())
             same = (prev.get("checkpoint") == ckpt and prev.get("num_images") == cfg.num_images
                     and prev.get("num_noises") == cfg.num_noises and len(prev.get("timesteps", [])) == cfg.timesteps
-                    and prev.get("seed") == cfg.seed)
+                    and prev.get("seed") == cfg.seed and prev.get("agreement_k4") is not None)
             if same:
                 log(f"stage {step}: reusing {done}")
                 per_stage.append(_load_stats(folder / "stats.npz"))
-                rows.append({"step": step, **{k: prev[k] for k in ("checkpoint", "rater", "pooled", "by_t")}})
+                rows.append({"step": step, **{k: prev[k] for k in ("checkpoint", "rater", "pooled", "by_t")},
+                             "agreement_k4": prev.get("agreement_k4")})
                 continue
         log(f"stage {step}: rater for {ckpt}")
         acfg.rater = factory(ckpt, folder)
         res = analyze_rater(acfg, device=device, title=f"stage {step}")
         per_stage.append(res["stats"])
         s = res["summary"]
-        rows.append({"step": step, "checkpoint": ckpt, "rater": s["rater"], "pooled": s["pooled"], "by_t": s["by_t"]})
+        rows.append({"step": step, "checkpoint": ckpt, "rater": s["rater"], "pooled": s["pooled"], "by_t": s["by_t"],
+                     "agreement_k4": s["agreement_k4"]})
     figures = plot_by_stage([r["step"] for r in rows], per_stage, out)
     pooled_t = {k: np.concatenate([s[k] for s in per_stage]) for k in ("spearman", "score_std", "score_mean")}
     pooled_t.update(timesteps=per_stage[0]["timesteps"], timesteps_int=per_stage[0]["timesteps_int"])

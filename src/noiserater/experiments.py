@@ -305,10 +305,10 @@ def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], 
         cfg = StagesConfig(checkpoints=",".join(raters), out=str(folder), num_images=preset.analysis_images,
                            num_noises=16, timesteps=11, seed=0, progress=False)
         summary = analyze_stages(cfg, rater_factory=lambda ckpt, _folder: raters[ckpt], log=log)
-        return {"figures": summary["figures"], "stages": [{k: r[k] for k in ("step", "rater", "pooled")}
+        return {"figures": summary["figures"], "stages": [{k: r[k] for k in ("step", "rater", "pooled", "agreement_k4")}
                                                           for r in summary["stages"]]}
 
-    return run_stage(root / "analysis", {"raters": raters, "images": preset.analysis_images}, fn, log)
+    return run_stage(root / "analysis", {"raters": raters, "images": preset.analysis_images, "agreement_k": 4}, fn, log)
 
 
 def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:

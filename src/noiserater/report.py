@@ -154,6 +154,9 @@ def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str) -> 
     ax.bar(x, summary[f"{metric}_mean"], yerr=summary[f"{metric}_ci"].fillna(0), capsize=3,
            color=["#888" if p == "vanilla" else "#3a7" if p.startswith("rater") else "#68c" for p in summary["policy"]])
     ax.set_xticks(x, summary["label"], rotation=45, ha="right")
+    van = summary[summary["policy"] == "vanilla"]
+    if len(van):  # the reference every bar is compared with
+        ax.axhline(float(van[f"{metric}_mean"].iloc[0]), color="#444", lw=0.8, ls="--", label="vanilla")
     lo = np.nanmin(summary[f"{metric}_mean"] - summary[f"{metric}_ci"].fillna(0))
     hi = np.nanmax(summary[f"{metric}_mean"] + summary[f"{metric}_ci"].fillna(0))
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
@@ -217,11 +220,15 @@ def _analysis_section(root: Path, out: Path) -> list[str]:
              "(positive = it prefers larger-norm noises; near 0 = it is not a norm filter), and the spread of its "
              "scores across the 16 noises of one (image, timestep), pooled over images and 11 timesteps "
              "(paper Fig. 2-3).", "",
-             "| rater meta-trained at step | mean Spearman(score, norm) | median | mean score std |", "|---|---|---|---|"]
+             "Agreement: how often the rater's top pick among k=4 fresh candidates (random image, timestep) is "
+             "the one max_norm / min_norm / nearest would pick (chance: 25%).", "",
+             "| rater meta-trained at step | mean Spearman(score, norm) | median | mean score std "
+             "| agrees with max_norm / min_norm / nearest |", "|---|---|---|---|---|"]
     for st in res["stages"]:
-        sp, sd = st["pooled"]["spearman"], st["pooled"]["score_std"]
+        sp, sd, ag = st["pooled"]["spearman"], st["pooled"]["score_std"], st.get("agreement_k4") or {}
+        agree = " / ".join(f"{100 * ag[p]:.0f}%" for p in ("max_norm", "min_norm", "nearest")) if ag else "-"
         lines.append(f"| {st['step']} | {sp.get('mean', float('nan')):+.3f} | {sp.get('median', float('nan')):+.3f} | "
-                     f"{sd.get('mean', float('nan')):.4f} |")
+                     f"{sd.get('mean', float('nan')):.4f} | {agree} |")
     lines.append("")
     last = max(st["step"] for st in res["stages"])
     figures = [(root / "analysis" / f, f"analysis_{f}") for f in res["figures"]]
