@@ -96,7 +96,7 @@ PRESETS: dict[str, ReproducePreset] = {
     "digits": ReproducePreset(
         name="digits", batch_size=32, pretrain_steps=2000, stage_steps=[300, 2000], meta_stage=2000,
         rater="Rater-N/2", meta_outer_steps=60, meta_inner_steps=3, meta_candidates=8, continue_steps=200,
-        continue_lr=1e-4, seeds=[0, 1, 2], power_seeds=[3, 4, 5, 6, 7], ks=[2, 4, 8], transfer_model="DiT-M/2",
+        continue_lr=1e-4, seeds=[0, 1, 2], power_seeds=list(range(3, 60)), ks=[2, 4, 8], transfer_model="DiT-M/2",
         transfer_steps=4000,
         transfer_k=2, stage_k=2, ablation_k=4, eval_samples=500, eval_ddim_steps=25, heldout_images=180,
         heldout_draws=8,
