@@ -110,25 +110,19 @@ PRESETS: dict[str, ReproducePreset] = {
 
 
 def get_preset(name: str, **overrides: Any) -> ReproducePreset:
-    """The preset ``name`` with ``overrides`` of its fields (type-checked, then validated)."""
+    """The preset ``name`` (a fresh copy) with ``overrides`` of its fields, type-checked and validated."""
     from .config import from_dict
 
-    if name in PRESETS:
-        base = PRESETS[name]
-    else:
-        try:
-            from .presets import PRESETS as GPU_PRESETS  # full-scale presets (latent cache, GPUs)
-        except ImportError:
-            GPU_PRESETS = {}
-        if name not in GPU_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *GPU_PRESETS])}")
-        base = GPU_PRESETS[name]
-        if not overrides:
-            return base
-    if not overrides:
-        base = dataclasses.replace(base)
-        base.validate()
-        return base
+    presets = dict(PRESETS)
+    try:
+        from .presets import PRESETS as GPU_PRESETS  # full-scale presets (latent cache, GPUs)
+
+        presets.update(GPU_PRESETS)
+    except ImportError:
+        pass
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    base = presets[name]
     return from_dict(type(base), {**dataclasses.asdict(base), **overrides})
 
 
@@ -297,8 +291,9 @@ def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint:
 
 
 def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], log=print) -> dict:
-    """What the raters learned (paper Fig. 2-3): Spearman(score, -loss) and score spread by timestep for
-    each rater, and across the pretraining stages; ``raters`` maps diffusion checkpoint -> its rater."""
+    """What the raters learned (paper Fig. 2-3): Spearman(score, noise norm), score spread and agreement with
+    the heuristic policies, by timestep and across the pretraining stages; ``raters`` maps diffusion
+    checkpoint -> its rater."""
     from .analysis import StagesConfig, analyze_stages
 
     def fn(folder: Path) -> dict:

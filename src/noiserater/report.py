@@ -66,12 +66,13 @@ def paired_test(a: pd.Series, b: pd.Series) -> dict:
     its 95% CI, and the two-sided paired t-test p-value."""
     common = sorted(set(a.index) & set(b.index))
     if len(common) < 2:
-        return {"n": len(common), "rel_diff_pct": float("nan"), "ci_pct": float("nan"), "p": float("nan")}
+        return {"n": len(common), "rel_diff_pct": float("nan"), "ci_pct": float("nan"), "p": float("nan"),
+                "rel_sd_pct": float("nan")}
     x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
     rel = 100.0 * (x - y) / y
-    m, _, hw = mean_ci(rel)
+    m, sd, hw = mean_ci(rel)
     p = float(stats.ttest_rel(x, y).pvalue) if np.any(x != y) else 1.0
-    return {"n": len(common), "rel_diff_pct": m, "ci_pct": hw, "p": p}
+    return {"n": len(common), "rel_diff_pct": m, "ci_pct": hw, "p": p, "rel_sd_pct": sd}
 
 
 def seeds_needed(rel_diffs: np.ndarray, effect_pct: float = 1.0, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -81,7 +82,14 @@ def seeds_needed(rel_diffs: np.ndarray, effect_pct: float = 1.0, alpha: float = 
     rel_diffs = rel_diffs[np.isfinite(rel_diffs)]
     if len(rel_diffs) < 2:
         return float("nan")
-    sd = float(rel_diffs.std(ddof=1))
+    return seeds_for_spread(float(rel_diffs.std(ddof=1)), effect_pct, alpha, power)
+
+
+def seeds_for_spread(sd: float, effect_pct: float = 1.0, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Seeds a paired two-sided test needs to detect ``effect_pct`` when the paired relative differences
+    have standard deviation ``sd`` percent (normal approximation); NaN when ``sd`` is unknown."""
+    if sd != sd:
+        return float("nan")
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     return float(math.ceil((z * sd / effect_pct) ** 2)) if sd > 0 else 1.0
 
@@ -113,13 +121,15 @@ def summarize(df: pd.DataFrame, table: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _fmt(m, ci, digits=3):
+def format_mean_ci(m, ci, digits=3) -> str:
+    """'m ± ci' (or 'm' without an interval, 'n/a' for NaN)."""
     if m != m:
         return "n/a"
     return f"{m:.{digits}f} ± {ci:.{digits}f}" if ci == ci else f"{m:.{digits}f}"
 
 
-def _verdict(pct, ci, p) -> str:
+def format_vs_vanilla(pct, ci, p) -> str:
+    """'+x.xx% ± ci (p=...)', marked 'inside the noise' when the interval contains 0."""
     if pct != pct:
         return "n/a"
     inside = (ci != ci) or abs(pct) <= ci
@@ -130,12 +140,12 @@ def markdown_table(summary: pd.DataFrame, has_fid: bool) -> str:
     head = "| policy | seeds | classifier-FID (95% CI) | FID vs vanilla | held-out loss (95% CI) | loss vs vanilla | cost ratio |"
     lines = [head, "|" + "---|" * 7]
     for _, r in summary.iterrows():
-        fid = _fmt(r.get("fid_mean", float("nan")), r.get("fid_ci", float("nan")), 2) if has_fid else "n/a"
+        fid = format_mean_ci(r.get("fid_mean", float("nan")), r.get("fid_ci", float("nan")), 2) if has_fid else "n/a"
         lines.append(
             f"| {r['label']} | {r['seeds']} | {fid} | "
-            f"{_verdict(r.get('fid_vs_vanilla_pct', float('nan')), r.get('fid_vs_vanilla_ci', float('nan')), r.get('fid_p', float('nan'))) if has_fid else 'n/a'} | "
-            f"{_fmt(r['heldout_loss_mean'], r['heldout_loss_ci'], 5)} | "
-            f"{_verdict(r.get('heldout_loss_vs_vanilla_pct', float('nan')), r.get('heldout_loss_vs_vanilla_ci', float('nan')), r.get('heldout_loss_p', float('nan')))} | "
+            f"{format_vs_vanilla(r.get('fid_vs_vanilla_pct', float('nan')), r.get('fid_vs_vanilla_ci', float('nan')), r.get('fid_p', float('nan'))) if has_fid else 'n/a'} | "
+            f"{format_mean_ci(r['heldout_loss_mean'], r['heldout_loss_ci'], 5)} | "
+            f"{format_vs_vanilla(r.get('heldout_loss_vs_vanilla_pct', float('nan')), r.get('heldout_loss_vs_vanilla_ci', float('nan')), r.get('heldout_loss_p', float('nan')))} | "
             f"{r['cost_ratio']:.2f}x |"
         )
     return "\n".join(lines)
@@ -282,16 +292,13 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     rat = main[(main["policy"] == "rater") & (main["k"] == headline_k)].set_index("seed")
     if len(van) and len(rat):
         parts += ["## Headline and power", ""]
-        common = sorted(set(rat.index) & set(van.index))
         for m in ("fid", "heldout_loss"):
             if m not in main or not main[m].notna().any():
                 continue
             h = headline[m] = paired_test(rat[m], van[m])
-            rel = 100 * (rat.loc[common, m].to_numpy(float) - van.loc[common, m].to_numpy(float)) / van.loc[common, m].to_numpy(float)
-            h["rel_sd_pct"] = float(np.std(rel, ddof=1)) if len(rel) > 1 else float("nan")
-            h["seeds_for_1pct"] = seeds_needed(rel)
+            h["seeds_for_1pct"] = seeds_for_spread(h["rel_sd_pct"])
             paper = " (paper: -2.6% FID-50K at k=4, DiT-S/2 on ImageNet)" if m == "fid" else ""
-            parts.append(f"- rater k={headline_k} vs vanilla, {m}: {_verdict(h['rel_diff_pct'], h['ci_pct'], h['p'])} "
+            parts.append(f"- rater k={headline_k} vs vanilla, {m}: {format_vs_vanilla(h['rel_diff_pct'], h['ci_pct'], h['p'])} "
                          f"over {h['n']} paired seeds{paper}.")
             parts.append(
                 f"  Power: the paired relative differences have a seed-to-seed standard deviation of "

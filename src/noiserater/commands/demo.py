@@ -9,7 +9,6 @@ table. The body is :func:`run_demo`, so tests and notebooks call the same code a
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_
     Running it again continues an interrupted demo; finished stages are skipped.
     """
     from ..experiments import get_preset, reproduce
+    from ..report import format_mean_ci, format_vs_vanilla, load_results
     from ..train import save_grid
     from .sample import sample_from_checkpoint
 
@@ -48,38 +48,29 @@ def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_
     t0 = time.perf_counter()
     result = reproduce(p, out_dir, log=log)
     out = Path(out_dir)
-    tables = json.loads((out / "report.json").read_text())["tables"]
-    main = tables.get("main", [])
+    main = json.loads((out / "report.json").read_text())["tables"].get("main", [])
+    runs = load_results(out)
+    runs = runs[(runs["table"] == "main") & (runs["seed"] == p.seeds[0])]
     k = p.headline_k if p.headline_k in p.ks else p.ks[0]
-    pick = next((r for r in main if r["policy"] == "rater" and r["k"] == k), None) or main[0]
-    label_dir = "vanilla" if pick["policy"] == "vanilla" else f"{pick['policy']}_k{pick['k']}"
-    ckpt = out / "runs" / "main" / label_dir / f"seed{p.seeds[0]}" / "run" / "checkpoints" / "latest.pt"
+    pick = runs[(runs["policy"] == "rater") & (runs["k"] == k)]
+    ckpt = Path((pick if len(pick) else runs).iloc[0]["checkpoint"])
     samples, _ = sample_from_checkpoint(ckpt, num=100, labels="cycle", cfg_scale=cfg_scale, steps=sample_steps, seed=0)
     grid_order = samples.reshape(10, 10, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape)
     grid = out / "samples.png"
     save_grid(grid_order, grid, nrow=10)
-    rows = [{"policy": r["label"], "seeds": r["seeds"], "classifier-FID": _pm(r.get("fid_mean"), r.get("fid_ci"), 2),
-             "FID vs vanilla": _pct(r.get("fid_vs_vanilla_pct"), r.get("fid_vs_vanilla_ci")),
-             "held-out loss": _pm(r.get("heldout_loss_mean"), r.get("heldout_loss_ci"), 5),
-             "loss vs vanilla": _pct(r.get("heldout_loss_vs_vanilla_pct"), r.get("heldout_loss_vs_vanilla_ci")),
-             "cost": f"{r['cost_ratio']:.2f}x"} for r in main]
+
+    def num(r, key):  # report.json writes NaN as null
+        v = r.get(key)
+        return float("nan") if v is None else v
+
+    rows = [{"policy": r["label"], "seeds": r["seeds"],
+             "classifier-FID": format_mean_ci(num(r, "fid_mean"), num(r, "fid_ci"), 2),
+             "FID vs vanilla": format_vs_vanilla(num(r, "fid_vs_vanilla_pct"), num(r, "fid_vs_vanilla_ci"), num(r, "fid_p")),
+             "held-out loss": format_mean_ci(num(r, "heldout_loss_mean"), num(r, "heldout_loss_ci"), 5),
+             "loss vs vanilla": format_vs_vanilla(num(r, "heldout_loss_vs_vanilla_pct"),
+                                                  num(r, "heldout_loss_vs_vanilla_ci"), num(r, "heldout_loss_p")),
+             "cost": f"{num(r, 'cost_ratio'):.2f}x"} for r in main]
     return DemoResult(out, grid, Path(result["report"]), ckpt, rows, time.perf_counter() - t0)
-
-
-def _finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _pm(m, ci, digits) -> str:
-    if not _finite(m):
-        return "-"
-    return f"{m:.{digits}f} ± {ci:.{digits}f}" if _finite(ci) else f"{m:.{digits}f}"
-
-
-def _pct(m, ci) -> str:
-    if not _finite(m):
-        return "-"
-    return f"{m:+.2f}% ± {ci:.2f}" if _finite(ci) else f"{m:+.2f}%"
 
 
 def format_table(rows: list[dict]) -> str:
