@@ -78,7 +78,7 @@ fi
 # ... then whatever the tests and benchmarks import that is missing ('.[test]' keeps the installed torch).
 missing=$($PY - <<'EOF'
 import importlib.util
-mods = ["numpy", "click", "tqdm", "yaml", "safetensors", "scipy", "PIL", "pandas", "matplotlib", "sklearn",
+mods = ["numpy", "click", "tqdm", "yaml", "scipy", "PIL", "pandas", "matplotlib", "sklearn",
         "tensorboard", "pytest", "hypothesis", "diffusers", "torchmetrics"]
 print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
