@@ -50,7 +50,24 @@ def test_load_dataset_train_and_val_are_the_split_of_all():
     assert torch.equal(train.images, full.images[tr]) and torch.equal(val.labels, full.labels[va])
     assert len(train) + len(val) == len(full)
     with pytest.raises(ValueError, match="split must be"):
+        load_dataset("digits", "dev")
+    with pytest.raises(ValueError, match="test_fraction > 0"):
         load_dataset("digits", "test")
+
+
+def test_three_way_split_keeps_the_old_val_split_and_is_disjoint():
+    from noiserater.data import split_three
+
+    full = load_dataset("digits", "all")
+    tr, va, te = split_three(len(full), 3, 0.1, 0.1)
+    _, va_old = split_indices(len(full), 3)
+    assert torch.equal(va, va_old)  # adding a test split leaves the meta-validation images as they were
+    assert len(te) == 180 and len(va) == 180 and len(tr) == 1797 - 360
+    assert len(set(tr.tolist()) | set(va.tolist()) | set(te.tolist())) == 1797  # disjoint and covering
+    test = load_dataset("digits", "test", seed=3, test_fraction=0.1)
+    assert torch.equal(test.images, full.images[te])
+    train = load_dataset("digits", "train", seed=3, test_fraction=0.1)
+    assert not set(map(tuple, train.images.flatten(1)[:50].tolist())) & set(map(tuple, test.images.flatten(1).tolist()))
 
 
 def _write_idx(path, arr: np.ndarray) -> None:

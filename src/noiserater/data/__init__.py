@@ -9,6 +9,7 @@ from .datasets import (
     load_image_folder,
     load_source,
     split_indices,
+    split_three,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "load_image_folder",
     "load_source",
     "split_indices",
+    "split_three",
 ]

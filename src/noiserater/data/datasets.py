@@ -197,25 +197,45 @@ def load_source(source: str) -> ImageData:
     )
 
 
-def split_indices(n: int, seed: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic train/validation split of range(n) by seed: (train_idx, val_idx)."""
+def split_three(n: int, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic train / (meta-)validation / test split of range(n) by ``seed``: sorted index tensors.
+
+    One permutation by ``seed``: its first ``val_fraction`` is the validation split (what raters, the
+    oracle and learning-rate sweeps may look at), the next ``test_fraction`` the test split (held-out
+    evaluation only: nothing selects with it), the rest trains. With ``test_fraction=0`` the train and
+    validation splits are exactly those of earlier releases."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, got {test_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(n * val_fraction)))
-    if n - n_val < 1:
+    n_test = max(1, int(round(n * test_fraction))) if test_fraction > 0 else 0
+    if n - n_val - n_test < 1:
         raise DatasetError(f"dataset has only {n} images: too few for a train/validation split")
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    return perm[n_val + n_test:].sort().values, perm[:n_val].sort().values, perm[n_val:n_val + n_test].sort().values
 
 
-def load_dataset(source: str, split: str = "train", seed: int = 0, val_fraction: float = 0.1) -> ImageData:
-    """The ``split`` ('train', 'val' or 'all') of a source with a 90/10 split by ``seed``."""
+def split_indices(n: int, seed: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train/validation split of range(n) by seed: (train_idx, val_idx)."""
+    train, val, _ = split_three(n, seed, val_fraction)
+    return train, val
+
+
+SPLITS = ("train", "val", "test", "all")
+
+
+def load_dataset(source: str, split: str = "train", seed: int = 0, val_fraction: float = 0.1,
+                 test_fraction: float = 0.0) -> ImageData:
+    """The ``split`` ('train', 'val', 'test' or 'all') of a source, split by ``seed`` (see
+    :func:`split_three`); 'test' needs ``test_fraction > 0``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "test" and test_fraction <= 0:
+        raise ValueError("the 'test' split needs test_fraction > 0 (the data was split without a test part)")
     data = load_source(source)
     if split == "all":
         return data
-    train_idx, val_idx = split_indices(len(data), seed, val_fraction)
-    if split == "train":
-        return data.subset(train_idx, "train")
-    if split == "val":
-        return data.subset(val_idx, "val")
-    raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    parts = dict(zip(("train", "val", "test"), split_three(len(data), seed, val_fraction, test_fraction)))
+    return data.subset(parts[split], split)
