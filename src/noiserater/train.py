@@ -370,9 +370,15 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
     fwd = torch.compile(train_model) if cfg.compile else train_model
     writer = None
     if is_main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+        try:  # tensorboard is the optional [tb] extra; metrics.jsonl has the same numbers without it
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            import sys
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
+            print("warning: tensorboard is not installed (pip install 'noiserater[tb]'): no TensorBoard events, "
+                  "metrics.jsonl is still written", file=sys.stderr)
+        else:
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
     local_bs = cfg.batch_size // world
     shape = (data.channels, data.image_size, data.image_size)
