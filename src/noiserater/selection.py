@@ -10,7 +10,17 @@ chosen index ``[B]``:
 - ``rater``: top-1 by the frozen rater's score, all k candidates scored in one batched forward
   under inference mode (paper eq. 7);
 - ``rater_soft``: trains on all k candidates with the rater's group-softmax weights, the objective the
-  rater was meta-learned for (``weights``); its cost is k forward/backward passes.
+  rater was meta-learned for (``weights``); its cost is k forward/backward passes;
+- ``rater_sample``: ONE candidate drawn with probability softmax(score / temperature): its expected loss is
+  exactly the rater-weighted inner loss the rater was meta-trained on (argmax, ``rater``, is T -> 0; vanilla
+  is T -> inf), at the cost of one pass;
+- ``uniform_soft``: all k candidates with weights 1/k, the equal-cost control of ``rater_soft``;
+- ``oracle_alignment`` / ``oracle_anti`` / ``oracle_cosine``: the candidate whose loss gradient is most
+  (least) aligned with the meta-validation gradient at the model's CURRENT weights (Theorem 4.2), or most
+  aligned in direction (alignment / gradient norm); state-dependent, one jvp over the k candidates per step
+  plus one validation backward every ``refresh_every`` steps (:class:`AlignmentOracle`);
+- ``rater_online``: argmax of a rater re-distilled onto the oracle at the current weights every N steps
+  (:class:`OnlineRater`), the state-dependent version of the paper's frozen rater.
 
 :class:`NoiseSelector` wraps a policy for any training loop::
 
@@ -29,14 +39,41 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import sha256_file
+from .diffusion import GaussianDiffusion
+from .meta.losses import Batch
+from .meta.oracle import (
+    ORACLE_MODES,
+    candidate_alignments,
+    distillation_loss,
+    oracle_scores,
+    validation_gradient,
+)
 from .models.rater import NoiseRater, group_weights
 
 class NonFiniteError(FloatingPointError):
     """Rater scores (or another quantity a step depends on) are NaN/inf; the training loop skips the step."""
 
 
-POLICIES = ("vanilla", "max_norm", "min_norm", "nearest", "rater", "rater_soft")
-RATER_POLICIES = ("rater", "rater_soft")
+POLICIES = ("vanilla", "max_norm", "min_norm", "nearest", "rater", "rater_soft", "rater_sample", "uniform_soft",
+            "oracle_alignment", "oracle_anti", "oracle_cosine", "rater_online")
+RATER_POLICIES = ("rater", "rater_soft", "rater_sample")  # need a frozen rater file (--rater)
+SOFT_POLICIES = ("rater_soft", "uniform_soft")  # train on all k candidates with weights
+ORACLE_POLICIES = {"oracle_alignment": "align", "oracle_anti": "anti", "oracle_cosine": "cosine"}
+STATE_POLICIES = (*ORACLE_POLICIES, "rater_online")  # need the live model and the meta-validation split
+
+
+def dit_passes(policy: str, k: int) -> float:
+    """Cost class of a policy in DiT forward/backward passes per training image (selection overheads of a
+    rater or of the oracle's jvp come on top and are measured by ``bench selection``)."""
+    return float(k) if policy in SOFT_POLICIES else 1.0
+
+
+def equal_cost_control(policy: str, k: int) -> tuple[str, int]:
+    """The control each arm is judged against: soft weightings against uniform weights over the same k
+    noises, every one-pass policy against vanilla."""
+    if policy == "rater_soft":
+        return "uniform_soft", k
+    return "vanilla", 1
 
 
 def _norms(candidates: torch.Tensor) -> torch.Tensor:
@@ -47,14 +84,24 @@ def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
 
 
+def gumbel_argmax(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row drawn with probability softmax(scores / temperature) [B,k] -> [B] (Gumbel-max;
+    the Gumbel noise comes from ``generator`` on the CPU, so a run is repeatable on any device)."""
+    u = torch.rand(scores.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    gumbel = (-(-u.log()).log()).to(scores.device)
+    return (scores.double() / temperature + gumbel).argmax(dim=1)
+
+
 @dataclass
 class SelectionPolicy:
-    """A named policy; ``rater`` is required for ``rater`` and ``rater_soft`` (and refused otherwise)."""
+    """A named policy. ``rater`` is required for the frozen-rater policies (and refused otherwise);
+    ``scorer`` (an :class:`AlignmentOracle` or :class:`OnlineRater`) for the state-dependent ones."""
 
     name: str
     k: int = 1
     rater: NoiseRater | None = None
     temperature: float = 1.0
+    scorer: "AlignmentOracle | OnlineRater | None" = None
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -67,8 +114,12 @@ class SelectionPolicy:
             raise ValueError(f"policy {self.name!r} needs a rater checkpoint (--rater PATH)")
         if self.name not in RATER_POLICIES and self.rater is not None:
             raise ValueError(
-                f"policy {self.name!r} does not use a rater; drop --rater or choose --policy rater / rater_soft"
+                f"policy {self.name!r} does not use a rater; drop --rater or choose --policy "
+                + " / ".join(RATER_POLICIES)
             )
+        if self.name in STATE_POLICIES and self.scorer is None:
+            raise ValueError(f"policy {self.name!r} scores candidates at the model's current weights: build it "
+                             "with scorer=AlignmentOracle(...) / OnlineRater(...) (the train loop does this)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.rater is not None:
@@ -76,27 +127,20 @@ class SelectionPolicy:
 
     @property
     def soft(self) -> bool:
-        return self.name == "rater_soft"
+        return self.name in SOFT_POLICIES
 
     def scores(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Rater scores [B,k] for all candidates in one batched forward, without autograd."""
+        if self.scorer is not None:
+            return _check_finite(self.scorer.scores(x0, t, y, candidates), "scorer")
         if self.rater is None:
             raise ValueError(f"policy {self.name!r} has no rater to score with")
-        p = next(self.rater.parameters())
-        if p.device != candidates.device:
-            raise ValueError(
-                f"the rater is on {p.device} but the batch is on {candidates.device}; "
-                "move the rater (NoiseSelector(..., device=...)) or the batch"
-            )
-        with torch.inference_mode():
-            scores = self.rater.score_candidates(candidates.to(p.dtype), t, x0.to(p.dtype), y).float()
-        bad = ~torch.isfinite(scores)
-        if bool(bad.any()):  # argmax/softmax would silently pick or weight a NaN: refuse instead
-            raise NonFiniteError(f"the rater returned {int(bad.sum())} non-finite scores (NaN/inf) of {scores.numel()}")
-        return scores
+        return rater_scores(self.rater, x0, t, y, candidates)
 
-    def select(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor):
-        """candidates [B,k,C,H,W] -> (noise [B,C,H,W], index [B]); the noise is a row of ``candidates``."""
+    def select(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor,
+               generator: torch.Generator | None = None):
+        """candidates [B,k,C,H,W] -> (noise [B,C,H,W], index [B]); the noise is a row of ``candidates``.
+        ``generator`` draws the sample of ``rater_sample`` (repeatable runs pass a seeded one)."""
         if candidates.dim() != 5 or candidates.shape[1] != self.k or candidates.shape[0] != x0.shape[0]:
             raise ValueError(
                 f"expected candidates [B={x0.shape[0]},k={self.k},C,H,W], got {list(candidates.shape)}"
@@ -113,22 +157,199 @@ class SelectionPolicy:
         elif self.name == "nearest":
             # Immiscible-Diffusion-style: the candidate closest in L2 to its image.
             index = (candidates - x0[:, None].to(candidates.dtype)).flatten(2).norm(dim=-1).argmin(dim=1)
-        else:  # rater, rater_soft (hard top-1 of the rater's scores)
+        elif self.name == "rater_sample":
+            index = gumbel_argmax(self.scores(x0, t, y, candidates), self.temperature, generator)
+        elif self.name == "uniform_soft":  # a hard pick from uniform weights is plain vanilla noise
+            index = torch.zeros(B, dtype=torch.long, device=candidates.device)
+        else:  # rater, rater_soft (hard top-1), the oracles, rater_online
             index = self.scores(x0, t, y, candidates).argmax(dim=1)
         return _take(candidates, index), index
 
     def weights(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Group-softmax weights [B,k] of the frozen rater (``rater_soft``); uniform for other policies."""
+        """Group-softmax weights [B,k] of the frozen rater (``rater_soft``); uniform without a rater."""
         if self.rater is None:
             return torch.full(candidates.shape[:2], 1.0 / candidates.shape[1], device=candidates.device)
         return group_weights(self.scores(x0, t, y, candidates), self.temperature)
+
+    def before_step(self, step: int) -> None:
+        """Called once per training step before selection: state-dependent scorers refresh here."""
+        if self.scorer is not None:
+            self.scorer.before_step(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scorer.state_dict() if self.scorer is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scorer is not None and state:
+            self.scorer.load_state_dict(state)
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, k: int | None = None,
                  generator: torch.Generator | None = None):
         """Draw k candidates from N(0, I) and select: (noise [B,C,H,W], index [B])."""
         if k is not None and k != self.k:
             raise ValueError(f"this policy was built for k={self.k}, called with k={k}")
-        return self.select(x0, t, y, draw_candidates(x0, self.k, generator))
+        return self.select(x0, t, y, draw_candidates(x0, self.k, generator), generator)
+
+
+def _check_finite(scores: torch.Tensor, what: str) -> torch.Tensor:
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):  # argmax/softmax would silently pick or weight a NaN: refuse instead
+        raise NonFiniteError(f"the {what} returned {int(bad.sum())} non-finite scores (NaN/inf) of {scores.numel()}")
+    return scores
+
+
+def rater_scores(rater: NoiseRater, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 candidates: torch.Tensor) -> torch.Tensor:
+    """A frozen rater's scores [B,k] for candidates [B,k,C,H,W], one batched forward without autograd."""
+    p = next(rater.parameters())
+    if p.device != candidates.device:
+        raise ValueError(
+            f"the rater is on {p.device} but the batch is on {candidates.device}; "
+            "move the rater (NoiseSelector(..., device=...)) or the batch"
+        )
+    with torch.inference_mode():
+        scores = rater.score_candidates(candidates.to(p.dtype), t, x0.to(p.dtype), y).float()
+    return _check_finite(scores, "rater")
+
+
+# ---- state-dependent scorers -------------------------------------------------------------------------
+
+
+class AlignmentOracle:
+    """Scores candidates by Theorem 4.2's alignment <grad L_val, grad l_k> at the model's current weights.
+
+    ``model`` is the live model being trained (unwrapped from DDP); ``val_images``/``val_labels`` the
+    meta-validation split (never the test split). The validation gradient is recomputed every
+    ``refresh_every`` training steps on ``val_batch`` (image, timestep, noise) triples drawn as a pure
+    function of (seed, refresh index): a resumed run restores the cached gradient from its checkpoint.
+    """
+
+    def __init__(self, model: torch.nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor, *,
+                 mode: str = "align", val_batch: int = 256, refresh_every: int = 1, seed: int = 0,
+                 diffusion: GaussianDiffusion | None = None):
+        if mode not in ORACLE_MODES:
+            raise ValueError(f"unknown oracle mode {mode!r}; choose one of {', '.join(ORACLE_MODES)}")
+        if val_batch < 1 or refresh_every < 1:
+            raise ValueError("oracle val_batch and refresh_every must be >= 1")
+        if len(val_images) == 0:
+            raise ValueError("the oracle needs a non-empty meta-validation split")
+        self.model, self.mode, self.val_batch, self.refresh_every, self.seed = model, mode, val_batch, refresh_every, seed
+        self.val_images, self.val_labels = val_images, val_labels
+        self.diffusion = diffusion or GaussianDiffusion()
+        self.direction: dict[str, torch.Tensor] | None = None
+        self.key: int | None = None
+        self.refreshes = 0
+        self.last_val_loss = float("nan")
+
+    def draw_val_batch(self, index: int) -> Batch:
+        """The ``index``-th meta-validation draw: (x0, y, t, eps) on the model's device."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * index + 1)  # apart from the train streams
+        n = len(self.val_images)
+        idx = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-self.val_batch // n))])[: self.val_batch]
+        x0 = self.val_images[idx]
+        t = torch.randint(0, self.diffusion.num_timesteps, (self.val_batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        device = next(self.model.parameters()).device
+        return tuple(v.to(device) for v in (x0, self.val_labels[idx], t, eps))
+
+    def refresh(self, index: int) -> None:
+        self.last_val_loss, self.direction = validation_gradient(self.model, self.draw_val_batch(index),
+                                                                 diffusion=self.diffusion)
+        self.key = index
+        self.refreshes += 1
+
+    def before_step(self, step: int) -> None:
+        if self.key != step // self.refresh_every or self.direction is None:
+            self.refresh(step // self.refresh_every)
+
+    def alignments(self, x0, t, y, candidates) -> torch.Tensor:
+        """a [B,k] at the current weights along the cached validation gradient."""
+        if self.direction is None:
+            self.refresh(0)
+        return candidate_alignments(self.model, (x0, y, t, candidates), self.direction, diffusion=self.diffusion)
+
+    def scores(self, x0, t, y, candidates) -> torch.Tensor:
+        if self.direction is None:
+            self.refresh(0)
+        return oracle_scores(self.model, (x0.float(), y, t, candidates.float()), self.direction, self.mode,
+                             diffusion=self.diffusion).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "refreshes": self.refreshes,
+                "direction": None if self.direction is None else {n: v.cpu() for n, v in self.direction.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(self.model.parameters()).device
+        self.key, self.refreshes = state.get("key"), int(state.get("refreshes", 0))
+        d = state.get("direction")
+        self.direction = None if d is None else {n: v.to(device) for n, v in d.items()}
+
+
+class OnlineRater:
+    """A rater re-distilled onto the oracle at the model's CURRENT weights every ``every`` steps.
+
+    At each refresh: a fresh validation gradient (``oracle``), then ``steps`` Adam steps of the listwise
+    distillation loss on fresh groups of ``batch`` training images x k candidates (timesteps uniform, the
+    training labels after the run's label dropout is NOT applied: the rater sees true labels). Between
+    refreshes it selects by argmax of its scores like the frozen ``rater`` policy, at the cost of one
+    rater forward. Its weights and optimiser state are saved in the training checkpoint.
+    """
+
+    def __init__(self, rater: NoiseRater, oracle: AlignmentOracle, train_images: torch.Tensor,
+                 train_labels: torch.Tensor, *, k: int, every: int = 50, steps: int = 10, batch: int = 32,
+                 lr: float = 1e-3, target_temperature: float = 0.5, seed: int = 0):
+        if every < 1 or steps < 1 or batch < 1:
+            raise ValueError("online rater every / steps / batch must be >= 1")
+        self.rater, self.oracle = rater, oracle
+        self.train_images, self.train_labels = train_images, train_labels
+        self.k, self.every, self.steps, self.batch = k, every, steps, batch
+        self.target_temperature, self.seed = target_temperature, seed
+        self.opt = torch.optim.Adam([p for p in rater.parameters() if p.requires_grad], lr=lr)
+        self.key: int | None = None
+        self.last_loss = float("nan")
+        self.refreshes = 0
+
+    def _group_batch(self, index: int, j: int) -> Batch:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1009 * index + j + 500_000)
+        idx = torch.randint(0, len(self.train_images), (self.batch,), generator=g)
+        x0 = self.train_images[idx]
+        t = torch.randint(0, self.oracle.diffusion.num_timesteps, (self.batch,), generator=g)
+        eps = torch.randn((self.batch, self.k, *x0.shape[1:]), generator=g)
+        device = next(self.rater.parameters()).device
+        return tuple(v.to(device) for v in (x0, self.train_labels[idx], t, eps))
+
+    def refresh(self, index: int) -> None:
+        self.oracle.refresh(index)
+        self.rater.train()
+        for j in range(self.steps):
+            x0, y, t, eps = self._group_batch(index, j)
+            a = self.oracle.alignments(x0, t, y, eps)
+            loss = distillation_loss(self.rater.score_candidates(eps, t, x0, y), a, self.target_temperature)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if all(torch.isfinite(p.grad).all() for p in self.rater.parameters() if p.grad is not None):
+                self.opt.step()
+            self.last_loss = float(loss.detach())
+        self.rater.eval()
+        self.key = index
+        self.refreshes += 1
+
+    def before_step(self, step: int) -> None:
+        if self.key != step // self.every:
+            self.refresh(step // self.every)
+
+    def scores(self, x0, t, y, candidates) -> torch.Tensor:
+        return rater_scores(self.rater, x0, t, y, candidates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "refreshes": self.refreshes, "rater": self.rater.state_dict(),
+                "optimizer": self.opt.state_dict(), "oracle": self.oracle.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.key, self.refreshes = state.get("key"), int(state.get("refreshes", 0))
+        self.rater.load_state_dict(state["rater"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.oracle.load_state_dict(state.get("oracle", {}))
 
 
 def draw_candidates(x0: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -159,10 +380,22 @@ class NoiseSelector:
     """
 
     def __init__(self, policy: str = "vanilla", k: int = 1, rater: NoiseRater | None = None,
-                 temperature: float = 1.0, device: str | torch.device | None = None):
+                 temperature: float = 1.0, device: str | torch.device | None = None,
+                 scorer: "AlignmentOracle | OnlineRater | None" = None):
         if rater is not None and device is not None:
             rater = rater.to(device)
-        self.policy = SelectionPolicy(policy, k, rater, temperature)
+        self.policy = SelectionPolicy(policy, k, rater, temperature, scorer)
+        self.calls = 0  # training steps seen, for the state-dependent scorers' refresh cadence
+
+    @classmethod
+    def oracle(cls, model: torch.nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor, k: int = 4,
+               mode: str = "align", *, refresh_every: int = 1, val_batch: int = 256, seed: int = 0) -> "NoiseSelector":
+        """The alignment oracle on ``model`` (the live model you are training) with your validation split:
+        each call picks, per image, the candidate most aligned with the validation gradient."""
+        name = {v: n for n, v in ORACLE_POLICIES.items()}[mode] if mode in ORACLE_MODES else mode
+        scorer = AlignmentOracle(model, val_images, val_labels, mode=ORACLE_POLICIES.get(name, mode),
+                                 val_batch=val_batch, refresh_every=refresh_every, seed=seed)
+        return cls(name, k, scorer=scorer)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, k: int = 4, policy: str = "rater", *,
@@ -205,17 +438,20 @@ class NoiseSelector:
         return t
 
     def select(self, x0: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None,
-               candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               candidates: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose among given candidates [B,k,C,H,W]: (eps [B,C,H,W], index [B])."""
-        return self.policy.select(x0, self._timesteps(x0, t), self._labels(x0, y), candidates)
+        return self.policy.select(x0, self._timesteps(x0, t), self._labels(x0, y), candidates, generator)
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw k candidates per image and return the chosen noise [B,C,H,W]."""
+        """Draw k candidates per image and return the chosen noise [B,C,H,W]. Each call counts as one
+        training step for the state-dependent policies' refresh cadence."""
+        self.policy.before_step(self.calls)
+        self.calls += 1
         if self.policy.soft:
-            raise ValueError("policy 'rater_soft' trains on all k candidates: call selector.weighted(x0, t, y) "
-                             "for (candidates [B,k,C,H,W], weights [B,k]), or use policy 'rater'")
-        return self.select(x0, t, y, draw_candidates(x0, self.k, generator))[0]
+            raise ValueError(f"policy {self.name!r} trains on all k candidates: call selector.weighted(x0, t, y) "
+                             "for (candidates [B,k,C,H,W], weights [B,k]), or use policy 'rater' / 'rater_sample'")
+        return self.select(x0, t, y, draw_candidates(x0, self.k, generator), generator)[0]
 
     def weighted(self, x0: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,13 +472,21 @@ def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None
     """What a run used for noise selection: policy, k, temperature, and the rater file, spec and sha256."""
     info: dict[str, Any] = {"policy": policy.name, "candidates": policy.k, "temperature": policy.temperature,
                             "rater": None}
-    if rater_path and policy.rater is not None:
+    rater = policy.rater if policy.rater is not None else getattr(policy.scorer, "rater", None)
+    if rater_path and rater is not None:
         info["rater"] = {
             "path": str(Path(rater_path).resolve()),
             "sha256": sha256_file(rater_path),
-            "spec": policy.rater.spec.to_dict(),
-            "parameters": sum(p.numel() for p in policy.rater.parameters()),
+            "spec": rater.spec.to_dict(),
+            "parameters": sum(p.numel() for p in rater.parameters()),
         }
+    if policy.scorer is not None:  # the state-dependent scorer's cadence and sizes
+        sc = policy.scorer
+        info["scorer"] = {key: getattr(sc, key) for key in ("mode", "val_batch", "refresh_every", "every", "steps",
+                                                            "batch", "target_temperature") if hasattr(sc, key)}
+        if isinstance(sc, OnlineRater):
+            info["scorer"]["rater_arch"] = sc.rater.spec.name
+            info["scorer"]["oracle_val_batch"] = sc.oracle.val_batch
     return info
 
 

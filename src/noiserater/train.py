@@ -38,9 +38,14 @@ from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
+from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
 from .selection import (
+    ORACLE_POLICIES,
     POLICIES,
+    RATER_POLICIES,
+    AlignmentOracle,
     NonFiniteError,
+    OnlineRater,
     SelectionPolicy,
     record_selection,
     soft_selection_loss,
@@ -70,11 +75,21 @@ class TrainConfig:
     label_dropout: float = 0.1
     learn_sigma: bool = False
     val_fraction: float = 0.1
+    test_fraction: float = 0.0  # a test split nobody trains or selects with (held-out evaluation only)
+    split_seed: int | None = None  # seed of the train/val/test split; None = ``seed`` (earlier releases)
     init_checkpoint: str | None = None  # continue from a pretrained diffusion checkpoint (stage iii)
     policy: str = "vanilla"
     candidates: int = 1
     rater: str | None = None
     temperature: float = 1.0
+    oracle_val_batch: int = 256  # meta-validation triples behind the oracle's validation gradient
+    oracle_every: int = 1  # refresh the oracle's validation gradient every N steps (amortised oracle: N > 1)
+    online_every: int = 50  # rater_online: re-distil the rater onto the oracle every N steps
+    online_steps: int = 10  # rater_online: distillation steps per refresh
+    online_batch: int = 32  # rater_online: images per distillation step (x k candidates)
+    online_lr: float = 1e-3
+    online_rater: str = "Rater-N/2"  # rater_online: architecture when --rater gives no initial rater
+    distill_temperature: float = 0.5  # sharpness of the oracle's ranking as a distillation target
     log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 500
@@ -100,8 +115,21 @@ class TrainConfig:
         require(self.policy in POLICIES, "policy", f"choose one of {', '.join(POLICIES)}")
         require(self.candidates >= 1, "candidates", "k must be >= 1")
         require(self.policy != "vanilla" or self.candidates == 1, "candidates", "vanilla uses k=1")
-        require(self.policy not in ("rater", "rater_soft") or bool(self.rater), "rater",
+        require(self.policy == "vanilla" or self.candidates >= 2, "candidates",
+                f"policy {self.policy} chooses among k candidates: pass --candidates 2 or more (k=1 is vanilla)")
+        require(self.policy not in RATER_POLICIES or bool(self.rater), "rater",
                 f"policy {self.policy} needs --rater PATH")
+        require(not self.rater or self.policy in (*RATER_POLICIES, "rater_online"), "rater",
+                f"policy {self.policy} does not use a rater; drop --rater")
+        require(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
+                "must be in [0, 1) with val_fraction + test_fraction < 1")
+        require(self.split_seed is None or 0 <= self.split_seed < 2**32, "split_seed", "must be in [0, 2**32)")
+        for key in ("oracle_val_batch", "oracle_every", "online_every", "online_steps", "online_batch"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(math.isfinite(self.online_lr) and self.online_lr > 0, "online_lr", "must be a finite number > 0")
+        require(self.online_rater in RATER_CONFIGS, "online_rater", f"choose one of {', '.join(RATER_CONFIGS)}")
+        require(math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
+                "must be a finite number > 0")
         require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
         for key in ("log_every", "sample_every", "ckpt_every", "sample_steps", "max_bad_steps"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
@@ -277,11 +305,33 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def build_policy(cfg: TrainConfig, spec: DiTSpec, device) -> SelectionPolicy:
-    rater = None
-    if cfg.rater:
-        rater = load_rater(cfg.rater, expect=spec).to(device)
-    return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature)
+def load_splits(cfg: TrainConfig, split: str) -> ImageData:
+    """One split ('train', 'val' or 'test') of the run's data, by its split seed and fractions."""
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    return load_dataset(cfg.data, split, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+
+
+def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module | None = None,
+                 train_data: ImageData | None = None) -> SelectionPolicy:
+    """The run's selection policy; the state-dependent ones score with ``model`` (the live model) against
+    the meta-validation split, and ``rater_online`` distils on ``train_data``."""
+    rater = load_rater(cfg.rater, expect=spec).to(device) if cfg.rater else None
+    if cfg.policy not in (*ORACLE_POLICIES, "rater_online"):
+        return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature)
+    val = load_splits(cfg, "val")
+    oracle = AlignmentOracle(model, val.images, val.labels, mode=ORACLE_POLICIES.get(cfg.policy, "align"),
+                             val_batch=cfg.oracle_val_batch, refresh_every=cfg.oracle_every, seed=cfg.seed)
+    if cfg.policy != "rater_online":
+        return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, oracle)
+    if rater is None:  # a fresh rater of the chosen architecture, seeded apart from the DiT's init
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed + 1)
+            rater = NoiseRater(RaterSpec(cfg.online_rater, spec.input_size, spec.in_channels, spec.num_classes)).to(device)
+    rater.requires_grad_(True)
+    scorer = OnlineRater(rater, oracle, train_data.images, train_data.labels, k=cfg.candidates,
+                         every=cfg.online_every, steps=cfg.online_steps, batch=cfg.online_batch, lr=cfg.online_lr,
+                         target_temperature=cfg.distill_temperature, seed=cfg.seed)
+    return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, scorer)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -321,7 +371,7 @@ def _remove_if_only_lock(run_dir: Path) -> None:
 def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> dict:
     if is_main:
         check_run_config(run_dir, to_dict(cfg), resume)
-    data = load_dataset(cfg.data, "train", seed=cfg.seed, val_fraction=cfg.val_fraction)
+    data = load_splits(cfg, "train")
     num_classes = data.num_classes
     spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
     diffusion = GaussianDiffusion()
@@ -347,7 +397,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
     ema.load_state_dict(model.state_dict() if not cfg.init_checkpoint else init_state["ema"])
     ema.requires_grad_(False).eval()
     opt = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, device)
-    policy = build_policy(cfg, spec, device)
+    policy = build_policy(cfg, spec, device, model, data)
     step = 0
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     if resume and ckpt_path.exists():
@@ -358,6 +408,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
+        policy.load_state_dict(state.get("selection_state") or {})
         step = int(state["step"])
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +449,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             x0 = data.images[idx[sl]].to(device, non_blocking=True)
             t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
             bad_scores = None
+            policy.before_step(step)  # state-dependent scorers refresh at the weights of this step
             with autocast():
                 try:
                     if policy.soft:
@@ -407,7 +459,7 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                             lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
                                                       y.repeat_interleave(k, 0), n), cand, w)
                     else:
-                        noise, _ = policy.select(x0, t, y, cand)
+                        noise, _ = policy.select(x0, t, y, cand, step_generator(cfg.seed, step, stream=1))
                         loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
                 except NonFiniteError as e:  # NaN/inf rater scores: a bad step. Still run a forward/backward
                     bad_scores = str(e)      # (on the first candidate) so DDP ranks stay in step; skipped below.
@@ -459,7 +511,10 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
                 _check_finite_weights(step, ckpt_path, model, ema)  # never overwrite a good checkpoint with NaNs
                 if is_main:
-                    save_checkpoint(ckpt_path, diffusion_state(step, spec, model, ema, opt, cfg, data), kind="diffusion")
+                    state = diffusion_state(step, spec, model, ema, opt, cfg, data)
+                    if policy.scorer is not None:  # the oracle's cached gradient / the online rater: exact resume
+                        state["selection_state"] = policy.state_dict()
+                    save_checkpoint(ckpt_path, state, kind="diffusion")
                 if stop_now:
                     summary["interrupted"] = True
                     summary["signal"] = stopper.signum

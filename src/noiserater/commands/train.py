@@ -26,11 +26,27 @@ TRAIN_HELP = {
     "label_dropout": "Probability of replacing a label by the null class (classifier-free guidance).",
     "learn_sigma": "Give the DiT 2C output channels as in DiT (only the epsilon half is trained here).",
     "val_fraction": "Fraction of the data held out as the validation split (the rater's meta-validation set).",
+    "test_fraction": "Fraction held out as a test split that no training, rater or oracle sees (held-out "
+                     "evaluation; 0 = none, as in earlier releases).",
+    "split_seed": "Seed of the train/val/test split (default: --seed). Fix it across runs that must share splits.",
     "init_checkpoint": "Continue from this pretrained diffusion checkpoint (weights and EMA, fresh optimiser).",
-    "policy": "Noise selection: vanilla, max_norm, min_norm, nearest, rater, rater_soft.",
-    "candidates": "Number k of candidate noises per image for selection (vanilla: 1).",
-    "rater": "Rater checkpoint for the rater and rater_soft policies (from `noiserater metatrain`).",
-    "temperature": "Softmax temperature of the rater's group weights (rater_soft).",
+    "policy": "Noise selection: vanilla; max_norm, min_norm, nearest (heuristics); rater (argmax), rater_sample "
+              "(one candidate drawn from softmax(score/T)), rater_soft (all k, rater weights) with a frozen "
+              "--rater; uniform_soft (all k, weights 1/k: rater_soft's control); oracle_alignment, oracle_anti, "
+              "oracle_cosine (Theorem 4.2 at the current weights); rater_online (a rater re-distilled onto the "
+              "oracle every --online-every steps).",
+    "candidates": "Number k of candidate noises per image (vanilla: 1; every other policy: 2 or more).",
+    "rater": "Rater checkpoint (from `noiserater metatrain`) for rater, rater_sample and rater_soft; the "
+             "initial rater for rater_online (optional).",
+    "temperature": "Softmax temperature of the rater's scores: rater_soft's weights, rater_sample's draw.",
+    "oracle_val_batch": "Oracle policies: meta-validation (image, timestep, noise) triples per validation gradient.",
+    "oracle_every": "Oracle policies: recompute the validation gradient every N steps (N > 1: the amortised oracle).",
+    "online_every": "rater_online: re-distil the rater onto the oracle at the current weights every N steps.",
+    "online_steps": "rater_online: Adam steps of distillation per refresh.",
+    "online_batch": "rater_online: training images per distillation step (each with k candidates).",
+    "online_lr": "rater_online: Adam learning rate of the distillation.",
+    "online_rater": "rater_online: rater architecture when --rater gives no initial rater.",
+    "distill_temperature": "rater_online: temperature of the oracle's standardised ranking used as the target.",
     "log_every": "Write a metrics.jsonl line every this many steps.",
     "sample_every": "Write a sample grid (EMA weights, DDIM) every this many steps.",
     "ckpt_every": "Write a checkpoint every this many steps (always at the end and on SIGINT/SIGTERM).",
