@@ -469,48 +469,254 @@ def test_latent_cache_header_fuzz():
     record("fuzz_latent_header", examples=seen["ok"] + seen["error"], **seen)
 
 
-# ---- damaged checkpoints ----------------------------------------------------------------------------------------
+# ---- damaged checkpoints, rater files and latent caches ----------------------------------------------------------
+#
+# Every damaged file must load IDENTICAL to the original (the damage hit bytes nobody reads) or be refused with
+# a one-line error naming the file. "Loads, with changed values" is a failure: the content hashes are what
+# rule it out, and each test's control shows that without them the same damage does load changed values.
+
+FLIPS = int(os.environ.get("NOISERATER_FLIPS", "300"))  # single-bit flips per file in the sweeps
+
+
+def same(a, b) -> bool:
+    """Deep equality that a flipped bit cannot slip through: types, dict keys and order, tensor class, dtype,
+    shape, requires_grad and raw bytes (so NaN payloads and -0.0 count), floats by their bits."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return (a.dtype == b.dtype and a.shape == b.shape and a.requires_grad == b.requires_grad
+                and torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8)))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a.hex() == b.hex() if a == a else b != b
+    return a == b
+
+
+def damage(data: bytes, op: str, n: int, rng: random.Random) -> bytes:
+    data = bytearray(data)
+    if op == "flip":
+        for _ in range(n):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif op == "truncate":
+        data = data[: rng.randrange(len(data))]
+    elif op == "insert":
+        i = rng.randrange(len(data))
+        data[i:i] = bytes(rng.randrange(256) for _ in range(n))
+    else:  # zero a run
+        i = rng.randrange(len(data))
+        data[i:i + 64 * n] = bytes(min(64 * n, len(data) - i))
+    return bytes(data)
+
+
+def outcome(load, expected, name: str | None, errors: type | tuple) -> str:
+    """'identical', 'refused' (one line naming ``name``) or 'changed' (the failure this guards against)."""
+    try:
+        got = load()
+    except errors as e:
+        msg = str(e)
+        assert name is None or (msg and "\n" not in msg and name in msg), msg
+        return "refused"
+    return "identical" if same(got, expected) else "changed"
+
+
+def _checkpoint_files(tmp_path: Path) -> dict[str, Path]:
+    from noiserater.models import build_rater
+
+    torch.manual_seed(0)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"step": 1, "model": {"w": torch.randn(16, 16), "b": torch.zeros(16)}, "name": "x",
+                           "lr": 1e-4, "rng": ["MT19937", [1, 2, 3], None, True]}, kind="diffusion")
+    rater_file = tmp_path / "rater.pt"
+    save_rater(rater_file, build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10), {"step": 7})
+    return {"diffusion": good, "rater": rater_file}
+
+
+def _load_rater_state(path):
+    r = load_rater(path)
+    return {"spec": r.spec.to_dict(), "state": dict(r.state_dict())}
+
+
+def _checkpoint_loaders(files: dict[str, Path], path: Path) -> dict[str, tuple]:
+    """kind -> (load the damaged copy at ``path``, what an intact load gives)."""
+    return {
+        "diffusion": (lambda: load_checkpoint(path, kind="diffusion"), load_checkpoint(files["diffusion"], "diffusion")),
+        "rater": (lambda: load_checkpoint(path, kind="rater"), load_checkpoint(files["rater"], "rater")),
+        "rater_module": (lambda: _load_rater_state(path), _load_rater_state(files["rater"])),
+    }
+
+
+def _flip_sweep(files, loaders, path, flips: int, seed: int = 0, strict: bool = True) -> dict[str, dict[str, int]]:
+    """``flips`` seeded single-bit flips of each file through each of its loaders (``strict``: a refusal
+    must be one line naming the file)."""
+    counts = {}
+    for kind, (load, expected) in loaders.items():
+        original = files["rater" if kind.startswith("rater") else kind].read_bytes()
+        rng = random.Random(seed)
+        c = counts[kind] = {"identical": 0, "refused": 0, "changed": 0}
+        for _ in range(flips):
+            path.write_bytes(damage(original, "flip", 1, rng))
+            c[outcome(load, expected, str(path) if strict else None, CheckpointError if strict else Exception)] += 1
+    return counts
+
+
+def test_every_bit_flip_of_a_checkpoint_or_rater_is_harmless_or_refused(tmp_path, monkeypatch):
+    import noiserater.checkpoint as ck
+
+    files = _checkpoint_files(tmp_path)
+    path = tmp_path / "damaged.pt"
+    loaders = _checkpoint_loaders(files, path)
+    counts = _flip_sweep(files, loaders, path, FLIPS)
+    for kind, c in counts.items():
+        assert c["changed"] == 0, (kind, c)
+        assert c["refused"] > FLIPS // 2, (kind, c)  # most bytes are tensor data: damage there is refused
+    record("flips_checkpoint", examples=sum(sum(c.values()) for c in counts.values()), flips_per_file=FLIPS,
+           **{f"{k}_{o}": n for k, c in counts.items() for o, n in c.items()})
+    # Control: with the hash check removed, the same flips load changed weights, so the sweep above can fail.
+    monkeypatch.setattr(ck, "verify_content_hash", lambda state, *a, **k: state.pop(ck.HASH_KEY, None))
+    control = _flip_sweep(files, loaders, path, min(FLIPS, 100), strict=False)
+    assert all(c["changed"] > 0 for c in control.values()), control
 
 
 def test_damaged_checkpoint_bytes_fuzz(tmp_path):
-    from noiserater.models import build_rater
-
-    good = tmp_path / "good.pt"
-    save_checkpoint(good, {"step": 1, "model": {"w": torch.randn(16, 16), "b": torch.zeros(16)}, "name": "x"},
-                    kind="diffusion")
-    rater_file = tmp_path / "rater.pt"
-    save_rater(rater_file, build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10))
-    originals = {"diffusion": good.read_bytes(), "rater": rater_file.read_bytes()}
-    seen = {"ok": 0, "error": 0}
+    files = _checkpoint_files(tmp_path)
     path = tmp_path / "damaged.pt"
+    loaders = _checkpoint_loaders(files, path)
+    seen = {"identical": 0, "refused": 0, "changed": 0}
 
     @FUZZ
-    @given(which=st.sampled_from(["diffusion", "rater"]), seed=st.integers(0, 2**32 - 1),
+    @given(which=st.sampled_from(sorted(loaders)), seed=st.integers(0, 2**32 - 1),
            op=st.sampled_from(["flip", "truncate", "insert", "zero_run"]), n=st.integers(1, 16))
     def prop(which, seed, op, n):
-        rng = random.Random(seed)
-        data = bytearray(originals[which])
-        if op == "flip":
-            for _ in range(n):
-                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        elif op == "truncate":
-            data = data[: rng.randrange(len(data))]
-        elif op == "insert":
-            i = rng.randrange(len(data))
-            data[i:i] = bytes(rng.randrange(256) for _ in range(n))
-        else:
-            i = rng.randrange(len(data))
-            data[i:i + 64 * n] = bytes(min(64 * n, len(data) - i))
-        path.write_bytes(bytes(data))
-        try:
-            if which == "rater":
-                load_rater(path)
-            else:
-                load_checkpoint(path, kind="diffusion")
-            seen["ok"] += 1
-        except CheckpointError as e:
-            assert str(e) and "\n" not in str(e)
-            seen["error"] += 1
+        original = files["rater" if which.startswith("rater") else which].read_bytes()
+        path.write_bytes(damage(original, op, n, random.Random(seed)))
+        load, expected = loaders[which]
+        result = outcome(load, expected, str(path), CheckpointError)
+        seen[result] += 1
+        assert result != "changed", (which, seed, op, n)
 
     prop()
-    record("fuzz_checkpoint_bytes", examples=seen["ok"] + seen["error"], **seen)
+    record("fuzz_checkpoint_bytes", examples=sum(seen.values()), ok=seen["identical"], error=seen["refused"])
+
+
+def test_old_checkpoints_without_a_hash_load_with_one_warning(tmp_path):
+    import warnings
+
+    from noiserater.checkpoint import HASH_KEY, UnverifiedFileWarning
+
+    files = _checkpoint_files(tmp_path)
+    for kind, f in files.items():
+        state = torch.load(f, weights_only=True)
+        del state[HASH_KEY]
+        old = tmp_path / f"old_{kind}.pt"
+        torch.save({**state, "format_version": 1}, old)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = load_checkpoint(old, kind=kind)
+        msgs = [str(x.message) for x in w if issubclass(x.category, UnverifiedFileWarning)]
+        assert len(msgs) == 1 and str(old) in msgs[0] and "\n" not in msgs[0], msgs
+        assert same({**got, "format_version": 2}, load_checkpoint(f, kind=kind))
+        # a current-version file whose hash was removed is refused, not taken for an old one
+        torch.save(state, tmp_path / "nohash.pt")
+        with pytest.raises(CheckpointError, match="no content hash"):
+            load_checkpoint(tmp_path / "nohash.pt")
+
+
+def _cache(tmp_path: Path):
+    from noiserater.data import latents as L
+
+    cache = L.write_synthetic_cache(tmp_path / "cache", 6, (2, 4, 4), num_classes=3, seed=1)
+    return cache, {n: (cache / n).read_bytes() for n in (L.HEADER_NAME, L.DATA_NAME)}
+
+
+def _load_cache_view(cache: Path, in_memory: bool):
+    from noiserater.data.latents import load_latent_cache
+
+    d = load_latent_cache(cache, in_memory=in_memory)
+    return {"images": torch.as_tensor(np.asarray(d.images)), "labels": d.labels, "num_classes": d.num_classes,
+            "class_names": d.class_names, "info": d.latent_info, "name": d.name}
+
+
+def _cache_sweep(cache, originals, flips: int, seed: int = 0, strict: bool = True) -> dict[str, dict[str, int]]:
+    counts = {}
+    expected = {m: _load_cache_view(cache, m) for m in (True, False)}
+    for name, original in originals.items():
+        rng = random.Random(seed)
+        c = counts[name] = {"identical": 0, "refused": 0, "changed": 0}
+        for i in range(flips):
+            (cache / name).write_bytes(damage(original, "flip", 1, rng))
+            mode = bool(i % 2)  # alternately read into memory and memory-mapped
+            c[outcome(lambda: _load_cache_view(cache, mode), expected[mode], str(cache) if strict else None,
+                      DatasetError if strict else Exception)] += 1
+        (cache / name).write_bytes(original)
+    return counts
+
+
+def test_every_bit_flip_of_a_latent_cache_is_harmless_or_refused(tmp_path, monkeypatch):
+    from noiserater.data import latents as L
+
+    cache, originals = _cache(tmp_path)
+    counts = _cache_sweep(cache, originals, FLIPS)
+    for name, c in counts.items():
+        assert c["changed"] == 0, (name, c)
+    assert counts[L.DATA_NAME]["refused"] == FLIPS  # every byte of data.npy is read
+    record("flips_latent_cache", examples=sum(sum(c.values()) for c in counts.values()), flips_per_file=FLIPS,
+           **{f"{k.split('.')[0]}_{o}": n for k, c in counts.items() for o, n in c.items()})
+    # Control: without the hash checks the same flips load changed latents, labels or header fields.
+    monkeypatch.setattr(L, "_verify_data", lambda *a: None)
+    monkeypatch.setattr(L, "header_sha256", lambda header: "skip")
+    cache2, originals2 = _cache(tmp_path / "control")
+    header = {**json.loads(originals2[L.HEADER_NAME]), L.HEADER_HASH_KEY: "skip"}
+    (cache2 / L.HEADER_NAME).write_text(json.dumps(header, indent=2))
+    originals2 = {n: (cache2 / n).read_bytes() for n in originals2}
+    control = _cache_sweep(cache2, originals2, min(FLIPS, 100), strict=False)
+    assert all(c["changed"] > 0 for c in control.values()), control
+
+
+def test_latent_cache_damage_fuzz(tmp_path):
+    from noiserater.data import latents as L
+
+    cache, originals = _cache(tmp_path)
+    expected = {m: _load_cache_view(cache, m) for m in (True, False)}
+    seen = {"identical": 0, "refused": 0, "changed": 0}
+
+    @FUZZ
+    @given(which=st.sampled_from(sorted(originals)), seed=st.integers(0, 2**32 - 1), in_memory=st.booleans(),
+           op=st.sampled_from(["flip", "truncate", "insert", "zero_run"]), n=st.integers(1, 16))
+    def prop(which, seed, in_memory, op, n):
+        for name, data in originals.items():
+            (cache / name).write_bytes(damage(data, op, n, random.Random(seed)) if name == which else data)
+        result = outcome(lambda: _load_cache_view(cache, in_memory), expected[in_memory], str(cache), DatasetError)
+        seen[result] += 1
+        assert result != "changed", (which, seed, op, n, in_memory)
+
+    prop()
+    record("fuzz_latent_cache_bytes", examples=sum(seen.values()), ok=seen["identical"], error=seen["refused"])
+
+
+def test_old_latent_caches_without_hashes_load_with_one_warning(tmp_path):
+    import warnings
+
+    from noiserater.checkpoint import UnverifiedFileWarning
+    from noiserater.data import latents as L
+
+    cache, originals = _cache(tmp_path)
+    expected = _load_cache_view(cache, True)
+    header = json.loads(originals[L.HEADER_NAME])
+    for key in (L.HEADER_HASH_KEY, L.DATA_HASH_KEY):
+        del header[key]
+    (cache / L.HEADER_NAME).write_text(json.dumps({**header, "version": 1}))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = _load_cache_view(cache, True)
+    msgs = [str(x.message) for x in w if issubclass(x.category, UnverifiedFileWarning)]
+    assert len(msgs) == 1 and str(cache) in msgs[0] and "\n" not in msgs[0], msgs
+    assert same(got, expected)
+    # the same header at the current version is refused: its hash key is missing, not "old"
+    (cache / L.HEADER_NAME).write_text(json.dumps(header))
+    with pytest.raises(DatasetError, match="no header_sha256"):
+        _load_cache_view(cache, True)

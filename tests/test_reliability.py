@@ -31,10 +31,12 @@ from click.testing import CliRunner
 import noiserater.train as tr
 from noiserater.checkpoint import (
     FORMAT,
+    HASH_KEY,
     CheckpointError,
     DiskFullError,
     RunDirError,
     RunLock,
+    content_sha256,
     load_checkpoint,
     load_rater,
     save_checkpoint,
@@ -647,7 +649,7 @@ def test_foreign_old_and_wrong_kind_checkpoints_get_clear_errors(tmp_path):
     assert load_checkpoint(good, kind="diffusion")["step"] == 3
     state = torch.load(good, weights_only=True)
     cases = {}
-    for version in (0, 2, None, "1"):
+    for version in (0, 3, None, "1", True):
         p = tmp_path / f"v{version}.pt"
         torch.save({**state, "format_version": version}, p)
         cases[p] = "format version"
@@ -694,14 +696,22 @@ def test_rater_checkpoint_round_trip_and_refusals(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(rater.state_dict().values(), again.state_dict().values()))
     state = torch.load(p, weights_only=True)
     bad = tmp_path / "bad_spec.pt"
-    torch.save({**state, "spec": {"name": "Rater-N/2"}}, bad)
+    torch.save(_signed({**state, "spec": {"name": "Rater-N/2"}}), bad)
     assert "invalid rater spec" in _error(load_rater, bad)
     shape = tmp_path / "bad_shape.pt"
     sd = dict(state["rater"])
     k = next(iter(sd))
     sd[k] = torch.zeros(3, 3)
-    torch.save({**state, "rater": sd}, shape)
+    torch.save(_signed({**state, "rater": sd}), shape)
     assert "does not match" in _error(load_rater, shape)
+    torch.save({**state, "rater": sd}, shape)  # the same edit without re-hashing: refused as corrupt
+    assert "is corrupt" in _error(load_rater, shape) and str(shape) in _error(load_rater, shape)
+
+
+def _signed(state: dict) -> dict:
+    """``state`` with its content hash recomputed (a deliberate edit, as opposed to damage)."""
+    body = {k: v for k, v in state.items() if k != HASH_KEY}
+    return {**body, HASH_KEY: content_sha256(body)}
 
 
 # ---- 3. numerics ------------------------------------------------------------------------------------------

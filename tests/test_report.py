@@ -10,7 +10,7 @@ from scipy import stats
 
 from noiserater.checkpoint import RunDirError
 from noiserater.experiments import run_stage
-from noiserater.report import mean_ci, paired_test, seeds_needed, summarize
+from noiserater.report import mean_ci, paired_power, paired_test, seeds_for_spread, seeds_needed, summarize
 
 
 def test_mean_ci_matches_scipy_t_interval():
@@ -34,14 +34,68 @@ def test_paired_test_relative_difference_and_pvalue():
     assert paired_test(rat.iloc[:1], van)["n"] == 1
 
 
-def test_seeds_needed_normal_approximation():
+def _mc_power(n: int, sd: float, effect: float, reps: int, rng) -> float:
+    """Brute force: the fraction of simulated paired experiments (n differences ~ N(effect, sd)) that a
+    two-sided one-sample t-test (scipy) rejects at 5%."""
+    d = rng.normal(effect, sd, size=(reps, n))
+    return float((stats.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05).mean())
+
+
+def test_paired_power_matches_a_monte_carlo_t_test():
     rng = np.random.default_rng(0)
-    d = rng.normal(0, 2.0, size=50)
-    n = seeds_needed(d, effect_pct=1.0)
-    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
-    assert n == math.ceil((z * d.std(ddof=1)) ** 2)
-    # a larger spread needs more seeds
-    assert seeds_needed(3 * d) > n
+    reps = 20000
+    for n, sd, effect in [(2, 0.12, 1.0), (3, 0.5, 1.0), (5, 1.0, 1.0), (9, 0.9, 1.0), (20, 2.0, 1.0), (40, 3.3, 1.0)]:
+        exact = paired_power(n, sd, effect)
+        mc = _mc_power(n, sd, effect, reps, rng)
+        assert abs(mc - exact) < 4 * math.sqrt(exact * (1 - exact) / reps) + 1e-3, (n, sd, exact, mc)
+
+
+def test_seeds_for_spread_is_the_exact_minimum():
+    # the issue's cases: a normal approximation says 1 and 86
+    assert seeds_for_spread(0.12, 1.0) == 3
+    assert seeds_for_spread(3.3, 1.0) == 88
+    # textbook sample sizes (one-sample / paired t-test, two-sided 5%, power 0.8; e.g. G*Power, Cohen 1988)
+    # for standardised effects d = 0.2, 0.5, 0.8, 1.0: 199, 34, 15, 10
+    for d, n in [(0.2, 199), (0.5, 34), (0.8, 15), (1.0, 10)]:
+        assert seeds_for_spread(1.0 / d, 1.0) == n and seeds_for_spread(2.0 / d, 2.0) == n, d
+    # minimality against the power computed here straight from scipy's noncentral t
+    def power(n, sd):
+        crit = stats.t.ppf(0.975, n - 1)
+        nc = math.sqrt(n) / sd
+        return stats.nct.sf(crit, n - 1, nc) + stats.nct.sf(crit, n - 1, -nc)
+
+    for sd in (0.3, 0.7, 1.3, 2.9, 6.0):
+        n = int(seeds_for_spread(sd))
+        assert power(n, sd) >= 0.8 and (n == 2 or power(n - 1, sd) < 0.8), sd
+    # brute force at the answer and one seed below, where the gap is wide enough to see (sd 0.9: 9 seeds)
+    rng = np.random.default_rng(1)
+    assert seeds_for_spread(0.9) == 9
+    assert _mc_power(9, 0.9, 1.0, 20000, rng) > 0.8 > _mc_power(8, 0.9, 1.0, 20000, rng)
+    # at least 2 seeds (a t-test needs a spread), NaN for an unknown spread, more seeds for more spread
+    assert seeds_for_spread(0.0) == 2 and seeds_for_spread(1e-6) == 2
+    assert math.isnan(seeds_for_spread(float("nan")))
+    d = np.random.default_rng(0).normal(0, 2.0, size=50)
+    assert seeds_needed(d) == seeds_for_spread(float(d.std(ddof=1)))
+    assert seeds_needed(3 * d) > seeds_needed(d) and math.isnan(seeds_needed(d[:1]))
+
+
+def test_paired_test_ci_pct_is_the_t_interval_of_the_relative_differences():
+    van = pd.Series([10.0, 12.0, 11.0, 9.0, 10.5], index=range(5))
+    rat = pd.Series([9.5, 11.7, 10.9, 8.6, 10.6], index=range(5))
+    out = paired_test(rat, van)
+    rel = (100 * (rat - van) / van).to_numpy()
+    lo, hi = stats.t.interval(0.95, len(rel) - 1, loc=rel.mean(), scale=stats.sem(rel))
+    assert out["rel_diff_pct"] - out["ci_pct"] == pytest.approx(lo)
+    assert out["rel_diff_pct"] + out["ci_pct"] == pytest.approx(hi)
+    assert out["rel_sd_pct"] == pytest.approx(rel.std(ddof=1))
+    # coverage: with relative differences drawn around a known mean, the interval holds it ~95% of the time
+    rng = np.random.default_rng(0)
+    reps, hits = 1000, 0
+    for _ in range(reps):
+        d = rng.normal(-2.0, 1.5, size=6)
+        o = paired_test(pd.Series(10.0 * (1 + d / 100)), pd.Series(np.full(6, 10.0)))
+        hits += abs(o["rel_diff_pct"] - (-2.0)) <= o["ci_pct"]
+    assert abs(hits / reps - 0.95) < 4 * math.sqrt(0.95 * 0.05 / reps), hits
 
 
 def test_summarize_cost_ratio_and_vs_vanilla():

@@ -3,6 +3,11 @@
 A checkpoint is a ``torch.save`` of plain containers of tensors, numbers and strings, loaded with
 ``weights_only=True`` so a shared file can never run code. It always carries ``format`` (the string
 ``"noiserater"``), ``format_version`` and ``kind`` (``"diffusion"`` or ``"rater"``).
+
+Since format version 2 it also carries ``sha256``: :func:`content_sha256` of everything else in the file
+(a canonical walk of keys, plain values and every tensor's dtype, shape and raw bytes). Loading recomputes
+it, so a damaged file (a flipped bit in a weight, a key, a number) is refused instead of loading changed
+values. Version-1 files (no hash) still load, with a one-line warning.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,9 @@ import numpy as np
 import torch
 
 FORMAT = "noiserater"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a content hash; 1: without (still read, with a warning)
+READABLE_VERSIONS = (1, 2)
+HASH_KEY = "sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +41,54 @@ class RunDirError(RuntimeError):
 
 class DiskFullError(RunDirError):
     """No space (or quota) left while writing a file; the previous version of the file is intact."""
+
+
+class UnverifiedFileWarning(UserWarning):
+    """A file from an older noiserater has no content hash: damage to it cannot be detected."""
+
+
+# ---- content hashes --------------------------------------------------------------------------------------
+
+
+def content_sha256(obj: Any) -> str:
+    """Hex sha256 of a canonical walk of ``obj``: dict keys in order, plain values with their types, and
+    every tensor's class, dtype, shape, requires_grad and raw bytes. Two objects with the same hash load
+    as the same values; any changed bit of a weight, key, number or string changes it."""
+    h = hashlib.sha256()
+    _hash_into(h, obj)
+    return h.hexdigest()
+
+
+def _hash_into(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{type(obj).__name__}|{t.dtype}|{tuple(t.shape)}|{int(obj.requires_grad)}|{t.layout};".encode())
+        flat = t.cpu().reshape(-1).contiguous()
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"A{a.dtype.str}|{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8) if a.size and a.dtype.kind != "O" else repr(a.tolist()).encode())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _hash_into(h, k)
+            _hash_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _hash_into(h, v)
+    elif isinstance(obj, (str, bytes, bytearray)):
+        b = obj.encode("utf-8", "surrogatepass") if isinstance(obj, str) else bytes(obj)
+        h.update(f"{'S' if isinstance(obj, str) else 'B'}{len(b)}:".encode())
+        h.update(b)
+    elif obj is None or isinstance(obj, (bool, int)):
+        h.update(f"{type(obj).__name__[0]}{obj!r};".encode())
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()};".encode())
+    else:  # torch.dtype, torch.device, numpy scalars, complex, ...: their type and repr
+        h.update(f"O{type(obj).__module__}.{type(obj).__qualname__}:{obj!r};".encode())
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -102,10 +158,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -> None:
-    """Atomically save ``state`` (plain containers of tensors/numbers/strings) with format metadata."""
+    """Atomically save ``state`` (plain containers of tensors/numbers/strings) with format metadata and
+    the content hash that :func:`load_checkpoint` verifies."""
     import io
 
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}
+    reserved = ("format", "format_version", "kind", HASH_KEY)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+               **{k: v for k, v in state.items() if k not in reserved}}
+    payload[HASH_KEY] = content_sha256(payload)
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -143,7 +203,8 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_g
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint without executing code; check format, version and (optionally) kind."""
+    """Load a checkpoint without executing code; check format, version, content hash and (optionally) kind.
+    The hash is removed from the returned dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -154,14 +215,32 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
             "for a facebookresearch/DiT file use noiserater.models.load_reference_dit"
         )
     version = state.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has checkpoint format version {version}, this noiserater reads version {FORMAT_VERSION}; "
-            "use the noiserater release that wrote it"
+            f"{path} has checkpoint format version {version!r}, this noiserater reads versions "
+            f"{READABLE_VERSIONS[0]}-{READABLE_VERSIONS[-1]}; use the noiserater release that wrote it"
         )
+    verify_content_hash(state, path, "checkpoint", legacy=version < 2)
     if kind is not None and state.get("kind") != kind:
         raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, expected a {kind!r} checkpoint")
     return state
+
+
+def verify_content_hash(state: dict, path: str | os.PathLike, what: str, legacy: bool) -> None:
+    """Pop ``state[HASH_KEY]`` and check it against :func:`content_sha256` of the rest: a one-line
+    :class:`CheckpointError` naming ``path`` when they differ. Without a hash a ``legacy`` file loads with
+    a one-line warning; a current one is refused (its hash or the key itself was damaged)."""
+    stored = state.pop(HASH_KEY, None)
+    if stored is None:
+        if not legacy:
+            raise CheckpointError(f"{what} {path} is damaged: it has no content hash ('{HASH_KEY}'), which every "
+                                  "file of its format version carries; use an intact copy")
+        warnings.warn(f"{what} {path} has no content hash (written by an older noiserater): damage to it cannot be "
+                      "detected; save it again to add one", UnverifiedFileWarning, stacklevel=3)
+        return
+    if not isinstance(stored, str) or content_sha256(state) != stored:
+        raise CheckpointError(f"{what} {path} is corrupt: its content does not match the sha256 recorded in it "
+                              "(a damaged copy or disk); use an intact copy")
 
 
 def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, what: str) -> None:

@@ -76,8 +76,8 @@ def paired_test(a: pd.Series, b: pd.Series) -> dict:
 
 
 def seeds_needed(rel_diffs: np.ndarray, effect_pct: float = 1.0, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Seeds a paired two-sided test needs to detect a relative change of ``effect_pct`` percent, given the
-    seed-to-seed spread of the observed paired relative differences (normal approximation)."""
+    """Seeds a paired two-sided t-test needs to detect a relative change of ``effect_pct`` percent, given the
+    seed-to-seed spread of the observed paired relative differences (exact: :func:`seeds_for_spread`)."""
     rel_diffs = np.asarray(rel_diffs, float)
     rel_diffs = rel_diffs[np.isfinite(rel_diffs)]
     if len(rel_diffs) < 2:
@@ -85,13 +85,37 @@ def seeds_needed(rel_diffs: np.ndarray, effect_pct: float = 1.0, alpha: float = 
     return seeds_for_spread(float(rel_diffs.std(ddof=1)), effect_pct, alpha, power)
 
 
+def paired_power(n: int, sd: float, effect_pct: float = 1.0, alpha: float = 0.05) -> float:
+    """Exact power of the two-sided paired t-test at level ``alpha`` with ``n`` pairs whose differences have
+    mean ``effect_pct`` and standard deviation ``sd``: the statistic is noncentral t with n - 1 degrees of
+    freedom and noncentrality effect / sd * sqrt(n)."""
+    if n < 2:
+        return float("nan")
+    df, nc = n - 1, abs(effect_pct) / sd * math.sqrt(n)
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    # P(T > crit) + P(T < -crit); the lower tail as P(-T > crit) with -T ~ nct(df, -nc), because scipy's
+    # nct.cdf returns NaN far in its lower tail (e.g. df=1, nc=8) where sf of the mirror gives ~0
+    lower = float(stats.nct.sf(crit, df, -nc))
+    return float(stats.nct.sf(crit, df, nc)) + (lower if lower == lower else 0.0)
+
+
 def seeds_for_spread(sd: float, effect_pct: float = 1.0, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Seeds a paired two-sided test needs to detect ``effect_pct`` when the paired relative differences
-    have standard deviation ``sd`` percent (normal approximation); NaN when ``sd`` is unknown."""
+    """The fewest seeds (at least 2, the fewest a paired t-test can use) whose exact power
+    (:func:`paired_power`, noncentral t) to detect ``effect_pct`` reaches ``power`` when the paired relative
+    differences have standard deviation ``sd`` percent; NaN when ``sd`` is unknown."""
     if sd != sd:
         return float("nan")
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    return float(math.ceil((z * sd / effect_pct) ** 2)) if sd > 0 else 1.0
+    if sd <= 0:
+        return 2.0
+    if effect_pct == 0:
+        return float("inf")
+    lo, hi = 1, 2  # power(lo) < target <= power(hi); power grows with n
+    while paired_power(hi, sd, effect_pct, alpha) < power:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if paired_power(mid, sd, effect_pct, alpha) >= power else (mid, hi)
+    return float(hi)
 
 
 def summarize(df: pd.DataFrame, table: str) -> pd.DataFrame:

@@ -11,6 +11,13 @@ A cache is a folder with three files:
   at any point leaves a header whose ``done_images`` are all on disk; rerunning continues from there.
 - ``files.txt``: the source images in encoding order (relative paths), for provenance.
 
+Since cache version 2 the header carries two content hashes: ``header_sha256`` (sha256 of the header's
+canonical JSON without that key) and, once the cache is complete, ``data_sha256`` (the sha256 of every
+16 MiB block of ``data.npy`` and its size). :func:`read_header` and :func:`load_latent_cache` verify both,
+so a flipped bit anywhere in the header or the array is refused with a one-line
+:class:`LatentCacheError` naming the file instead of training on changed latents or labels. Version-1
+caches (no hashes) still load, with a one-line warning.
+
 Reading (:func:`load_latent_cache`) never loads a large cache eagerly: ``ImageData.images`` is then a
 :class:`MemmapRows`, which reads only the rows a batch indexes (into pinned memory when CUDA is present).
 Sampling decodes with the same VAE (:class:`LatentDecoder`), which refuses a VAE with another scale.
@@ -33,7 +40,10 @@ import torch
 from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageData
 
 CACHE_FORMAT = "noiserater-latent-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: header and data content hashes; 1: without (still read, with a warning)
+READABLE_CACHE_VERSIONS = (1, 2)
+HEADER_HASH_KEY, DATA_HASH_KEY = "header_sha256", "data_sha256"
+DATA_HASH_BLOCK = 16 << 20  # bytes of data.npy per sha256 block (hashed in parallel threads)
 HEADER_NAME, DATA_NAME, FILES_NAME = "header.json", "data.npy", "files.txt"
 # Caches up to this size (MiB; env NOISERATER_CACHE_IN_MEMORY_MB) are read into memory as a plain tensor;
 # larger ones stay memory-mapped and are read per batch.
@@ -240,7 +250,60 @@ def _files_sha256(files: list[str], labels: list[int]) -> str:
     return h.hexdigest()
 
 
+def header_sha256(header: dict) -> str:
+    """sha256 of a header's canonical JSON (sorted keys, no whitespace), ``header_sha256`` itself excluded."""
+    body = {k: v for k, v in header.items() if k != HEADER_HASH_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_sha256(path: str | os.PathLike, block_bytes: int = DATA_HASH_BLOCK) -> dict:
+    """{"size", "block_bytes", "blocks"}: the sha256 of each ``block_bytes`` block of the file (threads:
+    hashlib releases the GIL, so a multi-GB cache is hashed at several GB/s)."""
+    path = Path(path)
+    size = path.stat().st_size
+    starts = list(range(0, size, block_bytes)) or [0]
+
+    def one(start: int) -> str:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return hashlib.sha256(f.read(block_bytes)).hexdigest()
+
+    if len(starts) == 1:
+        blocks = [one(0)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1, 16)) as pool:
+            blocks = list(pool.map(one, starts))
+    return {"size": size, "block_bytes": block_bytes, "blocks": blocks}
+
+
+def _verify_data(data_path: Path, recorded: Any) -> None:
+    """Refuse a data.npy whose size or any block's sha256 differs from what the header recorded."""
+    try:
+        size, block_bytes, blocks = int(recorded["size"]), int(recorded["block_bytes"]), list(recorded["blocks"])
+        if block_bytes <= 0:
+            raise ValueError(block_bytes)
+    except (KeyError, TypeError, ValueError):
+        raise LatentCacheError(f"{data_path.parent / HEADER_NAME} has a damaged {DATA_HASH_KEY} entry; "
+                               "rerun cache-latents into a new folder") from None
+    if not data_path.is_file():
+        raise LatentCacheError(f"latent cache {data_path.parent} has no {DATA_NAME}; rerun cache-latents")
+    actual = data_path.stat().st_size
+    if actual != size:
+        raise LatentCacheError(f"{data_path} is corrupt: {actual} bytes, the header recorded {size} (truncated or "
+                               "extended); rerun cache-latents into a new folder")
+    got = data_sha256(data_path, block_bytes)["blocks"]
+    bad = next((i for i, (a, b) in enumerate(zip(got, blocks)) if a != b), None)
+    if bad is not None or len(got) != len(blocks):
+        i = bad if bad is not None else min(len(got), len(blocks))
+        raise LatentCacheError(f"{data_path} is corrupt: bytes {i * block_bytes}..{min(size, (i + 1) * block_bytes)} "
+                               f"do not match the sha256 recorded in {HEADER_NAME}; rerun cache-latents into a new folder")
+
+
 def read_header(cache: str | os.PathLike) -> dict:
+    """The header of a cache, its content hash verified (and removed from the returned dict)."""
     path = Path(cache) / HEADER_NAME
     try:
         header = json.loads(path.read_text())
@@ -251,17 +314,37 @@ def read_header(cache: str | os.PathLike) -> dict:
         raise LatentCacheError(f"{path} is not valid JSON ({e}); delete the cache and rerun cache-latents") from None
     if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT:
         raise LatentCacheError(f"{path} is not a noiserater latent cache header (format {header.get('format')!r})")
-    if header.get("version") != CACHE_VERSION:
-        raise LatentCacheError(f"{path} has cache version {header.get('version')}, this noiserater reads version "
-                               f"{CACHE_VERSION}; rerun cache-latents into a new folder")
+    version = header.get("version")
+    if type(version) is not int or version not in READABLE_CACHE_VERSIONS:
+        raise LatentCacheError(f"{path} has cache version {version!r}, this noiserater reads versions "
+                               f"{READABLE_CACHE_VERSIONS[0]}-{READABLE_CACHE_VERSIONS[-1]}; rerun cache-latents "
+                               "into a new folder")
+    stored = header.pop(HEADER_HASH_KEY, None)
+    if stored is None:
+        if version >= 2:
+            raise LatentCacheError(f"{path} is damaged: it has no {HEADER_HASH_KEY}, which every version-{version} "
+                                   "header carries; rerun cache-latents into a new folder")
+        from ..checkpoint import UnverifiedFileWarning
+
+        warnings.warn(f"latent cache {cache} has no content hashes (written by an older noiserater): damage to it "
+                      "cannot be detected; rerun cache-latents into a new folder to add them", UnverifiedFileWarning,
+                      stacklevel=2)
+    elif stored != header_sha256(header):
+        raise LatentCacheError(f"{path} is corrupt: its content does not match the {HEADER_HASH_KEY} recorded in it; "
+                               "rerun cache-latents into a new folder")
     return header
 
 
 def _write_header(cache: Path, header: dict) -> None:
     from ..checkpoint import atomic_write_text
 
+    header.pop(HEADER_HASH_KEY, None)
+    header["version"] = CACHE_VERSION
     header["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    atomic_write_text(cache / HEADER_NAME, json.dumps(header, indent=2) + "\n")
+    if header.get("complete"):  # the data is final (flushed before this call): vouch for its bytes
+        header[DATA_HASH_KEY] = data_sha256(cache / DATA_NAME)
+    header = json.loads(json.dumps(header))  # exactly what a reader will parse
+    atomic_write_text(cache / HEADER_NAME, json.dumps({**header, HEADER_HASH_KEY: header_sha256(header)}, indent=2) + "\n")
 
 
 def _row_noise(seed: int, row: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -610,12 +693,18 @@ def _load_latent_cache(path: Path, in_memory: bool | None) -> LatentData:
             "rerun the same 'noiserater cache-latents' command to finish it"
         )
     data_path = path / DATA_NAME
+    if DATA_HASH_KEY in header or header["version"] >= 2:
+        if DATA_HASH_KEY not in header:
+            raise LatentCacheError(f"{path / HEADER_NAME} is damaged: a complete version-{header['version']} cache "
+                                   f"records {DATA_HASH_KEY}; rerun cache-latents into a new folder")
+        _verify_data(data_path, header[DATA_HASH_KEY])
     try:
         records = np.load(data_path, mmap_mode="r")
     except FileNotFoundError:
         raise LatentCacheError(f"latent cache {path} has no {DATA_NAME}; rerun cache-latents") from None
-    except ValueError as e:
-        raise LatentCacheError(f"{data_path} is not a readable .npy array ({e}); rerun cache-latents") from None
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise LatentCacheError(f"{data_path} is not a readable .npy array ({reason}); rerun cache-latents") from None
     expect = record_dtype(tuple(header["latent_shape"]), header["dtype"])
     if records.dtype != expect or records.shape != (header["num_rows"],):
         raise LatentCacheError(f"{data_path} holds {records.shape} records of {records.dtype}, the header expects "
