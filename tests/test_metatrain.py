@@ -47,13 +47,22 @@ def tiny_checkpoint(tmp_path_factory):
 
 def tiny_cfg(ckpt, run_dir, **kw) -> MetaTrainConfig:
     base = dict(checkpoint=ckpt, run_dir=str(run_dir), rater="Rater-N/2", outer_steps=3, inner_steps=2, candidates=3,
-                batch_size=4, val_batch_size=8, inner_lr=0.05, lr=1e-3, ckpt_every=2, progress=False)
+                batch_size=4, val_batch_size=8, inner_lr=0.05, lr=1e-3, ckpt_every=2, progress=False, eval_every=0)
     base.update(kw)
     return MetaTrainConfig(**base)
 
 
-def read_metrics(run_dir):
+def read_all(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def read_metrics(run_dir):
+    """The per-step records (held-out evaluations are records with an "eval" key)."""
+    return [r for r in read_all(run_dir) if "eval" not in r]
+
+
+def read_evals(run_dir):
+    return [r for r in read_all(run_dir) if "eval" in r]
 
 
 def test_metatrain_logs_and_writes_a_loadable_rater(tiny_checkpoint, tmp_path):
@@ -77,19 +86,27 @@ def test_metatrain_logs_and_writes_a_loadable_rater(tiny_checkpoint, tmp_path):
     assert state["step"] == 3 and "optimizer" in state and "rng" in state and state["inner_lr"] == 0.05
 
 
-def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoint, tmp_path):
-    """L_val after uniform SGD steps, recomputed with torch.optim.SGD on the same batches."""
+@pytest.mark.parametrize("eval_every", [0, 5])
+def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoint, tmp_path, eval_every):
+    """L_val after uniform SGD steps, recomputed with torch.optim.SGD on the same batches. With the held-out
+    check on, the outer loss uses the meta half of the validation split only."""
     from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.meta.train import _Sampler
     from noiserater.data import load_dataset
     from noiserater.train import load_diffusion
 
-    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1)
+    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1, eval_every=eval_every)
     metatrain(cfg)
     row = read_metrics(tmp_path / "run")[0]
     model, _, _ = load_diffusion(tiny_checkpoint, use_ema=False)
     model.eval()
-    sampler = _Sampler(load_dataset("digits", "train"), load_dataset("digits", "val"), 10, cfg.seed, cfg.inner_steps,
+    val = load_dataset("digits", "val")
+    if eval_every:  # an independent re-derivation of the half split: permutation by the data seed (0)
+        perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(0 * 7919 + 17))
+        n_ho = round(len(val) * 0.5)
+        val = val.subset(perm[n_ho:].sort().values, "meta")
+        assert len(val) == 90
+    sampler = _Sampler(load_dataset("digits", "train"), val, 10, cfg.seed, cfg.inner_steps,
                        cfg.candidates, cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
     batches, val = sampler.outer(0, 0, 1, "cpu")
     with torch.no_grad():

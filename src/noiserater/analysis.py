@@ -158,26 +158,13 @@ def aggregate_by_t(stats: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             for k, (t, ti) in enumerate(zip(stats["timesteps"], stats["timesteps_int"]))]
 
 
-# ---- plots (object-oriented matplotlib: no pyplot state, no backend switch) ----------------------------------
-
-
-def _save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _new_figure(ncols: int = 1, width: float = 5.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, 3.6))
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
+# ---- plots (noiserater.plotting: one style, Agg canvas, no pyplot state) --------------------------------------
 
 
 _LABELS = {"spearman": "Spearman(score, noise norm)", "score_std": "score std over noises"}
+_UNITS = {"spearman": None, "score_std": "rater score (softmax logit)"}
+_T_AXIS = ("normalised timestep t", "0 = clean image, 1 = pure noise")
+_SPEARMAN_NOTE = ("Spearman > 0: the rater prefers larger-norm noises; near 0: it does not rank noises by their norm. ")
 
 
 def _finite_columns(values: np.ndarray) -> list[np.ndarray]:
@@ -189,60 +176,86 @@ def _finite_columns(values: np.ndarray) -> list[np.ndarray]:
     return cols
 
 
-def plot_by_t(stats: dict[str, np.ndarray], out: Path, title: str = "") -> list[Path]:
+def _what(key: str, n_images: int, num_noises: int | None) -> str:
+    m = f"{num_noises}" if num_noises else "M"
+    if key == "spearman":
+        return (f"Per (image, t): the Spearman rank correlation between the rater's scores of {m} candidate noises "
+                f"and their L2 norms, over {n_images} images. " + _SPEARMAN_NOTE)
+    return (f"Per (image, t): the standard deviation of the rater's scores over {m} candidate noises, over "
+            f"{n_images} images; 0 = equal scores, i.e. uniform selection weights. ")
+
+
+def _style_stat_axis(ax, key: str) -> None:
+    if key == "spearman":
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)  # a correlation: the full range, so a small value looks small
+
+
+def plot_by_t(stats: dict[str, np.ndarray], out: Path, title: str = "", num_noises: int | None = None) -> list[Path]:
     """mean Spearman vs t, score std vs t (mean and inter-quartile band) and violins per t (paper Fig. 2)."""
+    from .plotting import figure, label_axes, legend, savefig
+
     t = stats["timesteps"]
     paths = []
+    context = f" ({title})" if title else ""
     for key, name in (("spearman", "spearman_vs_t.png"), ("score_std", "score_std_vs_t.png")):
-        fig, (ax,) = _new_figure()
         v = stats[key]
-        ax.plot(t, np.nanmean(v, axis=0), "o-", label="mean")
+        fig, (ax,) = figure(title=f"Rater {_LABELS[key]} by timestep{context}")
+        ax.plot(t, np.nanmean(v, axis=0), "o-", label="mean over images")
         ax.fill_between(t, np.nanquantile(v, 0.25, axis=0), np.nanquantile(v, 0.75, axis=0), alpha=0.3,
-                        label="25-75%")
-        if key == "spearman":
-            ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xlabel("normalised timestep t")
-        ax.set_ylabel(_LABELS[key])
-        ax.set_title(title or _LABELS[key])
-        ax.legend(loc="best", fontsize=8)
-        _save_figure(fig, out / name)
+                        label="25th-75th percentile")
+        _style_stat_axis(ax, key)
+        label_axes(ax, xlabel=_T_AXIS[0], xunit=_T_AXIS[1], ylabel=_LABELS[key], yunit=_UNITS[key])
+        legend(ax)
+        savefig(fig, out / name, caption=_what(key, v.shape[0], num_noises)
+                + "Line: mean over images; band: 25th-75th percentile over images.")
         paths.append(out / name)
-    fig, axes = _new_figure(2, width=6.0)
+    fig, axes = figure(2, width=6.0, title=f"Rater score statistics by timestep: distribution over images{context}")
     for ax, key, tag in zip(axes, ("spearman", "score_std"), ("(a)", "(b)")):
         ax.violinplot(_finite_columns(stats[key]), positions=t, widths=0.07, showmedians=True)
-        ax.set_xlabel("normalised timestep t")
-        ax.set_ylabel(_LABELS[key])
-        ax.set_title(f"{tag} {_LABELS[key]} by t" + (f" - {title}" if title else ""), fontsize=9)
-        if key == "spearman":
-            ax.axhline(0.0, color="grey", lw=0.8)
-    _save_figure(fig, out / "violins_t.png")
+        _style_stat_axis(ax, key)
+        label_axes(ax, xlabel=_T_AXIS[0], xunit=_T_AXIS[1], ylabel=_LABELS[key], yunit=_UNITS[key],
+                   title=f"{tag} {_LABELS[key]}")
+    n = stats["spearman"].shape[0]
+    savefig(fig, out / "violins_t.png", caption=(
+        "(a) " + _what("spearman", n, num_noises) + "(b) " + _what("score_std", n, num_noises)
+        + "Violins: distribution over images at each t (kernel density); middle bar: median; end bars: extremes."))
     paths.append(out / "violins_t.png")
     return paths
 
 
-def plot_by_stage(stage_steps: list[int], per_stage: list[dict[str, np.ndarray]], out: Path) -> list[Path]:
+def plot_by_stage(stage_steps: list[int], per_stage: list[dict[str, np.ndarray]], out: Path,
+                  num_noises: int | None = None) -> list[Path]:
     """Violins of the per-(image, t) statistics pooled over t, one per training stage (paper Fig. 3), and
     mean-by-t curves, one line per stage."""
-    fig, axes = _new_figure(2, width=6.0)
+    from .plotting import figure, label_axes, legend, savefig
+
+    n = per_stage[0]["spearman"].shape[0] if per_stage else 0
+    stage_note = ("Stage: the diffusion training step of the checkpoint the rater was meta-trained on (and scored "
+                  "with). ")
+    fig, axes = figure(2, width=6.0, title="Rater score statistics by training stage (pooled over timesteps)")
     pos = np.arange(len(stage_steps))
     for ax, key, tag in zip(axes, ("spearman", "score_std"), ("(a)", "(b)")):
         cols = [s[key].ravel()[np.isfinite(s[key].ravel())] for s in per_stage]
         ax.violinplot([c if c.size else np.array([np.nan]) for c in cols], positions=pos, showmedians=True)
         ax.set_xticks(pos, [str(s) for s in stage_steps], rotation=45 if len(pos) > 8 else 0)
-        ax.set_xlabel("diffusion training step (stage)")
-        ax.set_ylabel(_LABELS[key])
-        ax.set_title(f"{tag} {_LABELS[key]} by stage", fontsize=9)
-        if key == "spearman":
-            ax.axhline(0.0, color="grey", lw=0.8)
-    _save_figure(fig, out / "stages.png")
-    fig, axes = _new_figure(2, width=6.0)
-    for ax, key in zip(axes, ("spearman", "score_std")):
+        _style_stat_axis(ax, key)
+        label_axes(ax, xlabel="stage", xunit="diffusion training steps", ylabel=_LABELS[key], yunit=_UNITS[key],
+                   title=f"{tag} {_LABELS[key]}")
+    savefig(fig, out / "stages.png", caption=(
+        stage_note + "(a) " + _what("spearman", n, num_noises) + "(b) " + _what("score_std", n, num_noises)
+        + "Violins: distribution over all (image, t) pairs of a stage; middle bar: median; end bars: extremes."))
+    fig, axes = figure(2, width=6.0, title="Rater score statistics by timestep, one line per training stage")
+    for ax, key, tag in zip(axes, ("spearman", "score_std"), ("(a)", "(b)")):
         for step, s in zip(stage_steps, per_stage):
             ax.plot(s["timesteps"], np.nanmean(s[key], axis=0), "o-", ms=3, label=f"step {step}")
-        ax.set_xlabel("normalised timestep t")
-        ax.set_ylabel(f"mean {_LABELS[key]}")
-        ax.legend(fontsize=7)
-    _save_figure(fig, out / "stages_by_t.png")
+        _style_stat_axis(ax, key)
+        label_axes(ax, xlabel=_T_AXIS[0], xunit=_T_AXIS[1], ylabel=f"mean {_LABELS[key]}", yunit=_UNITS[key],
+                   title=f"{tag} mean {_LABELS[key]}")
+        legend(ax, title="stage")
+    savefig(fig, out / "stages_by_t.png", caption=(
+        stage_note + "(a) " + _what("spearman", n, num_noises) + "(b) " + _what("score_std", n, num_noises)
+        + "Lines: mean over images at each t."))
     return [out / "stages.png", out / "stages_by_t.png"]
 
 
@@ -334,7 +347,7 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         _save_stats(out / "stats.npz", stats)
-        summary["figures"] = [p.name for p in plot_by_t(stats, out, title)]
+        summary["figures"] = [p.name for p in plot_by_t(stats, out, title, num_noises=cfg.num_noises)]
         write_json(out / "analysis.json", summary)
     return {"summary": summary, "stats": stats}
 
@@ -447,10 +460,10 @@ def analyze_stages(cfg: StagesConfig, rater_factory: RaterFactory | None = None,
         s = res["summary"]
         rows.append({"step": step, "checkpoint": ckpt, "rater": s["rater"], "pooled": s["pooled"], "by_t": s["by_t"],
                      "agreement_k4": s["agreement_k4"]})
-    figures = plot_by_stage([r["step"] for r in rows], per_stage, out)
+    figures = plot_by_stage([r["step"] for r in rows], per_stage, out, num_noises=cfg.num_noises)
     pooled_t = {k: np.concatenate([s[k] for s in per_stage]) for k in ("spearman", "score_std", "score_mean")}
     pooled_t.update(timesteps=per_stage[0]["timesteps"], timesteps_int=per_stage[0]["timesteps_int"])
-    figures += plot_by_t(pooled_t, out, title="pooled over stages")
+    figures += plot_by_t(pooled_t, out, title="pooled over stages", num_noises=cfg.num_noises)
     summary = {"stages": rows, "by_t_pooled_over_stages": aggregate_by_t(pooled_t),
                "settings": {"rater": cfg.rater, "meta_outer_steps": cfg.meta_outer_steps,
                             "meta_config": cfg.meta_config, "num_images": cfg.num_images,

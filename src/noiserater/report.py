@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, write_json
+from .provenance import version_info, version_line
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
 
@@ -175,40 +176,62 @@ def markdown_table(summary: pd.DataFrame, has_fid: bool) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    import matplotlib
+METRIC_AXES = {  # metric -> (what it is, for the title; axis label; unit; lower is better)
+    "fid": ("classifier-FID of EMA samples", "classifier-FID", None, True),
+    "heldout_loss": ("held-out diffusion loss of the EMA weights", "held-out loss", "MSE per element", True),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str, metric_name: str | None = None) -> None:
+    """Mean and 95% t-interval over seeds of ``metric`` per policy/k (points with error bars: the axis need
+    not start at 0, which bars would imply), vanilla's mean as a dashed line; the caption says what is shown."""
+    from .plotting import figure, label_axes, policy_color, savefig
 
     if f"{metric}_mean" not in summary:
         return
-    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(summary) + 2), 3.2))
+    name, axis, unit, lower = METRIC_AXES.get(metric, (metric, metric, None, False))
+    name, axis = (metric_name, metric_name) if metric_name else (name, axis)
+    width = max(5.5, 0.45 * len(summary) + 2.0)
+    fig, (ax,) = figure(width=width, height=3.8, title=f"{title}\n{name}")
     x = np.arange(len(summary))
-    ax.bar(x, summary[f"{metric}_mean"], yerr=summary[f"{metric}_ci"].fillna(0), capsize=3,
-           color=["#888" if p == "vanilla" else "#3a7" if p.startswith("rater") else "#68c" for p in summary["policy"]])
-    ax.set_xticks(x, summary["label"], rotation=45, ha="right")
+    mean, ci = summary[f"{metric}_mean"].to_numpy(float), summary[f"{metric}_ci"].to_numpy(float)
+    for i, (m, c, pol) in enumerate(zip(mean, ci, summary["policy"])):
+        ax.errorbar([i], [m], yerr=[[c if c == c else 0.0]] * 2, fmt="o", ms=6, capsize=4, lw=1.4,
+                    color=policy_color(pol, i))
+    ticks = [f"{lab} (n={n})" for lab, n in zip(summary["label"], summary["seeds"])]
+    if len(ticks) > 4:
+        ax.set_xticks(x, ticks, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(x, ticks)
     van = summary[summary["policy"] == "vanilla"]
-    if len(van):  # the reference every bar is compared with
-        ax.axhline(float(van[f"{metric}_mean"].iloc[0]), color="#444", lw=0.8, ls="--", label="vanilla")
-    lo = np.nanmin(summary[f"{metric}_mean"] - summary[f"{metric}_ci"].fillna(0))
-    hi = np.nanmax(summary[f"{metric}_mean"] + summary[f"{metric}_ci"].fillna(0))
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if len(van):  # the reference every point is compared with (named in the caption, no legend over the data)
+        ax.axhline(float(van[f"{metric}_mean"].iloc[0]), color=policy_color("vanilla"), lw=0.9, ls="--")
+    ax.set_xlim(-0.6, len(summary) - 0.4)
+    ax.margins(y=0.08)
+    label_axes(ax, xlabel="selection policy and candidates k (n = seeds)", ylabel=axis, yunit=unit,
+               lower_is_better=lower, width_in=width)
+    one_seed = bool(np.any(~np.isfinite(ci)))
+    what = (" The held-out loss is measured on a fixed set of (image, noise, timestep) triples of the validation "
+            "split, the same for every run." if metric == "heldout_loss" else "")
+    savefig(fig, path, caption=(
+        "Points: mean over seeds; error bars: 95% t-interval of that mean over seeds"
+        + (" (none where there is a single seed)" if one_seed else "") + ". Dashed line: vanilla's mean. "
+        "These are unpaired intervals; the table's 'vs vanilla' column is the paired comparison over shared seeds, "
+        "which is tighter. The y axis does not start at 0." + what))
 
 
 def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
-    import matplotlib
+    """Training loss against continuation step, mean over seeds, one line per policy/k. The caption warns that
+    the selection policies' training loss is on their selected noise and is not comparable to vanilla's."""
+    from .plotting import figure, label_axes, legend, policy_color, savefig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for label, g in df[df["table"] == table].groupby("label", sort=False):
+    runs = df[df["table"] == table]
+    many = runs["label"].nunique() > 6  # legend to the right of the axes: make room for it
+    fig, (ax,) = figure(width=9.5 if many else 6.5, height=3.8, title=(
+        f"{table_title(table)}\ntraining loss on each policy's own (selected) noise: not comparable across policies"))
+    styles = {2: ":", 4: "-", 8: "--"}
+    plotted = 0
+    for i, (label, g) in enumerate(runs.groupby("label", sort=False)):
         curves = []
         for ckpt in g["checkpoint"]:
             recs = run_metrics(ckpt)
@@ -216,13 +239,22 @@ def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
                 curves.append(pd.Series([r["loss"] for r in recs], index=[r["step"] for r in recs]))
         if curves:
             mean = pd.concat(curves, axis=1).mean(axis=1)
-            ax.plot(mean.index, mean.rolling(5, min_periods=1).mean(), label=label, lw=1)
-    ax.set_xlabel("continuation step")
-    ax.set_ylabel("training loss (smoothed, mean over seeds)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            policy = str(g["policy"].iloc[0])
+            vanilla = policy == "vanilla"
+            ax.plot(mean.index, mean.rolling(5, min_periods=1).mean(), label=f"{label} (n={len(curves)})",
+                    lw=2.0 if vanilla else 1.2, color=policy_color(policy, i),
+                    ls="-" if vanilla else styles.get(int(g["k"].iloc[0]), "-."), zorder=3 if vanilla else 2)
+            plotted += 1
+    label_axes(ax, xlabel="continuation step", xunit="optimizer steps",
+               ylabel="training loss", yunit="MSE per element", width_in=6.0)
+    legend(ax, outside=many)
+    savefig(fig, path, caption=(
+        "Mean over n seeds of the logged training loss, smoothed with a rolling mean over 5 log points; "
+        "line style = k (dotted 2, solid 4, dashed 8). Not comparable across policies: a selection policy's "
+        "training loss is measured on the noise it selected (rater_soft: the score-weighted loss over its k "
+        "candidates), not on fresh Gaussian noise like vanilla's, so a policy that picks easy noise shows a lower "
+        "training loss without training a better model. Compare policies by the held-out loss and FID in the table."
+        + ("" if plotted else " (No run of this table logged a training loss.)")))
 
 
 def table_title(table: str) -> str:
@@ -285,7 +317,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     info = json.loads((root / "study.json").read_text()) if (root / "study.json").exists() else {}
     if headline_k is None:  # the study's own headline k (ReproducePreset.headline_k), else the paper's k=4
         headline_k = int(info.get("settings", {}).get("headline_k", 4))
-    parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", ""]
+    parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", "",
+             f"Written by {version_line()}.", ""]
     if info:
         parts += ["Study settings: " + ", ".join(f"`{k}={v}`" for k, v in info.get("settings", {}).items()), ""]
     parts += [
@@ -298,12 +331,15 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
         "",
     ]
     tables, headline = {}, {}
+    inception = info.get("settings", {}).get("eval_extractors") == "inception"
+    fid_name = "FID (Inception features) of EMA samples" if inception else None
     for table in _table_order(df["table"]):
         title = table_title(table)
         s = summarize(df, table)
         tables[table] = s.to_dict(orient="records")
         parts += [f"## {title}", "", markdown_table(s, has_fid), ""]
-        plot_summary(s, "fid" if has_fid else "heldout_loss", out / f"{table}_{'fid' if has_fid else 'loss'}.png", title)
+        plot_summary(s, "fid" if has_fid else "heldout_loss", out / f"{table}_{'fid' if has_fid else 'loss'}.png", title,
+                     metric_name=fid_name if has_fid else None)
         plot_loss_curves(df, table, out / f"{table}_loss_curves.png")
         parts += [f"![{table}]({table}_{'fid' if has_fid else 'loss'}.png) ![{table} curves]({table}_loss_curves.png)", ""]
     if (root / "transfer.json").exists():
@@ -336,5 +372,5 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
               "is marked 'inside the noise'.", ""]
     parts += _analysis_section(root, out)
     atomic_write_text(out / "report.md", "\n".join(parts))
-    write_json(out / "report.json", {"tables": tables, "headline": headline, "study": info})
+    write_json(out / "report.json", {"tables": tables, "headline": headline, "study": info, "written_by": version_info()})
     return {"headline": headline, "report": str(out / "report.md")}

@@ -15,6 +15,8 @@ METATRAIN_HELP = {
     "run_dir": "Run folder: config.yaml, metrics.jsonl, inner_lr_sweep.json, rater.pt, checkpoints/.",
     "rater": "Rater config: Rater-{S,B,M,T,N}/{2,4,8} (S is the paper's; N is cheap on CPU) or FastRater-*.",
     "ablation": "Rater inputs (paper Table 3): full, no_timestep, no_image, no_image_class, noise_only.",
+    "objective": "bilevel: meta-gradient through S inner steps (the paper); distill: fit the rater's within-group "
+                 "softmax to the alignment oracle <grad L_val, grad l_k> at the frozen checkpoint (no inner steps).",
     "outer_steps": "Number of rater updates (a resumed run continues up to this number).",
     "inner_steps": "S: inner optimiser steps on the diffusion model per outer step (paper: 5).",
     "candidates": "K: grouped noises per image whose weights the rater sets (paper: 8).",
@@ -38,6 +40,16 @@ METATRAIN_HELP = {
     "log_every": "Write a metrics.jsonl line every this many outer steps.",
     "ckpt_every": "Write a checkpoint every this many outer steps (always at the end and on SIGINT/SIGTERM).",
     "max_bad_steps": "Stop after this many non-finite meta-gradients in a row (each one is skipped).",
+    "distill_val_batch_size": "distill: meta-validation (image, noise, timestep) draws behind each step's oracle "
+                              "validation gradient (redrawn every step), global.",
+    "distill_temperature": "distill: temperature of the target softmax over the within-group standardised alignments.",
+    "eval_every": "Held-out meta-validation every this many outer steps (and at the first and last); 0 disables it.",
+    "eval_batches": "Fixed held-out outer batches (bilevel) or group batches (distill) per held-out evaluation.",
+    "heldout_fraction": "Share of the validation split kept apart for the held-out evaluation only (the outer loss "
+                        "and the oracle use the rest); 0 keeps none apart.",
+    "patience": "Stop after this many held-out evaluations without an improvement beyond one standard error (0: never).",
+    "planted_scale": "Sanity check: candidate 0 of every group is this multiple of a standard normal (1: no plant); "
+                     "a working meta-training learns to down-weight a harmful plant such as 2.5.",
     "progress": "Show a progress bar.",
 }
 
@@ -51,6 +63,11 @@ def command(cfg: MetaTrainConfig, resume: bool) -> None:
     Each outer step logs the validation loss after rater-weighted and after uniform inner steps on the same
     batches and noises (metrics.jsonl). The rater is written to RUN_DIR/rater.pt, ready for
     `noiserater train --policy rater --rater RUN_DIR/rater.pt`.
+
+    `--objective distill` instead fits the rater to the alignment oracle's within-group ranking. Every
+    --eval-every steps a held-out check on a part of the validation split the outer loss never sees is
+    logged ("eval" records), the best rater kept as RUN_DIR/rater_best.pt and plotted in
+    RUN_DIR/heldout_curve.png; --patience stops a run on a plateau.
 
     Multi-process: `torchrun --nproc_per_node N -m noiserater metatrain ...` (gloo on CPU, NCCL on GPU).
     """

@@ -14,6 +14,26 @@ The split is the diffusion checkpoint's own (its dataset, seed and validation fr
 loss is measured on images the diffusion model never trained on. Multi-process (torchrun): every batch is
 split over the ranks and the inner gradients, Hessian-vector products and the meta-gradient are averaged,
 so N processes compute exactly what one process computes on the global batch.
+
+``objective="distill"`` (issue 13, 4a) replaces steps 2-5: each outer step draws one group batch from the
+train split (B images x K candidates, timesteps, label dropout as above), computes the alignment oracle
+``a_bk = <grad L_val, grad l_bk>`` at the frozen checkpoint with a validation gradient on a LARGE fresh
+meta-validation draw (``distill_val_batch_size`` image/noise/timestep triples, redrawn every step), and
+takes one Adam step on the listwise ``distillation_loss(scores, a, distill_temperature)``. No inner steps,
+no inner-lr sweep.
+
+Held-out meta-validation (issue 13, 4c), every ``eval_every`` outer steps (and at steps 0 and the last):
+the validation split is cut once, by the data seed, into two halves. The *meta* half feeds every outer
+loss, the oracle's validation gradients and the inner-lr sweep; the *held-out* half (``heldout_fraction``
+of it) is used only here, on ``eval_batches`` FIXED draws from their own seed stream (so their train-split
+batches and noises are never training batches either). Bilevel: the held-out rater advantage
+``L_ho(theta_S^uniform) - L_ho(theta_S^rater)`` per fixed outer batch, mean and standard error. Distill: the
+within-group Spearman and argmax agreement of the rater with the oracle computed from held-out validation
+gradients, on fixed groups, mean and standard error over groups. Each evaluation is one ``{"step", "eval"}``
+record in metrics.jsonl; the best rater so far is ``rater_best.pt`` (an evaluation counts as better when
+it beats the best by more than its own standard error), ``patience`` evaluations without such an
+improvement stop the run, and ``heldout_curve.png`` plots the curve. The test split (``test_fraction`` of
+the checkpoint's config) is never loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +41,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,9 +64,12 @@ from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
 from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
-from .losses import eval_mode, uniform_weights, val_loss
+from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
+from .oracle import candidate_alignments, distillation_loss, validation_gradient
 
 SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
+OBJECTIVES = ("bilevel", "distill")
+EVAL_SEED_OFFSET = 200_003  # the held-out draws' own seed stream (training uses 0, the inner-lr sweep 100_003)
 DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
                  "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
 
@@ -59,6 +82,7 @@ class MetaTrainConfig:
     run_dir: str = "runs/metatrain"
     rater: str = "Rater-N/2"
     ablation: str = "full"
+    objective: str = "bilevel"
     outer_steps: int = 300
     inner_steps: int = 5
     candidates: int = 8
@@ -81,6 +105,13 @@ class MetaTrainConfig:
     log_every: int = 1
     ckpt_every: int = 50
     max_bad_steps: int = 5
+    distill_val_batch_size: int = 512
+    distill_temperature: float = 0.5
+    eval_every: int = 10
+    eval_batches: int = 8
+    heldout_fraction: float = 0.5
+    patience: int = 0
+    planted_scale: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -94,14 +125,15 @@ class MetaTrainConfig:
         require(bool(self.checkpoint), "checkpoint", "pass --checkpoint PATH to a diffusion checkpoint (noiserater train)")
         require(self.rater in RATER_CONFIGS, "rater", f"{self.rater!r} is not one of {', '.join(RATER_CONFIGS)}")
         require(self.ablation in ABLATIONS, "ablation", f"choose one of {', '.join(ABLATIONS)}")
+        require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
         require(self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}")
         require(self.inner_optimizer in INNER_OPTIMIZERS, "inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")
         require(self.inner_lr == "auto" or (isinstance(self.inner_lr, float) and self.inner_lr > 0), "inner_lr",
                 "must be a number > 0 or 'auto'")
-        for key in ("outer_steps",):
+        for key in ("outer_steps", "eval_every", "patience"):
             require(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("inner_steps", "batch_size", "val_batch_size", "sweep_steps", "log_every", "ckpt_every",
-                    "max_bad_steps"):
+                    "max_bad_steps", "distill_val_batch_size", "eval_batches"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
         require(self.candidates >= 2, "candidates", "K must be >= 2 (with one noise per image there is nothing to weight)")
         require(self.temperature > 0, "temperature", "must be > 0")
@@ -111,6 +143,15 @@ class MetaTrainConfig:
         require(self.label_dropout is None or 0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
         require(self.inner_lr == "auto" or math.isfinite(self.inner_lr), "inner_lr", "must be a finite number > 0 or 'auto'")
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        require(math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
+                "must be a finite number > 0")
+        require(0 <= self.heldout_fraction < 1, "heldout_fraction",
+                "must be in [0, 1): the share of the validation split kept for the held-out check (0: none kept apart)")
+        require(math.isfinite(self.planted_scale) and self.planted_scale > 0, "planted_scale",
+                "must be a finite number > 0 (1 plants nothing)")
+        require(self.patience == 0 or self.eval_every > 0, "patience", "plateau stopping needs --eval-every > 0")
+        require(not (self.carry_inner and self.objective == "distill"), "carry_inner",
+                "only the bilevel objective has inner steps to carry; drop --carry-inner with --objective distill")
         self.sweep_grid()
 
     def sweep_grid(self) -> tuple[float, ...]:
@@ -144,6 +185,7 @@ class _Sampler:
     label_dropout: float
     unconditional: bool
     num_timesteps: int
+    planted_scale: float = 1.0
 
     def _labels(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.unconditional:
@@ -151,27 +193,41 @@ class _Sampler:
         drop = torch.rand(y.shape[0], generator=g) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
+    def train_batch(self, n: int, s: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
+        """Inner (group) batch ``s`` of outer step ``n``: (x0, y, t, eps [B,K,...]), rank ``rank``'s slice.
+        With ``planted_scale`` != 1 candidate 0 of every group is that multiple of a standard normal (a
+        planted, off-distribution candidate; a sanity check of meta-training)."""
+        seed = self.seed + seed_offset
+        b = self.B // world
+        sl = slice(rank * b, (rank + 1) * b)
+        shape = tuple(self.train.images.shape[1:])
+        g = _generator(seed, n, 1 + s)
+        idx = batch_indices(len(self.train), self.B, n * self.S + s, seed)
+        t = torch.randint(0, self.num_timesteps, (self.B,), generator=g)
+        y = self._labels(self.train.labels[idx], g)
+        eps = torch.randn((self.B, self.K, *shape), generator=g)
+        if self.planted_scale != 1.0:
+            eps[:, 0] *= self.planted_scale
+        return tuple(x[sl].to(device) for x in (self.train.images[idx].to(dtype), y, t, eps.to(dtype)))
+
+    def val_batch(self, n: int, size: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
+        """Validation batch of outer step ``n``: ``size`` (image, label, timestep, noise) draws from the
+        validation split (images repeat, with fresh noise and timestep, when ``size`` exceeds it)."""
+        seed = self.seed + seed_offset
+        bv = size // world
+        slv = slice(rank * bv, (rank + 1) * bv)
+        shape = tuple(self.val.images.shape[1:])
+        g = _generator(seed, n, 0)
+        idx = batch_indices(len(self.val), size, n, seed + 1)
+        t = torch.randint(0, self.num_timesteps, (size,), generator=g)
+        y = self._labels(self.val.labels[idx], g)
+        eps = torch.randn((size, *shape), generator=g)
+        return tuple(x[slv].to(device) for x in (self.val.images[idx].to(dtype), y, t, eps.to(dtype)))
+
     def outer(self, n: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
         """(S train batches, val batch) of outer step ``n``: rank ``rank``'s slice of the global batches."""
-        seed = self.seed + seed_offset
-        b, bv = self.B // world, self.Bv // world
-        sl, slv = slice(rank * b, (rank + 1) * b), slice(rank * bv, (rank + 1) * bv)
-        shape = tuple(self.train.images.shape[1:])
-        batches = []
-        for s in range(self.S):
-            g = _generator(seed, n, 1 + s)
-            idx = batch_indices(len(self.train), self.B, n * self.S + s, seed)
-            t = torch.randint(0, self.num_timesteps, (self.B,), generator=g)
-            y = self._labels(self.train.labels[idx], g)
-            eps = torch.randn((self.B, self.K, *shape), generator=g)
-            batches.append(tuple(x[sl].to(device) for x in (self.train.images[idx].to(dtype), y, t, eps.to(dtype))))
-        g = _generator(seed, n, 0)
-        idx = batch_indices(len(self.val), self.Bv, n, seed + 1)
-        t = torch.randint(0, self.num_timesteps, (self.Bv,), generator=g)
-        y = self._labels(self.val.labels[idx], g)
-        eps = torch.randn((self.Bv, *shape), generator=g)
-        val = tuple(x[slv].to(device) for x in (self.val.images[idx].to(dtype), y, t, eps.to(dtype)))
-        return batches, val
+        batches = [self.train_batch(n, s, rank, world, device, dtype, seed_offset) for s in range(self.S)]
+        return batches, self.val_batch(n, self.Bv, rank, world, device, dtype, seed_offset)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -216,6 +272,183 @@ def sweep_inner_lr(model, sampler: _Sampler, grid, opt_name: str, steps: int, ra
     return best["inner_lr"], rows
 
 
+def checkpoint_splits(dcfg: dict, source: str) -> tuple[ImageData, ImageData, dict]:
+    """(train, meta-validation) splits of the data a diffusion checkpoint was trained with, split exactly as
+    its training did (``split_seed``, falling back to its ``seed``; ``val_fraction``; ``test_fraction``), and
+    the split's description. The test split is never loaded here."""
+    split_seed = dcfg.get("split_seed")
+    split_seed = int(dcfg.get("seed", 0) if split_seed is None else split_seed)
+    val_fraction, test_fraction = float(dcfg.get("val_fraction", 0.1)), float(dcfg.get("test_fraction", 0.0) or 0.0)
+    kw = dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    info = {"source": source, "split_seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    return load_dataset(source, "train", **kw), load_dataset(source, "val", **kw), info
+
+
+def split_heldout(val: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData | None]:
+    """(meta half, held-out half) of the validation split: a permutation by the data seed, its first
+    ``fraction`` held out (at least one image each); ``fraction == 0`` keeps everything in the meta half."""
+    if fraction <= 0:
+        return val, None
+    n = len(val)
+    if n < 2:
+        raise ConfigError(f"the validation split has {n} image(s): too few to hold part of it out; "
+                          "pass --heldout-fraction 0")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 17))
+    n_ho = min(max(1, int(round(n * fraction))), n - 1)
+    return val.subset(perm[n_ho:].sort().values, "meta"), val.subset(perm[:n_ho].sort().values, "heldout")
+
+
+def within_group_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` ([G,K] -> [G], float64);
+    ranks by sorting (continuous scores: ties have probability 0); 0 where a row is constant."""
+    ra = a.double().argsort(dim=1).argsort(dim=1).double()
+    rb = b.double().argsort(dim=1).argsort(dim=1).double()
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    den = (ra.pow(2).sum(dim=1) * rb.pow(2).sum(dim=1)).sqrt()
+    const = (a.double().std(dim=1) == 0) | (b.double().std(dim=1) == 0)
+    return torch.where(const, torch.zeros_like(den), (ra * rb).sum(dim=1) / den.clamp_min(1e-300))
+
+
+def rank_agreement(scores: torch.Tensor, target: torch.Tensor, reducer: Reducer | None = None) -> dict:
+    """How well ``scores`` [G,K] rank the candidates as ``target`` [G,K] does, over all G groups (of all
+    ranks when ``reducer`` averages over processes with equal slices): mean within-group Spearman and
+    argmax agreement, each with its standard error over groups; ``chance`` = 1/K for the argmax."""
+    rho = within_group_spearman(scores, target)
+    hit = (scores.argmax(dim=1) == target.argmax(dim=1)).double()
+    m = [rho.mean(), rho.pow(2).mean(), hit.mean()]
+    if reducer is not None:
+        m = reducer.mean(m)
+    n = rho.numel() * (reducer.world if reducer is not None else 1)
+    r1, r2, p = (float(x) for x in m)
+    se_rho = math.sqrt(max(r2 - r1 * r1, 0.0) / max(n - 1, 1))
+    return {"spearman": r1, "spearman_se": se_rho, "argmax_agreement": p,
+            "argmax_agreement_se": math.sqrt(max(p * (1 - p), 0.0) / max(n - 1, 1)), "chance": 1.0 / scores.shape[1],
+            "groups": n}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+class _BilevelEval:
+    """Held-out rater advantage on ``n`` fixed outer batches (their own seed stream; validation batches
+    from the held-out half): L_ho(theta_S^uniform) - L_ho(theta_S^rater) per batch, mean and SE."""
+
+    metric = "rater_advantage"
+
+    def __init__(self, model, sampler: _Sampler, n: int, inner_lr: float, inner_opt, temperature: float,
+                 reducer: Reducer, rank: int, world: int, device, cache_uniform: bool):
+        self.model, self.inner_lr, self.inner_opt, self.temperature = model, inner_lr, inner_opt, temperature
+        self.reducer, self.cache_uniform = reducer, cache_uniform
+        self.draws = [sampler.outer(i, rank, world, device, seed_offset=EVAL_SEED_OFFSET) for i in range(n)]
+        self._uniform: list[tuple[float, float]] | None = None
+
+    def _baseline(self) -> list[tuple[float, float]]:
+        if self._uniform is not None:
+            return self._uniform
+        out = []
+        for batches, val in self.draws:
+            l0 = _val(self.model, val, None, self.reducer)
+            theta = inner_steps(self.model, batches, [uniform_weights(b) for b in batches], inner_lr=self.inner_lr,
+                                inner_optimizer=self.inner_opt, reducer=self.reducer)
+            out.append((l0, _val(self.model, val, theta, self.reducer)))
+        if self.cache_uniform:  # the starting weights are the frozen checkpoint's at every evaluation
+            self._uniform = out
+        return out
+
+    def __call__(self, rater) -> dict:
+        adv, gain = [], []
+        for (batches, val), (l0, l_unif) in zip(self.draws, self._baseline()):
+            with torch.no_grad(), eval_mode(rater):
+                weights = [candidate_weights(rater, b, self.temperature) for b in batches]
+            theta = inner_steps(self.model, batches, weights, inner_lr=self.inner_lr, inner_optimizer=self.inner_opt,
+                                reducer=self.reducer)
+            adv.append(l_unif - _val(self.model, val, theta, self.reducer))
+            gain.append(l0 - l_unif)
+        m, se = _mean_se(adv)
+        g, g_se = _mean_se(gain)
+        return {"metric": self.metric, "value": m, "se": se, "n": len(adv), "rater_advantage": m,
+                "rater_advantage_se": se, "uniform_gain": g, "uniform_gain_se": g_se,
+                "relative_advantage": m / g if g > 0 else None}
+
+
+class _DistillEval:
+    """Agreement of the rater with the oracle on ``n`` fixed group batches (their own seed stream), the
+    oracle's validation gradients drawn from the held-out half; the alignments are computed once (the
+    diffusion model is frozen under distillation)."""
+
+    metric = "spearman"
+
+    def __init__(self, model, sampler: _Sampler, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
+                 device):
+        self.reducer = reducer
+        self.groups, self.targets = [], []
+        for i in range(n):
+            batch = sampler.train_batch(i, 0, rank, world, device, seed_offset=EVAL_SEED_OFFSET)
+            self.groups.append(batch)
+            self.targets.append(_oracle(model, batch, sampler.val_batch(i, val_size, rank, world, device,
+                                                                       seed_offset=EVAL_SEED_OFFSET), reducer)[1])
+
+    def __call__(self, rater) -> dict:
+        with torch.no_grad(), eval_mode(rater):
+            scores = torch.cat([rater.score_candidates(eps, t, x0, y) for x0, y, t, eps in self.groups])
+        agree = rank_agreement(scores, torch.cat(self.targets), self.reducer)
+        return {"metric": self.metric, "value": agree["spearman"], "se": agree["spearman_se"], "n": agree["groups"],
+                **agree}
+
+
+def _oracle(model, batch, val, reducer: Reducer) -> tuple[float, torch.Tensor]:
+    """(L_val at the current weights, alignments [B,K] of this rank's candidates) with the validation
+    gradient averaged over the ranks (equal slices: the global batch's gradient)."""
+    lv, g = validation_gradient(model, val)
+    if reducer.active:
+        names = list(g)
+        avg = reducer.mean([g[k] for k in names] + [torch.tensor(lv, dtype=torch.float64)])
+        g, lv = dict(zip(names, avg[:-1])), float(avg[-1])
+    return lv, candidate_alignments(model, batch, g)
+
+
+def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
+    """The held-out curve (mean ± 1 SE per evaluation) as a PNG, the best evaluation marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in evals]
+    fig = Figure(figsize=(6.0, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    n = evals[-1]["eval"].get("n")
+    if objective == "distill":
+        for key, label, color in (("spearman", "within-group Spearman with the oracle", "#0072B2"),
+                                  ("argmax_agreement", "argmax agreement with the oracle", "#D55E00")):
+            ax.errorbar(steps, [r["eval"][key] for r in evals], yerr=[r["eval"][key + "_se"] for r in evals],
+                        marker="o", ms=3, capsize=2, color=color, label=label)
+        ax.axhline(evals[-1]["eval"]["chance"], color="#D55E00", lw=0.8, ls=":", label="argmax chance (1/K)")
+        ax.axhline(0.0, color="#999999", lw=0.8, ls="--")
+        ax.set_ylabel("agreement with the held-out oracle (higher is better)")
+        what = f"{n} fixed held-out groups"
+    else:
+        ax.errorbar(steps, [r["eval"]["rater_advantage"] for r in evals],
+                    yerr=[r["eval"]["rater_advantage_se"] for r in evals], marker="o", ms=3, capsize=2,
+                    color="#009E73", label="rater advantage")
+        ax.axhline(0.0, color="#999999", lw=0.8, ls="--", label="uniform weights")
+        ax.set_ylabel("L_ho(uniform) - L_ho(rater) (higher is better)")
+        what = f"{n} fixed held-out outer batches"
+    best = max(evals, key=lambda r: (r["eval"].get("best", False), r["step"]))
+    if best["eval"].get("best"):
+        ax.axvline(best["step"], color="#000000", lw=0.8, ls="-.", label=f"best (step {best['step']})")
+    ax.set_xlabel("outer step")
+    ax.set_title(f"held-out meta-validation ({objective}); error bars: ±1 SE over {what}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _warn(msg: str, is_main: bool) -> None:
     if is_main:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -235,9 +468,16 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
             raise ValueError(f"{key} {getattr(cfg, key)} is not divisible by the {world} processes; the global batch must split evenly")
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()
     lock = RunLock(run_dir).acquire() if is_main else None
     try:
         return _metatrain(cfg, resume, rank, world, device, run_dir, is_main)
+    except BaseException:
+        if lock is not None and created:  # failed before writing anything (e.g. no checkpoint): leave no folder
+            from ..train import _remove_if_only_lock
+
+            _remove_if_only_lock(run_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -246,38 +486,45 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
 def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device, run_dir: Path, is_main: bool) -> dict:
     from ..train import NumericsError, load_diffusion
 
+    distill = cfg.objective == "distill"
+    for key in ("distill_val_batch_size",):
+        if getattr(cfg, key) % world:
+            raise ValueError(f"{key} {getattr(cfg, key)} is not divisible by the {world} processes; the global batch must split evenly")
     if is_main:
         check_run_config(run_dir, to_dict(cfg), resume)
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     model.eval()
     dcfg = dstate.get("config", {}) or {}
     source = cfg.data or dcfg.get("data", "digits")
-    split_seed, val_fraction = int(dcfg.get("seed", 0)), float(dcfg.get("val_fraction", 0.1))
-    train_data = load_dataset(source, "train", seed=split_seed, val_fraction=val_fraction)
-    val_data = load_dataset(source, "val", seed=split_seed, val_fraction=val_fraction)
+    train_data, val_all, split_info = checkpoint_splits(dcfg, source)
+    split_seed, val_fraction = split_info["split_seed"], split_info["val_fraction"]
     if (train_data.channels, train_data.image_size, train_data.num_classes) != (spec.in_channels, spec.input_size, spec.num_classes):
         raise CheckpointError(
             f"dataset {source!r} has {train_data.channels}x{train_data.image_size}px images in {train_data.num_classes} classes, "
             f"but {cfg.checkpoint} is a model of {spec.in_channels}x{spec.input_size}px with {spec.num_classes} classes; "
             "pass the dataset the checkpoint was trained on (--data)"
         )
-    if len(val_data) < cfg.val_batch_size:
-        _warn(f"the validation split has {len(val_data)} images, fewer than --val-batch-size {cfg.val_batch_size}: "
+    # the meta half feeds every outer loss; the held-out half only the held-out check (none without one)
+    val_data, heldout_data = split_heldout(val_all, cfg.heldout_fraction if cfg.eval_every > 0 else 0.0, split_seed)
+    if not distill and len(val_data) < cfg.val_batch_size:
+        _warn(f"the meta-validation split has {len(val_data)} images, fewer than --val-batch-size {cfg.val_batch_size}: "
               "validation batches repeat images", is_main)
     label_dropout = cfg.label_dropout if cfg.label_dropout is not None else float(dcfg.get("label_dropout", 0.1))
-    sampler = _Sampler(train_data, val_data, spec.num_classes, cfg.seed, cfg.inner_steps, cfg.candidates,
-                       cfg.batch_size, cfg.val_batch_size, label_dropout, bool(dcfg.get("unconditional", False)),
-                       GaussianDiffusion().num_timesteps)
+    sampler = _Sampler(train_data, val_data, spec.num_classes, cfg.seed, 1 if distill else cfg.inner_steps,
+                       cfg.candidates, cfg.batch_size, cfg.val_batch_size, label_dropout,
+                       bool(dcfg.get("unconditional", False)), GaussianDiffusion().num_timesteps, cfg.planted_scale)
     torch.manual_seed(cfg.seed)
     rater = NoiseRater(RaterSpec(cfg.rater, spec.input_size, spec.in_channels, spec.num_classes, cfg.ablation)).to(device)
     # The group softmax ignores a shift shared by all K scores, so the head's bias and its LayerNorm's bias
-    # (which only shift every score) have an exactly zero meta-gradient; Adam would scale its round-off to
-    # lr-sized steps. They stay at their initial values.
+    # (which only shift every score) have an exactly zero meta-gradient (and distillation gradient); Adam
+    # would scale its round-off to lr-sized steps. They stay at their initial values.
     trainable = [p for n, p in rater.named_parameters() if p.requires_grad and n not in SHIFT_ONLY_PARAMS]
     opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reducer = Reducer()
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    best_path = run_dir / "rater_best.pt"
     step, inner_lr, sweep, carried, bad_in_row = 0, None, None, None, 0
+    heldout: dict = {"best": None, "since_best": 0}
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, kind="rater")
         if state.get("spec") != rater.spec.to_dict():
@@ -285,10 +532,12 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         load_state_dict_checked(rater, state["rater"], str(ckpt_path))
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        step, inner_lr, sweep = int(state["step"]), float(state["inner_lr"]), state.get("sweep")
+        step, sweep = int(state["step"]), state.get("sweep")
+        inner_lr = None if state.get("inner_lr") is None else float(state["inner_lr"])
         bad_in_row = int(state.get("bad_in_row", 0))
         carried = state.get("inner_params")
-    if inner_lr is None:
+        heldout = state.get("heldout") or heldout
+    if inner_lr is None and not distill:
         if cfg.inner_lr == "auto":
             inner_lr, sweep = sweep_inner_lr(model, sampler, cfg.sweep_grid(), cfg.inner_optimizer, cfg.sweep_steps,
                                              rank, world, device, reducer)
@@ -305,10 +554,30 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         truncate_metrics(run_dir / "metrics.jsonl", step, events_count_done=True)
         if sweep is not None and step == 0:
             write_json(run_dir / "inner_lr_sweep.json", {"chosen": inner_lr, "grid": sweep})
-    inner_opt = InnerOptimizer(cfg.inner_optimizer, inner_lr)
+    inner_opt = InnerOptimizer(cfg.inner_optimizer, inner_lr) if not distill else None
+    data_info = {**split_info, "meta_val_images": len(val_data),
+                 "heldout_val_images": len(heldout_data) if heldout_data is not None else 0}
+
+    evaluator = None
+    if cfg.eval_every > 0:
+        ho_sampler = replace(sampler, val=heldout_data if heldout_data is not None else val_data)
+        if heldout_data is None:
+            _warn("--heldout-fraction 0: the held-out check draws fresh batches from the same validation images the "
+                  "outer loss uses", is_main)
+        if distill:
+            evaluator = _DistillEval(model, ho_sampler, cfg.eval_batches, cfg.distill_val_batch_size, reducer, rank,
+                                     world, device)
+        else:
+            evaluator = _BilevelEval(model, ho_sampler, cfg.eval_batches, inner_lr, inner_opt, cfg.temperature,
+                                     reducer, rank, world, device, cache_uniform=not cfg.carry_inner)
 
     def log(rec: dict) -> None:
         log_metrics(run_dir, is_main, rec)
+
+    def rater_extra() -> dict:
+        return {"step": step, "config": to_dict(cfg), "inner_lr": inner_lr, "objective": cfg.objective,
+                "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict()},
+                "data": data_info}
 
     def save(final: bool = False) -> None:
         for name, p in rater.named_parameters():  # never overwrite the last good checkpoint with NaN/inf weights
@@ -317,18 +586,33 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                                     f"checkpoint {ckpt_path} is untouched; lower --lr or use --grad-clip")
         if not is_main:
             return
-        extra = {
-            "optimizer": opt.state_dict(), "rng": get_rng_state(), "step": step, "config": to_dict(cfg),
-            "inner_lr": inner_lr, "sweep": sweep, "bad_in_row": bad_in_row,
-            "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict()},
-            "data": {"source": source, "split_seed": split_seed, "val_fraction": val_fraction},
-        }
+        extra = {**rater_extra(), "optimizer": opt.state_dict(), "rng": get_rng_state(), "sweep": sweep,
+                 "bad_in_row": bad_in_row, "heldout": heldout}
         if cfg.carry_inner:
             extra["inner_params"] = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         from ..checkpoint import save_rater
 
         save_rater(ckpt_path, rater, extra)
-        save_rater(run_dir / "rater.pt", rater, {k: extra[k] for k in ("step", "config", "inner_lr", "diffusion", "data")})
+        save_rater(run_dir / "rater.pt", rater, rater_extra())
+
+    def evaluate() -> bool:
+        """One held-out evaluation at ``step``: log it, keep the best rater; True when the run has plateaued."""
+        res = evaluator(rater)
+        best = heldout["best"]
+        improved = best is None or res["value"] > best["value"] + res["se"]
+        if improved:
+            heldout["best"] = {"step": step, "value": res["value"], "se": res["se"]}
+            heldout["since_best"] = 0
+            if is_main:
+                from ..checkpoint import save_rater
+
+                save_rater(best_path, rater, {**rater_extra(), "eval": res})
+        else:
+            heldout["since_best"] += 1
+        res["best"] = improved
+        res["evals_since_best"] = heldout["since_best"]
+        log({"step": step, "eval": res, "time": time.time()})
+        return cfg.patience > 0 and heldout["since_best"] >= cfg.patience
 
     bar = None
     if is_main and cfg.progress:
@@ -337,26 +621,48 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         bar = tqdm(total=cfg.outer_steps, initial=step, desc="metatrain", dynamic_ncols=True)
     from ..train import _StopFlag
 
-    summary: dict = {"run_dir": str(run_dir), "start_step": step, "inner_lr": inner_lr, "method": cfg.method}
+    summary: dict = {"run_dir": str(run_dir), "start_step": step, "inner_lr": inner_lr, "method": cfg.method,
+                     "objective": cfg.objective}
     window: list[dict] = []
     warned = False
+    plateau = cfg.patience > 0 and heldout["since_best"] >= cfg.patience  # a resumed run that had stopped
+    if evaluator is not None and step == 0 and heldout["best"] is None:
+        plateau = evaluate()  # the initial rater: the level every later evaluation is compared with
     with _StopFlag() as stopper:
-        while step < cfg.outer_steps:
+        while step < cfg.outer_steps and not plateau:
             t0 = time.perf_counter()
-            batches, val = sampler.outer(step, rank, world, device)
-            l0 = _val(model, val, None, reducer)
-            res = meta_gradient_info(model, rater, batches, val, inner_lr=inner_lr, method=cfg.method,
-                                     inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer)
-            theta_rater, l_rater = res.params, res.val_loss
-            if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
-                theta_rater = inner_steps(model, batches, res.weights, inner_lr=inner_lr, inner_optimizer=inner_opt,
-                                          reducer=reducer)
-                l_rater = _val(model, val, theta_rater, reducer)
-            theta_unif = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=inner_lr,
-                                     inner_optimizer=inner_opt, reducer=reducer)
-            l_unif = _val(model, val, theta_unif, reducer)
-            for (name, p), g in zip(rater.named_parameters(), res.grads):
-                p.grad = g.detach().clone() if p.requires_grad and name not in SHIFT_ONLY_PARAMS else None
+            if distill:
+                groups = sampler.train_batch(step, 0, rank, world, device)
+                l0, align = _oracle(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
+                                                                     device), reducer)
+                x0, y, t, eps = groups
+                scores_b = rater.score_candidates(eps, t, x0, y)
+                loss = distillation_loss(scores_b, align, cfg.distill_temperature)
+                grads = torch.autograd.grad(loss, trainable)
+                grads = reducer.mean(list(grads))
+                for p, g in zip(trainable, grads):
+                    p.grad = g.detach().clone()
+                loss_value = float(reducer.mean([loss.detach().double()])[0])
+                scores_list = [scores_b.detach()]
+                weights_list = [torch.softmax(scores_b.detach() / cfg.temperature, dim=1)]
+                agree = rank_agreement(scores_b.detach(), align, reducer)
+                l_rater = loss_value
+            else:
+                batches, val = sampler.outer(step, rank, world, device)
+                l0 = _val(model, val, None, reducer)
+                res = meta_gradient_info(model, rater, batches, val, inner_lr=inner_lr, method=cfg.method,
+                                         inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer)
+                theta_rater, l_rater = res.params, res.val_loss
+                if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
+                    theta_rater = inner_steps(model, batches, res.weights, inner_lr=inner_lr, inner_optimizer=inner_opt,
+                                              reducer=reducer)
+                    l_rater = _val(model, val, theta_rater, reducer)
+                theta_unif = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=inner_lr,
+                                         inner_optimizer=inner_opt, reducer=reducer)
+                l_unif = _val(model, val, theta_unif, reducer)
+                for (name, p), g in zip(rater.named_parameters(), res.grads):
+                    p.grad = g.detach().clone() if p.requires_grad and name not in SHIFT_ONLY_PARAMS else None
+                scores_list, weights_list = res.scores, res.weights
             gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             finite = math.isfinite(float(gnorm)) and math.isfinite(l_rater)
             if finite:
@@ -364,44 +670,61 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 bad_in_row = 0
             else:
                 bad_in_row += 1
-                log({"step": step + 1, "event": "nonfinite_skipped", "val_loss_rater": l_rater, "meta_grad_norm": float(gnorm)})
+                log({"step": step + 1, "event": "nonfinite_skipped",
+                     ("distill_loss" if distill else "val_loss_rater"): l_rater, "meta_grad_norm": float(gnorm)})
                 if bad_in_row >= cfg.max_bad_steps:
                     raise NumericsError(
-                        f"non-finite meta-gradient or validation loss for {bad_in_row} outer steps in a row, last at step "
-                        f"{step + 1}; the last good checkpoint is {ckpt_path}; lower --inner-lr or --lr, or use --grad-clip"
+                        f"non-finite {'distillation' if distill else 'meta'}-gradient or loss for {bad_in_row} outer "
+                        f"steps in a row, last at step {step + 1}; the last good checkpoint is {ckpt_path}; lower "
+                        "--inner-lr or --lr, or use --grad-clip"
                     )
             opt.zero_grad(set_to_none=True)
             if cfg.carry_inner and finite:
                 _set_params(model, theta_rater)
             step += 1
-            scores = torch.cat(res.scores).double()
-            w = torch.cat(res.weights).double()
+            scores = torch.cat(scores_list).double()
+            w = torch.cat(weights_list).double()
             # global moments (equal slices per rank), so N processes log what one process logs
-            m1, m2, in_group, ent, wmax = reducer.mean([scores.mean(), scores.pow(2).mean(), scores.std(dim=1).mean(),
-                                                        _entropy(w).mean(), w.max(dim=1).values.mean()])
+            m1, m2, in_group, ent, wmax, w0 = reducer.mean([scores.mean(), scores.pow(2).mean(),
+                                                            scores.std(dim=1).mean(), _entropy(w).mean(),
+                                                            w.max(dim=1).values.mean(), w[:, 0].mean()])
             n_scores = scores.numel() * world
             score_std = math.sqrt(max(float(m2 - m1 * m1), 0.0) * n_scores / max(n_scores - 1, 1))
-            rec = {
-                "step": step, "val_loss_init": l0, "val_loss_rater": l_rater, "val_loss_uniform": l_unif,
-                "uniform_gain": l0 - l_unif, "rater_advantage": l_unif - l_rater, "meta_grad_norm": float(gnorm),
+            if distill:
+                rec = {"step": step, "distill_loss": loss_value, "val_loss_init": l0,
+                       "spearman": agree["spearman"], "argmax_agreement": agree["argmax_agreement"],
+                       "grad_norm": float(gnorm)}
+            else:
+                rec = {"step": step, "val_loss_init": l0, "val_loss_rater": l_rater, "val_loss_uniform": l_unif,
+                       "uniform_gain": l0 - l_unif, "rater_advantage": l_unif - l_rater, "meta_grad_norm": float(gnorm)}
+            rec.update({
                 "score_mean": float(m1), "score_std": score_std, "score_std_in_group": float(in_group),
                 "weight_entropy": float(ent), "weight_entropy_uniform": math.log(cfg.candidates),
                 "weight_max": float(wmax), "inner_lr": inner_lr, "time_s": time.perf_counter() - t0,
                 "time": time.time(),
-            }
+            })
+            if cfg.planted_scale != 1.0:
+                rec["planted_weight"] = float(w0)  # mean weight of the planted candidate 0 (uniform: 1/K)
             window.append(rec)
             window = window[-50:]
             if step % cfg.log_every == 0 or step == cfg.outer_steps:
                 log(rec)
-            if not warned and len(window) >= min(10, cfg.outer_steps) and sum(r["uniform_gain"] for r in window) <= 0:
+            if not distill and not warned and len(window) >= min(10, cfg.outer_steps) \
+                    and sum(r["uniform_gain"] for r in window) <= 0:
                 _warn(f"uniform inner steps do not lower the validation loss (mean uniform gain "
                       f"{sum(r['uniform_gain'] for r in window) / len(window):.3g} over {len(window)} steps at inner lr "
                       f"{inner_lr}): the rater can only learn to undo damage; use --inner-lr auto or a smaller lr", is_main)
                 warned = True
             if bar is not None:
                 bar.update(1)
-                adv = sum(r["rater_advantage"] for r in window) / len(window)
-                bar.set_postfix(val=f"{l_rater:.4f}", adv=f"{adv:+.2e}", gain=f"{rec['uniform_gain']:+.2e}")
+                if distill:
+                    rho = sum(r["spearman"] for r in window) / len(window)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", rho=f"{rho:+.3f}")
+                else:
+                    adv = sum(r["rater_advantage"] for r in window) / len(window)
+                    bar.set_postfix(val=f"{l_rater:.4f}", adv=f"{adv:+.2e}", gain=f"{rec['uniform_gain']:+.2e}")
+            if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.outer_steps):
+                plateau = evaluate()
             stop_now = stopper.stop  # read once: the handler may flip it at any time
             if world > 1:  # a signal may reach one rank only: all stop together or the others hang in a collective
                 import torch.distributed as dist
@@ -409,7 +732,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 f = torch.tensor(1.0 if stop_now else 0.0, device=device)
                 dist.all_reduce(f, op=dist.ReduceOp.MAX)
                 stop_now = bool(f > 0)
-            if step % cfg.ckpt_every == 0 or step == cfg.outer_steps or stop_now:
+            if step % cfg.ckpt_every == 0 or step == cfg.outer_steps or stop_now or plateau:
                 save()
                 if stop_now:
                     summary["interrupted"] = True
@@ -424,14 +747,43 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     if step == summary["start_step"] and is_main and not (run_dir / "rater.pt").exists():
         save()
     summary.update({"step": step, "rater": str(run_dir / "rater.pt"), "checkpoint": str(ckpt_path)})
+    if plateau:
+        summary["stopped"] = (f"plateau: {heldout['since_best']} held-out evaluations without an improvement beyond "
+                              f"one standard error (patience {cfg.patience})")
+    if evaluator is not None and heldout["best"] is not None:
+        summary["best_rater"] = str(best_path)
+        summary["best_eval"] = dict(heldout["best"], metric=evaluator.metric)
+        if is_main:
+            evals = _eval_records(run_dir / "metrics.jsonl")
+            if evals:
+                summary["heldout_curve"] = str(plot_heldout_curve(evals, run_dir / "heldout_curve.png", cfg.objective))
     if window:
         n = len(window)
-        summary["last_steps"] = {
-            "n": n,
-            "val_loss_init": sum(r["val_loss_init"] for r in window) / n,
-            "val_loss_rater": sum(r["val_loss_rater"] for r in window) / n,
-            "val_loss_uniform": sum(r["val_loss_uniform"] for r in window) / n,
-            "rater_advantage": sum(r["rater_advantage"] for r in window) / n,
-            "rater_better_fraction": sum(r["rater_advantage"] > 0 for r in window) / n,
-        }
+        mean = lambda key: sum(r[key] for r in window) / n  # noqa: E731
+        if distill:
+            summary["last_steps"] = {"n": n, "distill_loss": mean("distill_loss"), "spearman": mean("spearman"),
+                                     "argmax_agreement": mean("argmax_agreement")}
+        else:
+            summary["last_steps"] = {
+                "n": n, "val_loss_init": mean("val_loss_init"), "val_loss_rater": mean("val_loss_rater"),
+                "val_loss_uniform": mean("val_loss_uniform"), "rater_advantage": mean("rater_advantage"),
+                "rater_better_fraction": sum(r["rater_advantage"] > 0 for r in window) / n,
+            }
+        if cfg.planted_scale != 1.0:
+            summary["last_steps"]["planted_weight"] = mean("planted_weight")
     return summary
+
+
+def _eval_records(path: Path) -> list[dict]:
+    import json
+
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("eval"), dict):
+                out.append(rec)
+    return out
