@@ -119,7 +119,8 @@ if [[ "$HAVE_BENCH" == *metagrad* ]]; then
   META_ARGS=()
   for pair in "--device=$DEVICE" "--model=${GPU_CHECK_META_MODEL:-DiT-S/2}" "--rater=${GPU_CHECK_META_RATER:-Rater-S/2}" \
               "--image-size=32" "--channels=4" "--batch=8" "--candidates=8" "--steps=1,5" \
-              "--methods=reverse,reverse_fwd,unrolled" "--repeats=2" "--timeout=60" "--plot=$RESULTS/metagrad.png"; do
+              "--methods=reverse,reverse_fwd,unrolled" "--repeats=2" "--timeout=60" "--figure=$RESULTS/metagrad.png" \
+              "--plot=$RESULTS/metagrad.png"; do  # --plot: older checkouts (now a hidden alias, not in --help)
     [[ "$META_HELP" == *"${pair%%=*}"* ]] && META_ARGS+=("$pair")
   done
   run metagrad 240 "${NR[@]}" bench metagrad ${META_ARGS[@]+"${META_ARGS[@]}"} "$OUTFLAG" "$RESULTS/metagrad.json"

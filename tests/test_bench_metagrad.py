@@ -54,7 +54,7 @@ def test_reverse_memory_is_flat_and_unrolled_grows(tmp_path):
     from noiserater.cli import main
 
     out = tmp_path / "m.json"
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--plot", "", "--steps", "1,4",
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--steps", "1,4",
                                   "--methods", "unrolled,reverse", "--image-size", "8", "--repeats", "1"])
     assert r.exit_code == 0, r.output
     recs = {(x["method"], x["inner_steps"]): x for x in json.loads(out.read_text())}

@@ -89,7 +89,11 @@ def label_axes(ax, xlabel: str | None = None, ylabel: str | None = None, title: 
     if ylabel is not None:
         # the axes are about 60% of the figure's height: wrap the y label to that, not to the figure
         h = 0.6 * ax.figure.get_figheight() / max(1, _grid(ax)[0])
-        ax.set_ylabel(wrap(axis_label(ylabel, yunit, lower_is_better, higher_is_better), h, FONT), fontsize=FONT)
+        text = axis_label(ylabel, yunit, lower_is_better, higher_is_better)
+        if wrap(text, h, FONT) != text:  # too long for one line: the better direction gets a line of its own
+            head = axis_label(ylabel, yunit)
+            text = wrap(head, h, FONT) + text[len(head):].replace(" (", "\n(", 1)
+        ax.set_ylabel(text, fontsize=FONT)
     if title is not None:
         ax.set_title(wrap(title, w, FONT), fontsize=FONT)
 

@@ -173,16 +173,18 @@ def run_loader_benchmark(cache: str | None, *, model: str = "DiT-S/2", batch_siz
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the DiT.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
               help="Recompute DiT blocks in backward.")
-@click.option("--out", default="benchmarks/loader.json", show_default=True, type=click.Path(dir_okay=False),
-              help="JSON file (a list with one record) to write.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Write the record as JSON (a list with one record) to this file. Without it nothing is written.")
 def command(cache, num, latent_size, model, batch_size, repeats, device, amp, tf32, compile_, grad_checkpointing, out):
     """Latent-cache loader images/s against the training step's images/s (one process, interleaved)."""
     rec = run_loader_benchmark(cache, model=model, batch_size=batch_size, repeats=repeats, device=device, amp=amp,
                                tf32=tf32, compile_=compile_, grad_checkpointing=grad_checkpointing, num=num,
                                latent_size=latent_size, log=click.echo)
-    from ..checkpoint import atomic_write_text
+    if out:
+        from ..checkpoint import atomic_write_text
 
-    atomic_write_text(out, json.dumps([rec], indent=2) + "\n")
+        atomic_write_text(out, json.dumps([rec], indent=2) + "\n")
     click.echo(f"loader (memmap) {rec['loader_memmap_images_per_s']:.0f} img/s, (memory) "
                f"{rec['loader_memory_images_per_s']:.0f} img/s; train step {rec['train_images_per_s']:.1f} img/s "
-               f"({model}, batch {rec['batch_size']}); loader/train = {rec['loader_over_train']:.0f}x -> {out}")
+               f"({model}, batch {rec['batch_size']}); loader/train = {rec['loader_over_train']:.0f}x"
+               + (f" -> {out}" if out else ""))

@@ -194,8 +194,9 @@ def run_child(cfg: dict) -> dict:
 
 
 @click.command("metagrad")
-@click.option("--json", "json_path", default="benchmarks/metagrad.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Output JSON: a list of {method, inner_steps, time_s, peak_mem_bytes, ...}.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the records as JSON to this file: a list of {method, inner_steps, time_s, peak_mem_bytes, "
+                   "...}. Without it nothing is written; the table goes to stdout.")
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated meta-gradient methods.")
 @click.option("--steps", "steps", default="1,2,5,10,20", show_default=True, help="Comma-separated inner step counts S.")
 @click.option("--model", default="DiT-N/2", show_default=True, help="DiT config (random weights).")
@@ -209,17 +210,23 @@ def run_child(cfg: dict) -> dict:
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed calls per configuration.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--plot", "plot_path", default="docs/img/metagrad.png", show_default=True,
-              help="PNG plot of memory and time vs S ('' to skip).")
+@click.option("--figure", "figure_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a PNG figure of memory and time vs S to this file. Without it no figure is written.")
+@click.option("--plot", "plot_path", default=None, hidden=True, help="Deprecated alias of --figure ('' = no figure).")
 @click.option("--timeout", "timeout_s", default=600, show_default=True, type=click.IntRange(min=1), help="Seconds allowed per configuration.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random weights, images and noises.")
 @click.option("--child", default=None, hidden=True)
 def command(json_path, methods, steps, model, rater, image_size, channels, batch, candidates, inner_optimizer, inner_lr,
-            repeats, threads, device, plot_path, timeout_s, seed, child) -> None:
-    """Meta-gradient cost vs S: one fresh process per (method, S); JSON, a Markdown table and a plot."""
+            repeats, threads, device, figure_path, plot_path, timeout_s, seed, child) -> None:
+    """Meta-gradient cost vs S: one fresh process per (method, S); a Markdown table on stdout, and JSON
+    (--json) and a figure (--figure) only where asked."""
     if child is not None:
         click.echo("RESULT " + json.dumps(run_child(json.loads(child))))
         return
+    if plot_path is not None:
+        click.echo("warning: --plot is deprecated, use --figure PATH", err=True)
+        if figure_path is None and plot_path:
+            figure_path = plot_path
     from ..meta import METHODS
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -267,17 +274,19 @@ def command(json_path, methods, steps, model, rater, image_size, channels, batch
             click.echo(f"{method:12s} S={S:3d}  time {rec['time_s']:8.3f} s  ({rec['time_per_inner_step_s']:.3f} s/step)  "
                        f"peak +{rec['peak_mem_bytes'] / 2**20:8.1f} MiB"
                        + (f"  (RSS +{rss / 2**20:.1f} MiB)" if rss is not None else ""), err=True)
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ..checkpoint import atomic_write_text
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..checkpoint import atomic_write_text
 
-    atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+        click.echo(f"wrote {path}", err=True)
     click.echo(markdown_table(records))
     for line in goal_lines(records):
         click.echo(line)
-    if plot_path:
-        plot(records, plot_path)
-        click.echo(f"wrote {path} and {plot_path}", err=True)
+    if figure_path:
+        plot(records, figure_path)
+        click.echo(f"wrote {figure_path}", err=True)
 
 
 def _run_rss_child(cfg: dict, env: dict, timeout_s: int) -> int | None:
@@ -334,12 +343,13 @@ def goal_lines(records: list[dict]) -> list[str]:
 
 
 def plot(records: list[dict], path: str) -> None:
-    import matplotlib
+    """Peak memory growth and time per inner step vs S, one line per method (noiserater.plotting style)."""
+    from ..plotting import figure, label_axes, legend, savefig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    r0 = records[0] if records else {}
+    setup = (f"{r0.get('model')} + {r0.get('rater')}, {r0.get('image')} images, batch {r0.get('batch')}, "
+             f"K={r0.get('candidates')} candidates, {r0.get('inner_optimizer')} inner steps, {r0.get('device')}")
+    fig, axes = figure(2, width=5.5, title=f"Cost of one meta-gradient vs inner steps S ({setup})")
     for m in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == m and r.get("time_s") is not None]
         if not rs:
@@ -347,16 +357,19 @@ def plot(records: list[dict], path: str) -> None:
         S = [r["inner_steps"] for r in rs]
         axes[0].plot(S, [r["peak_mem_bytes"] / 2**20 for r in rs], marker="o", label=m)
         axes[1].plot(S, [r["time_per_inner_step_s"] for r in rs], marker="o", label=m)
-    axes[0].set(xlabel="inner steps S", ylabel="peak memory growth (MiB)", title="memory of one meta-gradient")
-    axes[1].set(xlabel="inner steps S", ylabel="time per inner step (s)", title="time of one meta-gradient / S")
+    label_axes(axes[0], xlabel="inner steps S", ylabel="peak live memory growth", yunit="MiB", lower_is_better=True,
+               title="(a) memory of one meta-gradient")
+    label_axes(axes[1], xlabel="inner steps S", ylabel="time per inner step", yunit="s", lower_is_better=True,
+               title="(b) time of one meta-gradient / S")
+    steps = sorted({r["inner_steps"] for r in records if r.get("time_s") is not None})
     for ax in axes:
         ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    r0 = records[0] if records else {}
-    fig.suptitle(f"{r0.get('model')} + {r0.get('rater')}, {r0.get('image')} images, B={r0.get('batch')}, "
-                 f"K={r0.get('candidates')}, {r0.get('inner_optimizer')}, {r0.get('device')}", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if steps:  # ticks at the measured S, in plain numbers
+            ax.set_xticks(steps, [str(v) for v in steps])
+            ax.minorticks_off()
+        legend(ax, title="method")
+    clock = r0.get("clock", "CUDA wall-clock" if str(r0.get("device", "")).startswith("cuda") else "process CPU time")
+    savefig(fig, path, caption=(
+        f"Each point: one fresh process per (method, S), median of the timed calls ({clock}); memory: the peak "
+        "growth of live allocations over the model and rater already in memory. Failed or timed-out "
+        "configurations are left out (see the JSON/table)."))

@@ -350,8 +350,9 @@ def markdown_table(records: list[dict]) -> str:
               help="Steps of the timed window of the end-to-end train() loop (0 skips it).")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory in a fresh subprocess per config and formulation.")
-@click.option("--out", "out", default="benchmarks/train.json", show_default=True, type=click.Path(dir_okay=False),
-              help="JSON file to write (machine info and one record per config).")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write the results as JSON to this file (machine info and one record per config). Without it "
+                   "nothing is written; the table goes to stdout.")
 def command(configs, steps, rounds, warmup, loop_steps, memory, out) -> None:
     """Training images/s and peak memory; our step vs the fastest plain-PyTorch formulation."""
     from ..checkpoint import write_json
@@ -375,6 +376,8 @@ def command(configs, steps, rounds, warmup, loop_steps, memory, out) -> None:
         records.append(rec)
     result = {"benchmark": "train", "machine": machine_info(), "records": records,
               "note": "ratio_ours_over_plain > 1 means our training step is slower than the plain formulation"}
-    write_json(out, result)
+    if out:
+        write_json(out, result)
     click.echo(markdown_table(records))
-    click.echo(f"wrote {out}")
+    if out:
+        click.echo(f"wrote {out}", err=True)
