@@ -11,14 +11,15 @@ import click
 from . import __version__
 
 # Subcommands, in the order ``--help`` lists them. Bench subcommands are gathered the same way.
-COMMANDS = ["demo", "train", "sample", "metatrain", "evaluate", "analyze", "reproduce", "report",
+COMMANDS = ["demo", "train", "sample", "metatrain", "evaluate", "analyze", "reproduce", "evidence", "report",
             "cache_latents", "bench"]
 
 
 class _Group(click.Group):
     """Loads each subcommand's module only when it is used (``noiserater --version`` and ``train`` do not
-    pay for importing every command), and turns the library's own error types into one-line messages
-    and exit code 2."""
+    pay for importing every command), and prints the library's own error types (:mod:`noiserater.errors`)
+    and click's usage errors as one line ``error: ...`` with exit code 2. Any other exception is a bug and
+    keeps its traceback (exit code 1)."""
 
     def list_commands(self, ctx):
         return [n.replace("_", "-") for n in COMMANDS if _module_exists(n)]
@@ -29,14 +30,28 @@ class _Group(click.Group):
             return None
         return importlib.import_module(f"noiserater.commands.{module}").command
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:  # a bad option of the group itself (``noiserater --bogus``)
+            _exit_one_line(e.format_message(), e.exit_code)
+
     def invoke(self, ctx):
         from .errors import USER_ERRORS
 
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _exit_one_line(e, 2)
+        except click.ClickException as e:  # usage errors of a subcommand: one line, not click's usage block
+            _exit_one_line(e.format_message(), e.exit_code)
+
+
+def _exit_one_line(message: object, code: int) -> None:
+    from .errors import one_line
+
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
 
 
 def _module_exists(module: str) -> bool:
