@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, load_rater, write_json
-from .config import require
+from .config import ConfigError, MissingFileError, require
 from .data import load_dataset
 
 NUM_TIMESTEPS = 1000
@@ -41,7 +41,7 @@ NUM_TIMESTEPS = 1000
 def normalized_timesteps(count: int = 11) -> list[float]:
     """``count`` evenly spaced normalised timesteps in [0, 1] (11 -> 0.0, 0.1, ..., 1.0)."""
     if count < 2:
-        raise ValueError(f"need at least 2 timesteps, got {count}")
+        raise ConfigError(f"need at least 2 timesteps, got {count}")
     return [round(i / (count - 1), 10) for i in range(count)]
 
 
@@ -49,7 +49,7 @@ def integer_timesteps(normalized: list[float], num_timesteps: int = NUM_TIMESTEP
     """Map t in [0, 1] to the integer timestep round(t * (T - 1))."""
     bad = [t for t in normalized if not 0.0 <= t <= 1.0]
     if bad:
-        raise ValueError(f"normalised timesteps must lie in [0, 1], got {bad}")
+        raise ConfigError(f"normalised timesteps must lie in [0, 1], got {bad}")
     return [int(round(t * (num_timesteps - 1))) for t in normalized]
 
 
@@ -81,7 +81,7 @@ def rater_statistics(rater: torch.nn.Module, images: torch.Tensor, labels: torch
     The noises of image i are drawn from a generator seeded with (seed, i), so a statistic of one image does
     not depend on the batch size or on N."""
     if num_noises < 2:
-        raise ValueError(f"num_noises must be >= 2 to correlate scores with norms, got {num_noises}")
+        raise ConfigError(f"num_noises must be >= 2 to correlate scores with norms, got {num_noises}")
     tn = timesteps if timesteps is not None else normalized_timesteps()
     ts = integer_timesteps(tn, num_timesteps)
     n = images.shape[0]
@@ -314,7 +314,7 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
         ckpt_step = int(dstate.get("step", -1))
     source = cfg.data or dcfg.get("data")
     if not source:
-        raise ValueError("pass --checkpoint (the rater's diffusion checkpoint) or --data SOURCE so the analysis "
+        raise ConfigError("pass --checkpoint (the rater's diffusion checkpoint) or --data SOURCE so the analysis "
                          "knows which images to score")
     rater = load_rater(cfg.rater, expect=expect)
     spec = rater.spec
@@ -433,7 +433,7 @@ def analyze_stages(cfg: StagesConfig, rater_factory: RaterFactory | None = None,
         stages.append((step, ckpt))
     steps = [s for s, _ in stages]
     if len(set(steps)) != len(steps):
-        raise ValueError(f"two checkpoints are at the same training step ({sorted(steps)}); pass one per stage")
+        raise ConfigError(f"two checkpoints are at the same training step ({sorted(steps)}); pass one per stage")
     stages.sort()
     per_stage, rows = [], []
     for step, ckpt in stages:
@@ -482,7 +482,7 @@ def read_loss_log(path: str | os.PathLike, key: str = "loss") -> tuple[np.ndarra
     a crash and non-finite values are skipped; a step logged twice keeps its last value."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training log {path} not found; pass a run's metrics.jsonl")
+        raise MissingFileError(f"training log {path} not found; pass a run's metrics.jsonl")
     rows: dict[int, float] = {}
     for line in path.read_text().splitlines():
         try:
@@ -498,7 +498,7 @@ def read_loss_log(path: str | os.PathLike, key: str = "loss") -> tuple[np.ndarra
         if math.isfinite(value):
             rows[int(rec["step"])] = value
     if not rows:
-        raise ValueError(f"training log {path} has no lines with 'step' and a finite {key!r}")
+        raise ConfigError(f"training log {path} has no lines with 'step' and a finite {key!r}")
     steps = np.array(sorted(rows), dtype=np.int64)
     return steps, np.array([rows[s] for s in steps], dtype=np.float64)
 
@@ -508,7 +508,7 @@ def smooth_loss(losses: np.ndarray, window: int) -> np.ndarray:
     import pandas as pd
 
     if window < 1:
-        raise ValueError(f"smoothing window must be >= 1, got {window}")
+        raise ConfigError(f"smoothing window must be >= 1, got {window}")
     return pd.Series(np.asarray(losses, np.float64)).rolling(window, center=True, min_periods=1).mean().to_numpy()
 
 
@@ -518,7 +518,7 @@ def first_stable_index(values: np.ndarray, threshold: float, window: int) -> int
     below = np.asarray(values) <= threshold
     n = below.size
     if window < 0:
-        raise ValueError(f"stability window must be >= 0, got {window}")
+        raise ConfigError(f"stability window must be >= 0, got {window}")
     run = 0  # length of the run of True values ending at j
     for j in range(n):
         run = run + 1 if below[j] else 0
@@ -535,21 +535,21 @@ def match_stage(source_log: str | os.PathLike, source_step: int, target_log: str
     t_steps, t_loss = read_loss_log(target_log, key)
     for name, steps in (("source", s_steps), ("target", t_steps)):
         if smooth_window > steps.size:
-            raise ValueError(f"the {name} log has {steps.size} logged steps, fewer than the smoothing window "
+            raise ConfigError(f"the {name} log has {steps.size} logged steps, fewer than the smoothing window "
                              f"{smooth_window}; pass a smaller --smooth-window (it counts logged steps)")
     if stability_window + 1 > t_steps.size:
-        raise ValueError(f"the target log has {t_steps.size} logged steps, too few for the stability window "
+        raise ConfigError(f"the target log has {t_steps.size} logged steps, too few for the stability window "
                          f"W={stability_window}; pass a smaller --stability-window (it counts logged steps)")
     i = int(np.argmin(np.abs(s_steps - source_step)))
     spacing = int(np.median(np.diff(s_steps))) if s_steps.size > 1 else 0
     if abs(int(s_steps[i]) - source_step) > spacing:
-        raise ValueError(f"source step {source_step} is not in the source log (logged steps {s_steps[0]}..{s_steps[-1]} "
+        raise ConfigError(f"source step {source_step} is not in the source log (logged steps {s_steps[0]}..{s_steps[-1]} "
                          f"every ~{spacing})")
     s_smooth, t_smooth = smooth_loss(s_loss, smooth_window), smooth_loss(t_loss, smooth_window)
     target = float(s_smooth[i])
     j = first_stable_index(t_smooth, target, stability_window)
     if j is None:
-        raise ValueError(f"the target run's smoothed loss never stays at or below {target:.5g} (source step "
+        raise ConfigError(f"the target run's smoothed loss never stays at or below {target:.5g} (source step "
                          f"{int(s_steps[i])}) for {stability_window} logged steps; train the target longer or "
                          "lower --stability-window")
     return {"target_step": int(t_steps[j]), "source_step": int(s_steps[i]), "source_loss_smoothed": target,

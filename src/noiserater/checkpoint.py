@@ -193,6 +193,14 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_g
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
     except Exception as e:  # pickle errors, truncated or foreign files, code-carrying pickles
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if magic and not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a legacy pickle
+            raise CheckpointError(f"could not read {what} {path} (truncated or corrupt?): it is not a torch.save file "
+                                  f"(zip or pickle); it starts with {magic!r}") from None
         glob = re.search(r"GLOBAL ([\w.]+)", str(e))
         if glob:
             raise CheckpointError(

@@ -15,7 +15,13 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value or file is invalid; the message names the key and the fix."""
+    """A config value or file is invalid, or an option asks for something that cannot be done (an unknown
+    model name, an image size the patch size does not divide); the message names the key and the fix. The
+    CLI prints it as one line with exit code 2."""
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A file named by an option does not exist (also a FileNotFoundError, for library callers)."""
 
 
 def _check_type(cls_name: str, key: str, value: Any, hint: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from .config import ConfigError
 
 
 class GaussianDiffusion:
@@ -69,7 +70,7 @@ def epsilon_loss(
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """Decreasing timesteps with 'leading' spacing (diffusers' DDIMScheduler default)."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
+        raise ConfigError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
     ratio = num_timesteps // steps
     return [i * ratio for i in range(steps)][::-1]
 
@@ -112,7 +113,7 @@ def ddim_sample(
     null = getattr(model, "num_classes", None) if null_class is None else null_class
     guided = cfg_scale != 1.0
     if guided and null is None:
-        raise ValueError("classifier-free guidance needs null_class (the model has no num_classes)")
+        raise ConfigError("classifier-free guidance needs null_class (the model has no num_classes)")
     x = noise
     ts = ddim_timesteps(diffusion.num_timesteps, steps)
     iterator = ts

@@ -1,4 +1,7 @@
-"""The exception types that mean "the user's input is wrong" (printed as one line by the CLI)."""
+"""The exception types that mean "the user's input is wrong": the CLI prints them as one line ``error: ...``
+on stderr and exits with code 2 (as click does for a bad option). Every other exception is a bug: it keeps
+its traceback and the exit code is 1. Library code signals bad input with these classes (a ConfigError
+names the key / flag, a DatasetError or CheckpointError the file), never with a bare ValueError."""
 
 from __future__ import annotations
 
@@ -10,7 +13,13 @@ from .data.datasets import DatasetError
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .train import NumericsError
 
-    return (CheckpointError, RunDirError, ConfigError, DatasetError, NumericsError, ValueError, FileNotFoundError)
+    # DiskFullError is a RunDirError, LatentCacheError a DatasetError
+    return (CheckpointError, RunDirError, ConfigError, DatasetError, NumericsError)
 
 
 USER_ERRORS = _user_errors()
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(message).split())

@@ -49,6 +49,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, sa
 from .config import require
 from .data import ImageData, load_dataset
 from .data.datasets import DatasetError, split_indices
+from .config import ConfigError
 
 # sha256 prefix of the standard FID Inception weights (pytorch-fid and torch-fidelity name their files by it)
 INCEPTION_SHA256_PREFIX = "6726825d"
@@ -285,7 +286,7 @@ class InceptionV3(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[1] != 3:
-            raise ValueError(f"InceptionV3 needs 1- or 3-channel images, got {x.shape[1]} channels "
+            raise ConfigError(f"InceptionV3 needs 1- or 3-channel images, got {x.shape[1]} channels "
                              "(decode latents to pixels before computing Inception FID)")
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -351,7 +352,7 @@ class DatasetClassifier(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int):
         super().__init__()
         if image_size < 4:
-            raise ValueError(f"the dataset classifier needs images of at least 4x4 pixels, got {image_size}")
+            raise ConfigError(f"the dataset classifier needs images of at least 4x4 pixels, got {image_size}")
         self.config = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
         layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
                                    nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
@@ -553,7 +554,7 @@ def build_extractor(name: str, source: str, cache: str | os.PathLike | None = No
                          {"feature_dim": 2048, "sha256": digest, "path": str(weights),
                           "standard_weights": digest.startswith(INCEPTION_SHA256_PREFIX), "resize": "bilinear 299"},
                          max_batch=64)
-    raise ValueError(f"unknown feature extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
+    raise ConfigError(f"unknown feature extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
 
 
 def default_reference(data_source: str) -> tuple[str, str]:
@@ -592,7 +593,7 @@ class RunningStats:
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
-            raise ValueError(f"feature statistics need at least 2 images, got {self.n}")
+            raise ConfigError(f"feature statistics need at least 2 images, got {self.n}")
         sigma = self.m2 / (self.n - 1)
         return self.mean, (sigma + sigma.T) / 2
 
@@ -821,11 +822,11 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
         ref = {"source": cfg.reference or ref_source, "split": cfg.reference_split or ref_split, "folder": False,
                "resolution": None}
     elif not latent:
-        raise ValueError(f"{cfg.checkpoint} generates {spec.get('in_channels')}-channel data and records no latent "
+        raise ConfigError(f"{cfg.checkpoint} generates {spec.get('in_channels')}-channel data and records no latent "
                          "cache (no VAE to decode with); FID needs pixel images")
     else:
         if "classifier" in names:
-            raise ValueError(f"{cfg.checkpoint} was trained on a latent cache ({latent.get('cache')}): the 'classifier' "
+            raise ConfigError(f"{cfg.checkpoint} was trained on a latent cache ({latent.get('cache')}): the 'classifier' "
                              "extractor (a small per-dataset classifier) does not apply to its decoded images; use "
                              "--extractors inception with --inception-weights PATH")
         ref = latent_reference(cfg.checkpoint, latent, cfg.reference, cfg.reference_split)

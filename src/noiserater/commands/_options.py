@@ -30,6 +30,18 @@ class FiniteFloat(click.FloatRange):
 SEED = click.IntRange(0, 2**32 - 1)
 
 
+def _name_the_flag(message: str, names: list[str], from_file: bool) -> str:
+    """A ConfigError message that names a config key, with the command-line flag of that key appended."""
+    import re
+
+    m = re.match(r"(?:invalid |unknown config key )'?([A-Za-z_][A-Za-z0-9_]*)'?", message)
+    key = m.group(1) if m else next((n for n in names if re.search(rf"\b{n}\b", message)), None)
+    if key in names and f"--{key.replace('_', '-')}" not in message:
+        flag = f"--{key.replace('_', '-')}"
+        return f"{message} (flag {flag}{' or the key ' + key + ' in --config' if from_file else ''})"
+    return message
+
+
 def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> Callable:
     """Decorate a click command with one ``--field-name`` option per field of ``cls`` (all documented)
     plus ``--config FILE.yaml``. The command receives ``cfg`` (an instance of ``cls``)."""
@@ -51,7 +63,7 @@ def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = ())
             try:
                 cfg = load_yaml(cls, cfg_file, given) if cfg_file else from_dict(cls, given)
             except ConfigError as e:
-                raise click.UsageError(str(e)) from None
+                raise click.UsageError(_name_the_flag(str(e), [f.name for f in fields], bool(cfg_file))) from None
             return fn(cfg=cfg, **kwargs)
 
         functools.update_wrapper(wrapper, fn)  # keeps options declared below this decorator

@@ -33,6 +33,7 @@ import click
 import torch
 
 from ..speed import machine_info
+from ..config import ConfigError
 
 DEFAULT_RATERS = "Rater-S/2,FastRater-S/2,Rater-M/4,FastRater-M/4,FastRater-T/2"
 
@@ -201,16 +202,16 @@ def run_benchmark(setup: Setup, configs: list[BenchConfig], repeats: int, memory
                   threads: int | None = None, clock: str = "cpu", log=print) -> list[dict]:
     """Time every configuration in ``repeats`` interleaved rounds; returns the records."""
     if clock not in ("cpu", "wall"):
-        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
+        raise ConfigError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     if setup.device.startswith("cuda") and clock == "cpu":
-        raise ValueError("--clock cpu measures host CPU time; on CUDA use --clock wall")
+        raise ConfigError("--clock cpu measures host CPU time; on CUDA use --clock wall")
     if threads:
         torch.set_num_threads(threads)
     machine = machine_info(setup.device)
     stepper = _Stepper(setup, configs)
     vanilla = configs[0]
     if vanilla.policy != "vanilla":
-        raise ValueError("the first configuration must be vanilla (the reference)")
+        raise ConfigError("the first configuration must be vanilla (the reference)")
     for cfg in configs:  # warm-up: allocations, kernel selection, optimizer state
         stepper.step(cfg)
     rng = random.Random(setup.seed)

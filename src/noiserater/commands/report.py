@@ -15,5 +15,12 @@ from ..report import write_report
               help="k of the headline comparison (rater vs vanilla); default: the study's headline_k (4).")
 def command(run_dir: str, out: str | None, k: int | None) -> None:
     """Tables with mean, std and 95% intervals over seeds, paired tests vs vanilla, cost ratios, plots."""
+    from pathlib import Path
+
+    from ..config import MissingFileError
+
+    if not any(Path(run_dir).glob("runs/**/stage.json")):
+        raise MissingFileError(f"no finished continuation runs under {run_dir}/runs; run `noiserater reproduce` "
+                               "first (or pass the folder it wrote)")
     result = write_report(run_dir, out, headline_k=k)
     click.echo(f"wrote {result['report']}")

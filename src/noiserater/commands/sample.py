@@ -13,6 +13,7 @@ from ..checkpoint import atomic_write_bytes
 from ..diffusion import GaussianDiffusion, ddim_sample
 from ..train import load_diffusion, save_grid
 from ._options import SEED, FiniteFloat
+from ..config import ConfigError
 
 
 @click.command("sample")
@@ -74,7 +75,7 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
     model, spec, state = load_diffusion(checkpoint, use_ema=ema, device=device)
     latent = state.get("data", {}).get("latent")
     if vae is not None and not latent:
-        raise ValueError(f"--vae given, but {checkpoint} was trained on pixels, not on a latent cache; drop --vae")
+        raise ConfigError(f"--vae given, but {checkpoint} was trained on pixels, not on a latent cache; drop --vae")
     g = torch.Generator().manual_seed(seed)
     y = parse_labels(labels, num, spec.num_classes, g)
     noise = torch.randn((num, spec.in_channels, spec.input_size, spec.input_size), generator=g)

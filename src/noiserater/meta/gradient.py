@@ -64,6 +64,7 @@ from .losses import (
     val_loss,
     weighted_loss,
 )
+from ..config import ConfigError
 
 METHODS = ("unrolled", "reverse", "reverse_fwd", "alignment")
 
@@ -376,9 +377,9 @@ def meta_gradient_info(
 ) -> MetaResult:
     """Like :func:`meta_gradient`, returning a :class:`MetaResult` (also L_val, theta_S, scores, weights)."""
     if method not in METHODS:
-        raise ValueError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
     if isinstance(inner_optimizer, InnerOptimizer):
         opt = inner_optimizer if inner_optimizer.lr == inner_lr else InnerOptimizer(
             inner_optimizer.name, inner_lr, inner_optimizer.betas, inner_optimizer.eps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ..config import ConfigError
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -39,7 +40,7 @@ class InnerOptimizer:
 
     def __post_init__(self) -> None:
         if self.name not in INNER_OPTIMIZERS:
-            raise ValueError(f"unknown inner optimizer {self.name!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
+            raise ConfigError(f"unknown inner optimizer {self.name!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
         if not self.lr > 0:
             raise ValueError(f"inner learning rate must be > 0, got {self.lr}")
         b1, b2 = self.betas

@@ -25,6 +25,7 @@ from .layers import (
     modulate,
     sincos_pos_embed_2d,
 )
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -203,15 +204,15 @@ def build_dit(
 ) -> DiT:
     """Build a registered DiT (``DiT-S/2`` ... ``DiT-XL/8``, tiny ``DiT-T/*`` and ``DiT-N/*``)."""
     if name not in DIT_CONFIGS:
-        raise ValueError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_CONFIGS)}")
+        raise ConfigError(f"unknown DiT model {name!r}; choose one of {', '.join(DIT_CONFIGS)}")
     arch = DIT_CONFIGS[name]
     if input_size % arch.patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"input size {input_size} is not divisible by the patch size {arch.patch_size} of {name}; "
             f"choose a model with a patch size that divides {input_size}"
         )
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 (use 1 for unconditional data), got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1 (use 1 for unconditional data), got {num_classes}")
     return DiT(
         input_size=input_size,
         patch_size=arch.patch_size,

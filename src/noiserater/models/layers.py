@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..config import ConfigError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     """Frozen 2D sin-cos position embedding, [grid_size**2, embed_dim], as in DiT/MAE."""
     if embed_dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for a 2D sin-cos embedding, got {embed_dim}")
+        raise ConfigError(f"embed_dim must be divisible by 4 for a 2D sin-cos embedding, got {embed_dim}")
     gw, gh = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
     # DiT stacks (w, h) and embeds the first half from grid[0] (the w grid); keep that order for
     # bit-compatible checkpoints.
@@ -50,7 +51,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"input size {img_size} is not divisible by patch size {patch_size}; "
                 "pick a model with a smaller patch (e.g. /2) or pad the images"
             )
@@ -65,7 +66,7 @@ class PatchEmbed(nn.Module):
         B, C, H, W = x.shape
         p, D = self.patch_size, self.proj.out_channels
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+            raise ConfigError(f"image size {H}x{W} is not divisible by the patch size {p}")
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
         return F.linear(patches, self.proj.weight.reshape(D, C * p * p), self.proj.bias)
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+            raise ConfigError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

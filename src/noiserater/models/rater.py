@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, check_model_inputs, modulate, sincos_pos_embed_2d
+from ..config import ConfigError
 
 ABLATIONS = ("full", "no_timestep", "no_image", "no_image_class", "noise_only")
 
@@ -163,17 +164,17 @@ class NoiseRater(nn.Module):
     def __init__(self, spec: RaterSpec):
         super().__init__()
         if spec.name not in RATER_CONFIGS:
-            raise ValueError(f"unknown rater {spec.name!r}; choose one of {', '.join(RATER_CONFIGS)}")
+            raise ConfigError(f"unknown rater {spec.name!r}; choose one of {', '.join(RATER_CONFIGS)}")
         if spec.ablation not in ABLATIONS:
-            raise ValueError(f"unknown rater ablation {spec.ablation!r}; choose one of {', '.join(ABLATIONS)}")
+            raise ConfigError(f"unknown rater ablation {spec.ablation!r}; choose one of {', '.join(ABLATIONS)}")
         arch = RATER_CONFIGS[spec.name]
         if spec.input_size % arch.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"input size {spec.input_size} is not divisible by the rater patch size {arch.patch_size} of "
                 f"{spec.name}; pick a rater with a smaller patch (e.g. /2)"
             )
         if spec.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (use 1 for unconditional data), got {spec.num_classes}")
+            raise ConfigError(f"num_classes must be >= 1 (use 1 for unconditional data), got {spec.num_classes}")
         self.spec = spec
         self.arch = arch
         dim = arch.hidden_size
