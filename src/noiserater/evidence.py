@@ -90,6 +90,7 @@ class EvidencePreset:
     eval_extractors: str = "classifier"
     cfg_scale: float = 1.25
     test_draws: int = 8
+    run_stages: list[int] = field(default_factory=list)  # the stages this invocation continues (empty: all)
 
     def validate(self) -> None:
         require(all(0 < s <= self.pretrain_steps for s in self.stages), "stages", "each in [1, pretrain_steps]")
@@ -98,6 +99,7 @@ class EvidencePreset:
         require(self.k >= 2, "k", "selection needs k >= 2")
         require(len(self.seeds) >= 2, "seeds", "a paired interval needs at least 2 seeds")
         require(self.test_fraction > 0, "test_fraction", "the evidence study evaluates on a test split: set it > 0")
+        require(set(self.run_stages) <= set(self.stages), "run_stages", f"each must be one of stages {self.stages}")
 
 
 EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
@@ -107,10 +109,10 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         "distilled", "distilled_sample", "online", "oracle_amortised", "oracle", "oracle_anti", "oracle_cosine"]),
     # Fashion-MNIST 32x32: DiT-T/4 (64 tokens, as the digits model), fewer arms to fit a session
     "fashion-mnist": EvidencePreset(
-        name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=3000,
-        stages=[3000], seeds=list(range(8)), rater="Rater-N/4", online_rater="Rater-N/4", eval_samples=1000,
-        arms=["vanilla", "uniform_soft", "max_norm", "oracle", "oracle_amortised", "online"],
-        continue_steps=150, oracle_val_batch=256,
+        name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=2000,
+        stages=[2000], seeds=list(range(8)), rater="Rater-N/4", online_rater="Rater-N/4", continue_ema=0.99,
+        arms=["vanilla", "uniform_soft", "max_norm", "rater", "rater_sample", "rater_soft", "distilled",
+              "distilled_sample", "oracle_amortised"],
     ),
 }
 
@@ -268,7 +270,7 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
                        "invocations": runs + [{"time": time.time(), **prov, "arms": p.arms, "seeds": p.seeds}]})
     ckpts = pretrain_stage(p, root, log)
     rows = []
-    for stage in p.stages:
+    for stage in p.run_stages or p.stages:
         ckpt = ckpts[str(stage)]
         kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3]})
         raters = {kind: rater_stage(p, root, stage, ckpt, kind, log) for kind in kinds}
