@@ -150,6 +150,23 @@ def test_report_summary_plot(tmp_path, captured):
     _assert_nothing_clipped(fig, path)
 
 
+def test_report_summary_plot_without_vanilla_long_labels(tmp_path, captured):
+    from noiserater.report import plot_summary
+
+    s = _summary().iloc[:2].copy()
+    s["label"] = ["no_image_class: rater k=4", "noise_only: rater k=4"]
+    plot_summary(s, "heldout_loss", tmp_path / "abl.png", "Table 3: rater ablations")
+    (fig, path), = captured
+    ax = fig.axes[0]
+    caption = _png_text(path)["Description"]
+    assert "Dashed line" not in caption and "no vanilla runs" in caption and "fixed set of" in caption
+    assert " ".join(ax.get_ylabel().split()) == "held-out loss [MSE per element] (lower is better)"
+    assert all(t.get_rotation() > 0 for t in ax.get_xticklabels())  # long labels do not overlap
+    r = fig.canvas.get_renderer()
+    a, b = (t.get_window_extent(r) for t in ax.get_xticklabels())
+    assert not a.overlaps(b)
+
+
 def test_report_loss_curves_say_not_comparable(tmp_path, captured):
     from noiserater.report import plot_loss_curves
 

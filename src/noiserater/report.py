@@ -199,8 +199,9 @@ def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str, met
         ax.errorbar([i], [m], yerr=[[c if c == c else 0.0]] * 2, fmt="o", ms=6, capsize=4, lw=1.4,
                     color=policy_color(pol, i))
     ticks = [f"{lab} (n={n})" for lab, n in zip(summary["label"], summary["seeds"])]
-    if len(ticks) > 4:
-        ax.set_xticks(x, ticks, rotation=45, ha="right", rotation_mode="anchor")
+    slot_in = (width - 1.5) / max(1, len(ticks))  # horizontal room per label; ~0.075 in per 9 pt character
+    if len(ticks) > 4 or max(len(t) for t in ticks) * 0.075 > slot_in:
+        ax.set_xticks(x, ticks, rotation=30, ha="right", rotation_mode="anchor")
     else:
         ax.set_xticks(x, ticks)
     van = summary[summary["policy"] == "vanilla"]
@@ -215,8 +216,9 @@ def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str, met
             "split, the same for every run." if metric == "heldout_loss" else "")
     savefig(fig, path, caption=(
         "Points: mean over seeds; error bars: 95% t-interval of that mean over seeds"
-        + (" (none where there is a single seed)" if one_seed else "") + ". Dashed line: vanilla's mean. "
-        "These are unpaired intervals; the table's 'vs vanilla' column is the paired comparison over shared seeds, "
+        + (" (none where there is a single seed)" if one_seed else "") + ". "
+        + ("Dashed line: vanilla's mean. " if len(van) else "This table has no vanilla runs of its own. ")
+        + "These are unpaired intervals; the table's 'vs vanilla' column is the paired comparison over shared seeds, "
         "which is tighter. The y axis does not start at 0." + what))
 
 
@@ -243,7 +245,8 @@ def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
             vanilla = policy == "vanilla"
             ax.plot(mean.index, mean.rolling(5, min_periods=1).mean(), label=f"{label} (n={len(curves)})",
                     lw=2.0 if vanilla else 1.2, color=policy_color(policy, i),
-                    ls="-" if vanilla else styles.get(int(g["k"].iloc[0]), "-."), zorder=3 if vanilla else 2)
+                    ls="-" if vanilla else styles.get(int(g["k"].iloc[0]), "-."), zorder=3 if vanilla else 2,
+                    marker="o" if len(mean) <= 3 else None)  # a line through 1-3 log points is hard to see
             plotted += 1
     label_axes(ax, xlabel="continuation step", xunit="optimizer steps",
                ylabel="training loss", yunit="MSE per element", width_in=6.0)
