@@ -42,6 +42,8 @@ METATRAIN_HELP = {
     "max_bad_steps": "Stop after this many non-finite meta-gradients in a row (each one is skipped).",
     "distill_val_batch_size": "distill: meta-validation (image, noise, timestep) draws behind each step's oracle "
                               "validation gradient (redrawn every step), global.",
+    "distill_oracle": "distill: align (<grad L_val, grad l_k>, Theorem 4.2; favours large-gradient candidates) or cosine "
+                      "(the same over ||grad l_k||: direction only); anti is a diagnostic.",
     "distill_temperature": "distill: temperature of the target softmax over the within-group standardised alignments.",
     "eval_every": "Held-out meta-validation every this many outer steps (and at the first and last); 0 disables it.",
     "eval_batches": "Fixed held-out outer batches (bilevel) or group batches (distill) per held-out evaluation.",

@@ -65,7 +65,7 @@ from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
-from .oracle import candidate_alignments, distillation_loss, validation_gradient
+from .oracle import ORACLE_MODES, distillation_loss, oracle_scores, validation_gradient
 
 SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 OBJECTIVES = ("bilevel", "distill")
@@ -107,6 +107,7 @@ class MetaTrainConfig:
     max_bad_steps: int = 5
     distill_val_batch_size: int = 512
     distill_temperature: float = 0.5
+    distill_oracle: str = "align"
     eval_every: int = 10
     eval_batches: int = 8
     heldout_fraction: float = 0.5
@@ -145,6 +146,7 @@ class MetaTrainConfig:
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         require(math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
                 "must be a finite number > 0")
+        require(self.distill_oracle in ORACLE_MODES, "distill_oracle", f"choose one of {', '.join(ORACLE_MODES)}")
         require(0 <= self.heldout_fraction < 1, "heldout_fraction",
                 "must be in [0, 1): the share of the validation split kept for the held-out check (0: none kept apart)")
         require(math.isfinite(self.planted_scale) and self.planted_scale > 0, "planted_scale",
@@ -383,14 +385,14 @@ class _DistillEval:
     metric = "spearman"
 
     def __init__(self, model, sampler: _Sampler, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
-                 device):
+                 device, mode: str = "align"):
         self.reducer = reducer
         self.groups, self.targets = [], []
         for i in range(n):
             batch = sampler.train_batch(i, 0, rank, world, device, seed_offset=EVAL_SEED_OFFSET)
             self.groups.append(batch)
             self.targets.append(_oracle(model, batch, sampler.val_batch(i, val_size, rank, world, device,
-                                                                       seed_offset=EVAL_SEED_OFFSET), reducer)[1])
+                                                                       seed_offset=EVAL_SEED_OFFSET), reducer, mode)[1])
 
     def __call__(self, rater) -> dict:
         with torch.no_grad(), eval_mode(rater):
@@ -400,15 +402,16 @@ class _DistillEval:
                 **agree}
 
 
-def _oracle(model, batch, val, reducer: Reducer) -> tuple[float, torch.Tensor]:
-    """(L_val at the current weights, alignments [B,K] of this rank's candidates) with the validation
+def _oracle(model, batch, val, reducer: Reducer, mode: str = "align") -> tuple[float, torch.Tensor]:
+    """(L_val at the current weights, oracle scores [B,K] of this rank's candidates: the alignments
+    <grad L_val, grad l_bk>, or for ``mode="cosine"`` those over ||grad l_bk||) with the validation
     gradient averaged over the ranks (equal slices: the global batch's gradient)."""
     lv, g = validation_gradient(model, val)
     if reducer.active:
         names = list(g)
         avg = reducer.mean([g[k] for k in names] + [torch.tensor(lv, dtype=torch.float64)])
         g, lv = dict(zip(names, avg[:-1])), float(avg[-1])
-    return lv, candidate_alignments(model, batch, g)
+    return lv, oracle_scores(model, batch, g, mode)
 
 
 def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
@@ -566,7 +569,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                   "outer loss uses", is_main)
         if distill:
             evaluator = _DistillEval(model, ho_sampler, cfg.eval_batches, cfg.distill_val_batch_size, reducer, rank,
-                                     world, device)
+                                     world, device, cfg.distill_oracle)
         else:
             evaluator = _BilevelEval(model, ho_sampler, cfg.eval_batches, inner_lr, inner_opt, cfg.temperature,
                                      reducer, rank, world, device, cache_uniform=not cfg.carry_inner)
@@ -634,12 +637,12 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             if distill:
                 groups = sampler.train_batch(step, 0, rank, world, device)
                 l0, align = _oracle(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
-                                                                     device), reducer)
+                                                                     device), reducer, cfg.distill_oracle)
                 x0, y, t, eps = groups
                 scores_b = rater.score_candidates(eps, t, x0, y)
                 loss = distillation_loss(scores_b, align, cfg.distill_temperature)
-                grads = torch.autograd.grad(loss, trainable)
-                grads = reducer.mean(list(grads))
+                grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # e.g. the last block's image MLP
+                grads = reducer.mean([torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)])
                 for p, g in zip(trainable, grads):
                     p.grad = g.detach().clone()
                 loss_value = float(reducer.mean([loss.detach().double()])[0])
