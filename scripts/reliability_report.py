@@ -30,6 +30,7 @@ TESTS = ["tests/test_reliability.py", "tests/test_fuzz.py"]
 def summarize(raw: dict) -> dict:
     kills = {k: v for k, v in raw.items() if k.endswith(("sigkill", "sigkill_slow"))}
     fuzz = {k: v for k, v in raw.items() if k.startswith("fuzz_")}
+    flips = {k: v for k, v in raw.items() if k.startswith("flips_")}
 
     def total(entries, key):
         return sum(int(e.get(key, 0)) for es in entries.values() for e in es)
@@ -45,6 +46,10 @@ def summarize(raw: dict) -> dict:
         "fuzz_cases_by_property": {k: sum(int(e["examples"]) for e in v) for k, v in fuzz.items()},
         "cli_option_values_checked": total({k: v for k, v in raw.items() if k == "cli_option_range_checks"},
                                            "values_checked"),
+        # single-bit flips of checkpoints, rater files and latent caches: each must load identical or be refused
+        "bit_flips_run": total(flips, "examples"),
+        "bit_flips_by_outcome": {o: sum(int(n) for es in flips.values() for e in es for k, n in e.items()
+                                        if k.endswith("_" + o)) for o in ("identical", "refused", "changed")},
     }
 
 
@@ -98,7 +103,8 @@ def main() -> int:
     os.replace(tmp, out)
     print(f"wrote {out}: {report['kills_survived']} kills survived "
           f"({report['kills_during_checkpoint_write']} inside a checkpoint write), "
-          f"{report['fuzz_cases_run']} fuzz cases, {report['cli_option_values_checked']} option values checked")
+          f"{report['fuzz_cases_run']} fuzz cases, {report['bit_flips_run']} bit flips {report['bit_flips_by_outcome']}, "
+          f"{report['cli_option_values_checked']} option values checked")
     return 0
 
 
