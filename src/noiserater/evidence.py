@@ -84,7 +84,9 @@ class EvidencePreset:
     bilevel_lr: float = 1e-3
     distill_outer_steps: int = 300
     distill_lr: float = 1e-3
-    meta_eval_every: int = 25
+    distill_batch_size: int = 32  # groups per distillation step (x k candidates)
+    meta_eval_every: int = 25  # held-out meta-validation cadence (outer steps)
+    meta_patience: int = 4  # evaluations without an improvement beyond one SE stop meta-training
     eval_samples: int = 500
     eval_ddim_steps: int = 25
     eval_extractors: str = "classifier"
@@ -206,7 +208,8 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
                               objective=kind, outer_steps=steps, inner_steps=p.bilevel_inner_steps,
                               candidates=p.bilevel_candidates if kind == "bilevel" else p.k,
                               lr=p.bilevel_lr if kind == "bilevel" else p.distill_lr, eval_every=p.meta_eval_every,
-                              seed=0, progress=False)
+                              patience=p.meta_patience, seed=0, progress=False,
+                              **({"batch_size": p.distill_batch_size} if kind == "distill" else {}))
         summary = metatrain(cfg, resume=True)
         best = Path(summary.get("best_rater") or summary["rater"])
         keep = folder / "rater.pt"
@@ -215,7 +218,8 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
 
     cfg = {"checkpoint": ckpt, "kind": kind, "rater": p.rater, "steps": steps, "S": p.bilevel_inner_steps,
            "K": p.bilevel_candidates, "lr": p.bilevel_lr if kind == "bilevel" else p.distill_lr,
-           "eval_every": p.meta_eval_every}
+           "eval_every": p.meta_eval_every, "patience": p.meta_patience,
+           **({"batch_size": p.distill_batch_size} if kind == "distill" else {})}
     return run_stage(root / f"stage-{stage}" / f"rater-{kind}", cfg, fn, log)["rater"]
 
 

@@ -183,6 +183,7 @@ def write_evidence_report(root: str | Path) -> Path:
             fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png")
             out += ["", f"![stage {stage}]({fig.name})"]
     atomic_write_text(root / "summary.json", json.dumps(records, indent=1, default=str))
+    atomic_write_text(root / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
     path = root / "report.md"
     atomic_write_text(path, "\n".join(out) + "\n")
     return path
