@@ -281,3 +281,187 @@ def test_metatrain_two_processes_match_one(tiny_checkpoint, tmp_path):
         for key in ("val_loss_init", "val_loss_rater", "val_loss_uniform", "meta_grad_norm", "score_mean", "score_std",
                     "weight_entropy"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+
+
+# ---- issue 13: the distillation objective, the held-out meta-validation, the splits ----------------------
+
+
+def _ref_alignments(model, batch, val):
+    """Reference oracle: grad L_val (autograd) dotted with one autograd gradient per candidate."""
+    from noiserater.meta.losses import candidate_losses, val_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    gv = torch.autograd.grad(val_loss(model, val), params, allow_unused=True)
+    gv = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gv)]).double()
+    B, K = batch[3].shape[:2]
+    out = torch.zeros(B, K, dtype=torch.float64)
+    for b in range(B):
+        one = tuple(x[b:b + 1] for x in batch)
+        for k in range(K):
+            lk = candidate_losses(model, one)[0, k]
+            gk = torch.autograd.grad(lk, params, allow_unused=True)
+            gk = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gk)])
+            out[b, k] = gk.double() @ gv
+    return out
+
+
+def test_distill_first_step_matches_an_independent_reference(tiny_checkpoint, tmp_path):
+    """Logged distillation loss, Spearman and argmax agreement of step 1 vs the oracle recomputed with one
+    backward per candidate, a hand-written listwise cross-entropy and scipy's ranks."""
+    from scipy.stats import spearmanr
+
+    from noiserater.data import load_dataset
+    from noiserater.meta.train import _Sampler
+    from noiserater.train import load_diffusion
+
+    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", objective="distill", outer_steps=1, distill_val_batch_size=40,
+                   distill_temperature=0.7)
+    summary = metatrain(cfg)
+    assert summary["objective"] == "distill" and summary["inner_lr"] is None
+    assert not (tmp_path / "run" / "inner_lr_sweep.json").exists()  # no sweep for distill
+    row = read_metrics(tmp_path / "run")[0]
+    model, _, _ = load_diffusion(tiny_checkpoint, use_ema=False)
+    model.eval()
+    sampler = _Sampler(load_dataset("digits", "train"), load_dataset("digits", "val"), 10, cfg.seed, 1,
+                       cfg.candidates, cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
+    batch = sampler.train_batch(0, 0, 0, 1, "cpu")
+    val = sampler.val_batch(0, 40, 0, 1, "cpu")
+    a = _ref_alignments(model, batch, val)
+    torch.manual_seed(cfg.seed)
+    rater = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
+    x0, y, t, eps = batch
+    with torch.no_grad():
+        s = rater.score_candidates(eps, t, x0, y).double()
+    z = (a - a.mean(1, keepdim=True)) / (a - a.mean(1, keepdim=True)).pow(2).mean(1, keepdim=True).sqrt()
+    p = torch.exp(z / 0.7) / torch.exp(z / 0.7).sum(1, keepdim=True)
+    ce = -(p * (s - torch.logsumexp(s, 1, keepdim=True))).sum(1).mean()
+    assert row["distill_loss"] == pytest.approx(float(ce), rel=1e-4)
+    rho = sum(spearmanr(s[i].numpy(), a[i].numpy())[0] for i in range(len(a))) / len(a)
+    assert row["spearman"] == pytest.approx(rho, abs=1e-9)
+    assert row["argmax_agreement"] == pytest.approx(float((s.argmax(1) == a.argmax(1)).double().mean()))
+    with torch.no_grad():
+        from noiserater.meta.losses import val_loss
+
+        assert row["val_loss_init"] == pytest.approx(float(val_loss(model, val)), rel=1e-5)
+    assert row["grad_norm"] > 0
+
+
+def test_distill_resume_is_exact_with_heldout_evals(tiny_checkpoint, tmp_path):
+    kw = dict(objective="distill", distill_val_batch_size=16, eval_every=2, eval_batches=2, ckpt_every=3)
+    metatrain(tiny_cfg(tiny_checkpoint, tmp_path / "straight", outer_steps=5, **kw))
+    metatrain(tiny_cfg(tiny_checkpoint, tmp_path / "resumed", outer_steps=3, **kw))
+    s = metatrain(tiny_cfg(tiny_checkpoint, tmp_path / "resumed", outer_steps=5, **kw), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert all(torch.equal(a["rater"][k], b["rater"][k]) for k in a["rater"])
+    assert a["heldout"] == b["heldout"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "time_s")} for r in rows]  # noqa: E731
+    assert strip(read_all(tmp_path / "straight")) == strip(read_all(tmp_path / "resumed"))
+    evals = read_evals(tmp_path / "resumed")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        e = r["eval"]
+        assert e["metric"] == "spearman" and e["value"] == e["spearman"] and e["groups"] == 8 and e["chance"] == 1 / 3
+        assert -1 <= e["spearman"] <= 1 and e["spearman_se"] > 0 and 0 <= e["argmax_agreement"] <= 1
+    best = max((r for r in evals if r["eval"]["best"]), key=lambda r: r["step"])
+    assert s["best_eval"]["step"] == best["step"] and s["best_rater"].endswith("rater_best.pt")
+    assert load_checkpoint(s["best_rater"], kind="rater")["step"] == best["step"]
+    from PIL import Image
+
+    with Image.open(s["heldout_curve"]) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_bilevel_heldout_eval_matches_an_independent_inner_loop(tiny_checkpoint, tmp_path):
+    """The step-0 held-out rater advantage, recomputed with torch.optim.SGD on the held-out draws (the
+    held-out half of the val split, the eval seed stream): mean and SE over the 2 fixed batches."""
+    from noiserater.data import load_dataset
+    from noiserater.meta.losses import candidate_losses, val_loss
+    from noiserater.meta.train import EVAL_SEED_OFFSET, _Sampler
+    from noiserater.train import load_diffusion
+
+    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=0, eval_every=1, eval_batches=2)
+    summary = metatrain(cfg)
+    (rec,) = read_evals(tmp_path / "run")
+    assert rec["step"] == 0 and rec["eval"]["best"] and summary["best_eval"]["step"] == 0
+    val = load_dataset("digits", "val")
+    perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(17))
+    heldout = val.subset(perm[:90].sort().values, "heldout")
+    sampler = _Sampler(load_dataset("digits", "train"), heldout, 10, cfg.seed, cfg.inner_steps, cfg.candidates,
+                       cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
+    rater = load_rater(summary["rater"])
+    adv = []
+    for n in range(2):
+        batches, vb = sampler.outer(n, 0, 1, "cpu", seed_offset=EVAL_SEED_OFFSET)
+        losses = []
+        for use_rater in (False, True):
+            model, _, _ = load_diffusion(tiny_checkpoint, use_ema=False)
+            model.eval()
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.inner_lr)
+            for b in batches:
+                with torch.no_grad():
+                    w = torch.softmax(rater.score_candidates(b[3], b[2], b[0], b[1]), 1) if use_rater else 1 / 3
+                opt.zero_grad()
+                (candidate_losses(model, b) * w).sum(dim=1).mean().backward()
+                opt.step()
+            with torch.no_grad():
+                losses.append(float(val_loss(model, vb)))
+        adv.append(losses[0] - losses[1])
+    assert rec["eval"]["rater_advantage"] == pytest.approx((adv[0] + adv[1]) / 2, rel=1e-3, abs=1e-8)
+    assert rec["eval"]["rater_advantage_se"] == pytest.approx(abs(adv[0] - adv[1]) / 2, rel=1e-3, abs=1e-8)
+
+
+def test_plateau_stops_and_a_resumed_run_stays_stopped(tiny_checkpoint, tmp_path):
+    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=10, eval_every=2, eval_batches=2, patience=1,
+                   lr=1e-12, ckpt_every=100)
+    s = metatrain(cfg)  # a rater that cannot move cannot improve beyond one SE: stop at the first later eval
+    assert s["step"] == 2 and "plateau" in s["stopped"] and s["best_eval"]["step"] == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 2
+    s2 = metatrain(cfg, resume=True)
+    assert s2["step"] == 2 and "plateau" in s2["stopped"]
+    assert [r["step"] for r in read_evals(tmp_path / "run")] == [0, 2]
+
+
+def test_splits_follow_the_checkpoint_and_never_load_the_test_split(tmp_path, monkeypatch):
+    from noiserater.data import load_dataset
+    from noiserater.meta import train as mt
+
+    torch.manual_seed(0)
+    sd = build_dit_from_spec(SPEC).state_dict()
+    ckpt = tmp_path / "dit.pt"
+    save_checkpoint(ckpt, {"step": 1, "spec": SPEC.to_dict(), "model": sd, "ema": sd, "optimizer": {},
+                           "config": {"data": "digits", "seed": 0, "split_seed": 3, "test_fraction": 0.2,
+                                      "val_fraction": 0.1, "label_dropout": 0.1},
+                           "data": {"name": "digits", "num_classes": 10, "class_names": None}}, kind="diffusion")
+    calls = []
+
+    def spy(source, split="train", **kw):
+        calls.append((split, kw))
+        return load_dataset(source, split, **kw)
+
+    monkeypatch.setattr(mt, "load_dataset", spy)
+    s = metatrain(tiny_cfg(str(ckpt), tmp_path / "run", outer_steps=1, eval_every=1, eval_batches=1))
+    assert sorted(c[0] for c in calls) == ["train", "val"]
+    assert all(kw == {"seed": 3, "val_fraction": 0.1, "test_fraction": 0.2} for _, kw in calls)
+    info = load_checkpoint(s["rater"], kind="rater")["data"]
+    val = load_dataset("digits", "val", seed=3, test_fraction=0.2)
+    assert info["split_seed"] == 3 and info["meta_val_images"] + info["heldout_val_images"] == len(val)
+    meta, heldout = mt.split_heldout(val, 0.5, 3)
+    both = torch.cat([meta.images.flatten(1), heldout.images.flatten(1)])
+    assert len(meta) + len(heldout) == len(val) and torch.equal(both.sort(0).values, val.images.flatten(1).sort(0).values)
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--objective", "magic"], "objective"),
+    (["--heldout-fraction", "1"], "heldout_fraction"),
+    (["--patience", "2", "--eval-every", "0"], "patience"),
+    (["--objective", "distill", "--carry-inner"], "carry_inner"),
+    (["--distill-oracle", "best"], "distill_oracle"),
+    (["--distill-temperature", "0"], "distill_temperature"),
+    (["--eval-batches", "0"], "eval_batches"),
+])
+def test_cli_rejects_bad_issue13_options_in_one_line(tiny_checkpoint, tmp_path, args, key):
+    from noiserater.cli import main
+
+    r = CliRunner().invoke(main, ["metatrain", "--checkpoint", tiny_checkpoint, "--run-dir", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2 and key in r.output and len(r.output.strip().splitlines()) == 1, r.output

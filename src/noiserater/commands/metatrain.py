@@ -45,7 +45,8 @@ METATRAIN_HELP = {
     "distill_oracle": "distill: align (<grad L_val, grad l_k>, Theorem 4.2; favours large-gradient candidates) or cosine "
                       "(the same over ||grad l_k||: direction only); anti is a diagnostic.",
     "distill_temperature": "distill: temperature of the target softmax over the within-group standardised alignments.",
-    "eval_every": "Held-out meta-validation every this many outer steps (and at the first and last); 0 disables it.",
+    "eval_every": "Held-out meta-validation at step 0 and every this many outer steps (make --outer-steps a "
+                  "multiple of it to evaluate the final rater); 0 disables it.",
     "eval_batches": "Fixed held-out outer batches (bilevel) or group batches (distill) per held-out evaluation.",
     "heldout_fraction": "Share of the validation split kept apart for the held-out evaluation only (the outer loss "
                         "and the oracle use the rest); 0 keeps none apart.",

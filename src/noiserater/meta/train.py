@@ -22,7 +22,8 @@ meta-validation draw (``distill_val_batch_size`` image/noise/timestep triples, r
 takes one Adam step on the listwise ``distillation_loss(scores, a, distill_temperature)``. No inner steps,
 no inner-lr sweep.
 
-Held-out meta-validation (issue 13, 4c), every ``eval_every`` outer steps (and at steps 0 and the last):
+Held-out meta-validation (issue 13, 4c), at step 0 and every ``eval_every`` outer steps (choose
+``outer_steps`` as a multiple of it to evaluate the final rater):
 the validation split is cut once, by the data seed, into two halves. The *meta* half feeds every outer
 loss, the oracle's validation gradients and the inner-lr sweep; the *held-out* half (``heldout_fraction``
 of it) is used only here, on ``eval_batches`` FIXED draws from their own seed stream (so their train-split
@@ -726,7 +727,8 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 else:
                     adv = sum(r["rater_advantage"] for r in window) / len(window)
                     bar.set_postfix(val=f"{l_rater:.4f}", adv=f"{adv:+.2e}", gain=f"{rec['uniform_gain']:+.2e}")
-            if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.outer_steps):
+            if evaluator is not None and step % cfg.eval_every == 0:  # on the grid only: a run extended by
+                # --resume with a larger --outer-steps evaluates exactly where a straight run does
                 plateau = evaluate()
             stop_now = stopper.stop  # read once: the handler may flip it at any time
             if world > 1:  # a signal may reach one rank only: all stop together or the others hang in a collective
