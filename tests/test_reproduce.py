@@ -33,14 +33,20 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
     study = json.loads((out / "study.json").read_text())["settings"]
     assert study["pretrain_steps"] == 12 and study["stage_steps"] == [2, 12] and study["model"] == "DiT-N/2"
     report = (out / "report.md").read_text()
+    assert report.startswith("> **Smoke test, not evidence.**")  # the demo says what it is in its first line
     for heading in ("Table 1", "Table 5: rater meta-trained at pretraining step 2", "Headline and power",
-                    "What the rater learned"):
+                    "What the rater learned", "Table 5 at stage 12: the continuations from that checkpoint are Table 1's"):
         assert heading in report
+    # numbered progress lines with elapsed time; the count matches the stages the study runs
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("[") and "/" in ln.split("]")[0]]
+    totals = {ln.split("/")[1].split("]")[0] for ln in lines}
+    assert len(totals) == 1 and int(totals.pop()) == len(lines) and "elapsed" in lines[-1]
     # every continuation ran and was evaluated on the same seeds
     rows = [json.loads(p.read_text())["result"] for p in out.glob("runs/**/stage.json")]
     df = pd.DataFrame(rows)
-    # Table 1 (2 seeds x 3 policies, + power seed 2 for vanilla and rater) + Table 5 (2 stages x 2 policies x 2 seeds)
-    assert len(df) == 2 * 3 + 2 + 2 * 2 * 2
+    # Table 1 (2 seeds x 3 policies, + power seed 2 for vanilla and rater) + Table 5 at the stage that is not
+    # the meta-training stage (1 stage x 2 policies x 2 seeds): the meta stage's runs are Table 1's, not repeated
+    assert len(df) == 2 * 3 + 2 + 1 * 2 * 2
     assert df["fid"].notna().all() and (df["fid"] > 0).all()
     seeds = {key: sorted(g) for key, g in df.groupby(["table", "label"])["seed"]}
     assert seeds.pop(("main", "vanilla")) == [0, 1, 2] and seeds.pop(("main", "rater k=4")) == [0, 1, 2]
@@ -54,7 +60,7 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
     # a rerun skips every finished stage and prints the same table
     again = CliRunner().invoke(main, ["demo", "--out", str(out), *TINY])
     assert again.exit_code == 0, again.output
-    assert "[run ]" not in again.output and again.output.count("[skip]") >= len(df)
+    assert " run " not in again.output and again.output.count("] skip ") >= len(df)
     # a changed setting is refused, not mixed into the finished study
     changed = CliRunner().invoke(main, ["demo", "--out", str(out), *TINY[:-1], "analysis_images=4"])
     assert changed.exit_code == 2 and "different config" in changed.output

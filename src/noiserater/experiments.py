@@ -129,6 +129,49 @@ def get_preset(name: str, **overrides: Any) -> ReproducePreset:
 # ---- stages ------------------------------------------------------------------------------------------
 
 
+class StageProgress:
+    """A ``log`` for :func:`run_stage` that numbers the stages of a study and says elapsed time and ETA:
+    ``[ 5/18] run  runs/main/vanilla/seed0  (1m05s elapsed, ~3m left)``. Other messages pass through.
+    The ETA assumes the stages still to run take the mean time of those run so far."""
+
+    def __init__(self, total: int, log: Callable[[str], None] = print, root: Path | None = None):
+        self.total, self.log, self.root = max(total, 1), log, root
+        self.done = self.ran = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        for tag, ran in (("[run ] ", True), ("[skip] ", False)):
+            if msg.startswith(tag):
+                self.done += 1
+                self.ran += ran
+                folder = msg[len(tag):]
+                if self.root is not None:
+                    folder = folder.replace(str(self.root).rstrip("/") + "/", "")
+                el = time.perf_counter() - self.t0
+                left = el / max(self.ran - 1, 1) * (self.total - self.done) if self.ran > 1 else None
+                eta = f", ~{_duration(left)} left" if left is not None and self.done < self.total else ""
+                word = "run " if ran else "skip"
+                self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {word} {folder}  ({_duration(el)} elapsed{eta})")
+                return
+        self.log(msg)
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def planned_stages(preset: "ReproducePreset") -> int:
+    """How many run_stage calls :func:`reproduce` makes for ``preset`` (for the progress line)."""
+    n = 2 + len(preset.seeds) * (1 + len(preset.ks) * len(preset.policies)) + 2 * len(preset.power_seeds)
+    n += len(preset.ablations) * (1 + len(preset.seeds))
+    other = [s for s in preset.stage_steps if s != preset.meta_stage]
+    n += len(other) * (1 + 2 * len(preset.seeds)) + 1  # stage raters + their runs, the analysis
+    if preset.transfer_model:
+        n += 1 + 2 * len(preset.seeds)
+    return n
+
+
 def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print) -> dict:
     """Run ``fn(folder)`` unless ``folder/stage.json`` records the same config; then return its result.
 
@@ -314,6 +357,7 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "study.json", {"preset": preset.name, "settings": dataclasses.asdict(preset)})
+    log = StageProgress(planned_stages(preset), log, root)
     pre = pretrain(preset, root, preset.model, preset.pretrain_steps, [*preset.stage_steps, preset.meta_stage], log)
     ckpts = pre["checkpoints"]
     base = ckpts[str(preset.meta_stage)]
@@ -335,6 +379,8 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     stage_raters = {s: main_rater if s == preset.meta_stage else meta_train_rater(preset, root, f"stage-{s}", ckpts[str(s)], log=log)
                     for s in preset.stage_steps}
     for stage in preset.stage_steps:  # Table 5: one table per pretraining stage, each with its own vanilla
+        if stage == preset.meta_stage:  # exactly Table 1's vanilla and rater runs: the report reuses them
+            continue
         for seed in preset.seeds:
             for policy, k, rr in (("vanilla", 1, None), ("rater", preset.stage_k, stage_raters[stage])):
                 continuation(preset, root, f"stage-{stage}", ckpts[str(stage)], policy, k, seed, rr, log=log)

@@ -345,6 +345,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
                      metric_name=fid_name if has_fid else None)
         plot_loss_curves(df, table, out / f"{table}_loss_curves.png")
         parts += [f"![{table}]({table}_{'fid' if has_fid else 'loss'}.png) ![{table} curves]({table}_loss_curves.png)", ""]
+    settings = info.get("settings", {})
+    meta_stage = settings.get("meta_stage")
+    if meta_stage in (settings.get("stage_steps") or []) and f"stage-{meta_stage}" not in set(df["table"]):
+        parts += [f"Table 5 at stage {meta_stage}: the continuations from that checkpoint are Table 1's vanilla "
+                  f"and rater runs (the main rater is meta-trained there), not repeated.", ""]
     if (root / "transfer.json").exists():
         tr = json.loads((root / "transfer.json").read_text())
         parts += [f"Stage matching (paper eq. 10) for Table 2: {tr['source']} at step {tr['source_step']} ~ "
