@@ -34,3 +34,18 @@ def test_preset_reachable_through_get_preset_with_overrides():
 
     p = get_preset("imagenet-dit-s2", data="/data/cache")
     assert p.data == "/data/cache" and p.train["batch_size"] == 256
+
+
+def test_full_scale_stage_settings_reach_the_stage_configs(tmp_path):
+    """The imagenet preset's `train` / `metatrain` dicts are applied (they were silently dropped before)."""
+    from noiserater.experiments import get_preset, metatrain_config, pretrain_config
+
+    p = get_preset("imagenet-dit-s2")
+    cfg = pretrain_config(p, tmp_path, p.model, 100_000)
+    assert cfg.ema_decay == 0.9999 and cfg.amp is True and cfg.grad_clip == 0.0 and cfg.learn_sigma is False
+    assert cfg.batch_size == p.batch_size and cfg.lr == p.pretrain_lr and cfg.steps == 100_000  # the plan wins
+    m = metatrain_config(p, tmp_path, "ckpt.pt")
+    assert m.use_ema is True and m.method == "reverse" and m.outer_steps == p.meta_outer_steps
+    # the CPU presets have no stage settings: their configs are the TrainConfig defaults
+    d = get_preset("digits")
+    assert pretrain_config(d, tmp_path, d.model, 10).ema_decay == 0.999

@@ -248,10 +248,35 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 # ---- the protocol ------------------------------------------------------------------------------------
 
 
-def _train_cfg(**kw):
+def _stage_settings(preset: ReproducePreset, key: str) -> dict[str, Any]:
+    """The per-stage settings of a full-scale preset (``train`` / ``metatrain`` dicts of
+    :class:`noiserater.presets.FullScalePreset`); empty for the CPU presets."""
+    return dict(getattr(preset, key, None) or {})
+
+
+def _train_cfg(preset: ReproducePreset, **kw):
+    """A TrainConfig for one stage: the preset's ``train`` settings, then the plan's own values (``kw``) win."""
     from .train import TrainConfig
 
-    return TrainConfig(progress=False, tensorboard=False, **kw)
+    return TrainConfig(**{**_stage_settings(preset, "train"), "progress": False, "tensorboard": False, **kw})
+
+
+def pretrain_config(preset: ReproducePreset, folder: Path, model: str, steps: int):
+    """The TrainConfig of one pretraining segment (up to ``steps``) of ``model`` in ``folder``."""
+    return _train_cfg(preset, data=preset.data, model=model, run_dir=str(folder / "run"), steps=steps,
+                      batch_size=preset.batch_size, lr=preset.pretrain_lr, seed=1000,
+                      log_every=10, sample_every=max(steps, 1), ckpt_every=max(100, steps // 10))
+
+
+def metatrain_config(preset: ReproducePreset, folder: Path, checkpoint: str, ablation: str = "full"):
+    """The MetaTrainConfig of one rater: the preset's ``metatrain`` settings, the plan's values win."""
+    from .meta.train import MetaTrainConfig
+
+    plan = dict(checkpoint=checkpoint, data=preset.data, run_dir=str(folder / "run"), rater=preset.rater,
+                ablation=ablation, outer_steps=preset.meta_outer_steps, inner_steps=preset.meta_inner_steps,
+                candidates=preset.meta_candidates, inner_lr=preset.meta_inner_lr or "auto", lr=preset.meta_lr,
+                seed=0, progress=False)
+    return MetaTrainConfig(**{**_stage_settings(preset, "metatrain"), **plan})
 
 
 def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
@@ -263,9 +288,7 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
         for s in sorted(set(stages) | {steps}):
             dst = folder / f"step_{s:07d}.pt"
             if not dst.exists():
-                cfg = _train_cfg(data=preset.data, model=model, run_dir=str(folder / "run"), steps=s,
-                                 batch_size=preset.batch_size, lr=preset.pretrain_lr, seed=1000,
-                                 log_every=10, sample_every=max(s, 1), ckpt_every=max(100, s // 10))
+                cfg = pretrain_config(preset, folder, model, s)
                 train(cfg, resume=True)  # resuming segment by segment is bit-exact (tested)
                 copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
             ckpts[str(s)] = str(dst)
@@ -273,6 +296,8 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
 
     cfg = {"data": preset.data, "model": model, "steps": steps, "stages": sorted(stages),
            "batch_size": preset.batch_size, "lr": preset.pretrain_lr}
+    if _stage_settings(preset, "train"):  # recorded only when set, so the CPU studies' stages still match
+        cfg["train_settings"] = _stage_settings(preset, "train")
     return run_stage(root / f"pretrain-{model.replace('/', '_')}", cfg, fn, log)
 
 
@@ -289,7 +314,7 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
     folder = root / "runs" / table / label.replace(" ", "_").replace(":", "").replace("=", "") / f"seed{seed}"
 
     def fn(folder: Path) -> dict:
-        cfg = _train_cfg(data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
+        cfg = _train_cfg(preset, data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
                          steps=preset.continue_steps, batch_size=preset.batch_size, lr=preset.continue_lr,
                          ema_decay=preset.continue_ema, seed=seed, init_checkpoint=init, policy=policy, candidates=k, rater=rater,
                          log_every=10, sample_every=preset.continue_steps, ckpt_every=max(50, preset.continue_steps // 4))
@@ -309,27 +334,25 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
            "eval_ddim_steps": preset.eval_ddim_steps, "cfg_scale": preset.cfg_scale, "label": label}
     if preset.eval_extractors != "classifier":  # recorded only when not the default, so earlier studies still match
         cfg["eval_extractors"] = preset.eval_extractors
+    if _stage_settings(preset, "train"):
+        cfg["train_settings"] = _stage_settings(preset, "train")
     return run_stage(folder, cfg, fn, log)
 
 
 def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint: str, ablation: str = "full",
                      log=print) -> str:
     """Meta-train one rater on a frozen checkpoint (paper stage ii); returns the rater checkpoint path."""
-    from .meta.train import MetaTrainConfig, metatrain
+    from .meta.train import metatrain
 
     def fn(folder: Path) -> dict:
-        cfg = MetaTrainConfig(
-            checkpoint=checkpoint, data=preset.data, run_dir=str(folder / "run"), rater=preset.rater,
-            ablation=ablation, outer_steps=preset.meta_outer_steps, inner_steps=preset.meta_inner_steps,
-            candidates=preset.meta_candidates, inner_lr=preset.meta_inner_lr or "auto", lr=preset.meta_lr,
-            seed=0, progress=False,
-        )
-        summary = metatrain(cfg, resume=True)
+        summary = metatrain(metatrain_config(preset, folder, checkpoint, ablation), resume=True)
         return {"rater": summary["rater"], "summary": json.loads(json.dumps(summary, default=str))}
 
     cfg = {"checkpoint": checkpoint, "rater": preset.rater, "ablation": ablation, "outer": preset.meta_outer_steps,
            "inner": preset.meta_inner_steps, "K": preset.meta_candidates, "inner_lr": preset.meta_inner_lr,
            "lr": preset.meta_lr}
+    if _stage_settings(preset, "metatrain"):  # recorded only when set, so the CPU studies' stages still match
+        cfg["metatrain_settings"] = _stage_settings(preset, "metatrain")
     return run_stage(root / "rater" / name, cfg, fn, log)["rater"]
 
 
