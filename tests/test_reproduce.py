@@ -61,6 +61,18 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = CliRunner().invoke(main, ["demo", "--out", str(out), *TINY])
     assert again.exit_code == 0, again.output
     assert " run " not in again.output and again.output.count("] skip ") >= len(df)
+    # a moved copy of the study reports identically (stage records hold paths relative to the study root)
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, moved)
+    for folder in (out, moved):
+        res = CliRunner().invoke(main, ["report", str(folder)])
+        assert res.exit_code == 0, res.output
+    assert (moved / "report.md").read_text() == (out / "report.md").read_text()
+    rerun = CliRunner().invoke(main, ["demo", "--out", str(moved), *TINY])  # resumes the moved copy, runs nothing
+    assert rerun.exit_code == 0, rerun.output
+    assert " run " not in rerun.output
     # a changed setting is refused, not mixed into the finished study
     changed = CliRunner().invoke(main, ["demo", "--out", str(out), *TINY[:-1], "analysis_images=4"])
     assert changed.exit_code == 2 and "different config" in changed.output

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -279,8 +280,19 @@ def metatrain_config(preset: ReproducePreset, folder: Path, checkpoint: str, abl
     return MetaTrainConfig(**{**_stage_settings(preset, "metatrain"), **plan})
 
 
+def rel_to(path: str | Path, root: Path) -> str:
+    """``path`` relative to the study root: stage records hold these, so a study folder can be moved."""
+    return os.path.relpath(path, root)
+
+
+def under(path: str | Path, root: Path) -> str:
+    """A path a stage record holds, resolved against the study root (absolute paths pass through)."""
+    return str(path) if os.path.isabs(path) else str(Path(root) / path)
+
+
 def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
-    """Pretrain ``model`` up to ``steps`` in segments, keeping a checkpoint at each of ``stages``."""
+    """Pretrain ``model`` up to ``steps`` in segments, keeping a checkpoint at each of ``stages``. The
+    returned paths are relative to ``root`` (resolve them with :func:`under`)."""
     from .train import train
 
     def fn(folder: Path) -> dict:
@@ -291,8 +303,8 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
                 cfg = pretrain_config(preset, folder, model, s)
                 train(cfg, resume=True)  # resuming segment by segment is bit-exact (tested)
                 copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
-            ckpts[str(s)] = str(dst)
-        return {"checkpoints": ckpts, "metrics": str(folder / "run" / "metrics.jsonl")}
+            ckpts[str(s)] = rel_to(dst, root)
+        return {"checkpoints": ckpts, "metrics": rel_to(folder / "run" / "metrics.jsonl", root)}
 
     cfg = {"data": preset.data, "model": model, "steps": steps, "stages": sorted(stages),
            "batch_size": preset.batch_size, "lr": preset.pretrain_lr}
@@ -304,6 +316,7 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
 def continuation(preset: ReproducePreset, root: Path, table: str, init: str, policy: str, k: int, seed: int,
                  rater: str | None, model: str | None = None, variant: str = "", log=print) -> dict:
     """Continue training ``init`` with one policy and seed, then evaluate it (held-out loss, samples).
+    ``init`` and ``rater`` are relative to ``root`` (as stage records hold them), or absolute.
 
     Results land in ``root/runs/<table>/<label>/seed<s>/stage.json``; ``variant`` prefixes the label
     (e.g. the rater ablation)."""
@@ -316,14 +329,15 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
     def fn(folder: Path) -> dict:
         cfg = _train_cfg(preset, data=preset.data, model=model or preset.model, run_dir=str(folder / "run"),
                          steps=preset.continue_steps, batch_size=preset.batch_size, lr=preset.continue_lr,
-                         ema_decay=preset.continue_ema, seed=seed, init_checkpoint=init, policy=policy, candidates=k, rater=rater,
+                         ema_decay=preset.continue_ema, seed=seed, init_checkpoint=under(init, root), policy=policy, candidates=k,
+                         rater=under(rater, root) if rater else None,
                          log_every=10, sample_every=preset.continue_steps, ckpt_every=max(50, preset.continue_steps // 4))
         t0 = time.perf_counter()
         summary = train(cfg, resume=True)
         train_s = time.perf_counter() - t0
         ckpt = summary["checkpoint"]
         result = {"table": table, "label": label, "policy": policy, "k": k, "seed": seed, "init": init,
-                  "checkpoint": ckpt, "train_wall_s": train_s, "final_train_loss": summary["final_loss"],
+                  "checkpoint": rel_to(ckpt, root), "train_wall_s": train_s, "final_train_loss": summary["final_loss"],
                   "heldout_loss": heldout_loss(ckpt, preset.data, seed=0, num_images=preset.heldout_images,
                                                draws=preset.heldout_draws)}
         result.update(sample_metrics(preset, ckpt, folder))
@@ -345,8 +359,8 @@ def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint:
     from .meta.train import metatrain
 
     def fn(folder: Path) -> dict:
-        summary = metatrain(metatrain_config(preset, folder, checkpoint, ablation), resume=True)
-        return {"rater": summary["rater"], "summary": json.loads(json.dumps(summary, default=str))}
+        summary = metatrain(metatrain_config(preset, folder, under(checkpoint, root), ablation), resume=True)
+        return {"rater": rel_to(summary["rater"], root), "summary": json.loads(json.dumps(summary, default=str))}
 
     cfg = {"checkpoint": checkpoint, "rater": preset.rater, "ablation": ablation, "outer": preset.meta_outer_steps,
            "inner": preset.meta_inner_steps, "K": preset.meta_candidates, "inner_lr": preset.meta_inner_lr,
@@ -362,12 +376,16 @@ def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], 
     checkpoint -> its rater."""
     from .analysis import StagesConfig, analyze_stages
 
+    absolute = {under(c, root): under(r, root) for c, r in raters.items()}
+
     def fn(folder: Path) -> dict:
-        cfg = StagesConfig(checkpoints=",".join(raters), out=str(folder), num_images=preset.analysis_images,
+        cfg = StagesConfig(checkpoints=",".join(absolute), out=str(folder), num_images=preset.analysis_images,
                            num_noises=16, timesteps=11, seed=0, progress=False)
-        summary = analyze_stages(cfg, rater_factory=lambda ckpt, _folder: raters[ckpt], log=log)
-        return {"figures": summary["figures"], "stages": [{k: r[k] for k in ("step", "rater", "pooled", "agreement_k4")}
-                                                          for r in summary["stages"]]}
+        summary = analyze_stages(cfg, rater_factory=lambda ckpt, _folder: absolute[ckpt], log=log)
+        stages = [{k: r[k] for k in ("step", "rater", "pooled", "agreement_k4")} for r in summary["stages"]]
+        for r in stages:  # paths relative to the study root, so the folder can move
+            r["rater"] = rel_to(r["rater"], root)
+        return {"figures": summary["figures"], "stages": stages}  # figures: file names in the analysis folder
 
     return run_stage(root / "analysis", {"raters": raters, "images": preset.analysis_images, "agreement_k": 4}, fn, log)
 
@@ -415,7 +433,8 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
         big = pretrain(preset, root, preset.transfer_model, preset.transfer_steps, grid, log)
         # Losses are logged every 10 steps: windows of 20 logged steps = 200 optimiser steps.
         try:
-            match = match_stage(pre["metrics"], preset.meta_stage, big["metrics"], smooth_window=20, stability_window=20)
+            match = match_stage(under(pre["metrics"], root), preset.meta_stage, under(big["metrics"], root),
+                                smooth_window=20, stability_window=20)
             matched, note = match["target_step"], "matched by eq. 10"
         except ValueError as e:  # the target never reached the source's loss: use its last checkpoint
             matched, note = preset.transfer_steps, f"not matched ({e}); using the last checkpoint"

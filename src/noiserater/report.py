@@ -41,6 +41,9 @@ def load_results(root: str | Path) -> pd.DataFrame:
     rows = []
     for marker in sorted(Path(root).glob("runs/**/stage.json")):
         row = json.loads(marker.read_text())["result"]
+        # stage records hold paths relative to the study root (a study folder can be moved or copied);
+        # the run's checkpoint is always RUN/run/checkpoints/latest.pt beside its stage.json
+        row["checkpoint"] = str(marker.parent / "run" / "checkpoints" / "latest.pt")
         speeds = [r["images_per_s"] for r in run_metrics(row.get("checkpoint", ""))[1:] if r.get("images_per_s")]
         row["images_per_s"] = float(np.median(speeds)) if speeds else float("nan")
         rows.append(row)
