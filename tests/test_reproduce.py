@@ -97,3 +97,28 @@ def test_reproduce_rejects_a_bad_setting_with_a_clear_message(tmp_path):
     result = CliRunner().invoke(main, ["reproduce", "--out", str(tmp_path / "s"), "--set", "seeds=[]"])
     assert result.exit_code == 2 and "seeds" in result.output
     assert not (tmp_path / "s" / "pretrain-DiT-T_2").exists()
+
+
+def test_a_signal_during_a_stage_stops_the_study_without_recording_the_stage(tmp_path, monkeypatch):
+    """train() returns interrupted=True after saving on SIGTERM: the study must stop, not evaluate and
+    record a half-trained run as done; the same command then resumes it."""
+    import noiserater.train as train_mod
+    from noiserater.experiments import StudyInterrupted, get_preset, pretrain
+
+    real = train_mod.train
+    calls = {"n": 0}
+
+    def stop_once(cfg, resume=False):
+        calls["n"] += 1
+        out = real(cfg, resume=resume)
+        if calls["n"] == 1:
+            out = {**out, "interrupted": True, "signal": 15}
+        return out
+
+    monkeypatch.setattr(train_mod, "train", stop_once)
+    p = get_preset("digits-quick", model="DiT-N/2", batch_size=8)
+    with pytest.raises(StudyInterrupted, match="signal 15"):
+        pretrain(p, tmp_path, p.model, 4, [2, 4], log=lambda m: None)
+    assert not (tmp_path / "pretrain-DiT-N_2" / "stage.json").exists()
+    res = pretrain(p, tmp_path, p.model, 4, [2, 4], log=lambda m: None)  # the rerun resumes and finishes
+    assert set(res["checkpoints"]) == {"2", "4"}

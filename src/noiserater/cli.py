@@ -38,11 +38,15 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         from .errors import USER_ERRORS
+        from .experiments import StudyInterrupted
 
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
             _exit_one_line(e, 2)
+        except StudyInterrupted as e:  # a signal stopped a study's stage: its checkpoint is saved, resume later
+            click.echo(str(e), err=True)
+            sys.exit(128 + e.signum)
         except click.ClickException as e:  # usage errors of a subcommand: one line, not click's usage block
             _exit_one_line(e.format_message(), e.exit_code)
 

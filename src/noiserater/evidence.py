@@ -31,7 +31,7 @@ import torch
 from .checkpoint import write_json
 from .config import from_dict, require
 from .diffusion import GaussianDiffusion, per_sample_loss
-from .experiments import copy_checkpoint, run_stage, sample_metrics
+from .experiments import copy_checkpoint, finished, run_stage, sample_metrics
 from .provenance import version_info
 from .selection import dit_passes, equal_cost_control
 
@@ -186,7 +186,7 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
                 cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
                                   lr=p.pretrain_lr, seed=1000, log_every=10, sample_every=max(s, 1),
                                   ckpt_every=max(100, s // 10), progress=False, tensorboard=False, **_split_kw(p))
-                train(cfg, resume=True)
+                finished(train(cfg, resume=True), str(folder))
                 copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
             ckpts[str(s)] = str(dst.relative_to(root))
         return {"checkpoints": ckpts}
@@ -210,7 +210,7 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
                               lr=p.bilevel_lr if kind == "bilevel" else p.distill_lr, eval_every=p.meta_eval_every,
                               patience=p.meta_patience, seed=0, progress=False,
                               **({"batch_size": p.distill_batch_size} if kind == "distill" else {}))
-        summary = metatrain(cfg, resume=True)
+        summary = finished(metatrain(cfg, resume=True), str(folder))
         best = Path(summary.get("best_rater") or summary["rater"])
         keep = folder / "rater.pt"
         copy_checkpoint(best, keep)
@@ -241,7 +241,7 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
                           sample_every=p.continue_steps, ckpt_every=max(50, p.continue_steps // 3), progress=False,
                           tensorboard=False, **_split_kw(p), **overrides, **extra)
         t0 = time.perf_counter()
-        summary = train(cfg, resume=True)
+        summary = finished(train(cfg, resume=True), str(folder))
         train_s = time.perf_counter() - t0
         ckpt_out = Path(summary["checkpoint"])
         control = equal_cost_control(policy, k)

@@ -173,6 +173,24 @@ def planned_stages(preset: "ReproducePreset") -> int:
     return n
 
 
+class StudyInterrupted(Exception):
+    """A stage's training was stopped by SIGINT/SIGTERM (its checkpoint is saved): the study stops too,
+    and running the same command again resumes it. ``signum`` is the signal."""
+
+    def __init__(self, what: str, signum: int | None):
+        self.signum = int(signum or 2)
+        super().__init__(f"interrupted by signal {self.signum} during {what}; its checkpoint is saved: run the "
+                         "same command again to resume the study")
+
+
+def finished(summary: dict, what: str) -> dict:
+    """``summary`` of a train/metatrain call, or StudyInterrupted if it stopped on a signal: an interrupted
+    stage must not be evaluated and recorded as done."""
+    if summary.get("interrupted"):
+        raise StudyInterrupted(what, summary.get("signal"))
+    return summary
+
+
 def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print) -> dict:
     """Run ``fn(folder)`` unless ``folder/stage.json`` records the same config; then return its result.
 
@@ -301,7 +319,7 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
             dst = folder / f"step_{s:07d}.pt"
             if not dst.exists():
                 cfg = pretrain_config(preset, folder, model, s)
-                train(cfg, resume=True)  # resuming segment by segment is bit-exact (tested)
+                finished(train(cfg, resume=True), str(folder))  # segment by segment is bit-exact (tested)
                 copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
             ckpts[str(s)] = rel_to(dst, root)
         return {"checkpoints": ckpts, "metrics": rel_to(folder / "run" / "metrics.jsonl", root)}
@@ -333,7 +351,7 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
                          rater=under(rater, root) if rater else None,
                          log_every=10, sample_every=preset.continue_steps, ckpt_every=max(50, preset.continue_steps // 4))
         t0 = time.perf_counter()
-        summary = train(cfg, resume=True)
+        summary = finished(train(cfg, resume=True), str(folder))
         train_s = time.perf_counter() - t0
         ckpt = summary["checkpoint"]
         result = {"table": table, "label": label, "policy": policy, "k": k, "seed": seed, "init": init,
@@ -359,7 +377,8 @@ def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint:
     from .meta.train import metatrain
 
     def fn(folder: Path) -> dict:
-        summary = metatrain(metatrain_config(preset, folder, under(checkpoint, root), ablation), resume=True)
+        summary = finished(metatrain(metatrain_config(preset, folder, under(checkpoint, root), ablation), resume=True),
+                           str(folder))
         return {"rater": rel_to(summary["rater"], root), "summary": json.loads(json.dumps(summary, default=str))}
 
     cfg = {"checkpoint": checkpoint, "rater": preset.rater, "ablation": ablation, "outer": preset.meta_outer_steps,
