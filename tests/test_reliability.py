@@ -487,7 +487,8 @@ def meta_args(run_dir, checkpoint, **kw) -> list[str]:
 
 def meta_curve(run_dir) -> list[tuple]:
     keys = ("step", "val_loss_init", "val_loss_rater", "val_loss_uniform", "meta_grad_norm", "score_mean", "score_std")
-    return [tuple(r[k] for k in keys) for r in metrics(run_dir) if "event" not in r]
+    # step records only: not events, nor the held-out evaluation records ({"step", "eval"})
+    return [tuple(r[k] for k in keys) for r in metrics(run_dir) if "event" not in r and "eval" not in r]
 
 
 def assert_same_rater_state(a: dict, b: dict) -> None:
