@@ -285,3 +285,38 @@ def test_bad_option_values_name_the_option(tmp_path):
     result = run_cli(cli_args(tmp_path / "r", steps=1, ema_decay=1.5))
     assert result.exit_code == 2 and "ema_decay" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_ema_warmup_follows_its_closed_form(tmp_path):
+    """E_n = d_n E_{n-1} + (1 - d_n) theta_n with d_n = min(decay, (1+n)/(10+n)), E_0 = the initial weights."""
+    from noiserater.models import build_dit
+    from noiserater.train import ema_decay_at
+
+    assert ema_decay_at(0.999, 0, True) == pytest.approx(0.1) and ema_decay_at(0.999, 20_000, True) == 0.999 and ema_decay_at(0.999, 5000, True) == pytest.approx(5001 / 5010)
+    assert ema_decay_at(0.999, 0, False) == 0.999
+    kw = dict(ema_decay=0.999, ema_warmup=True, ckpt_every=1)
+    train(tiny_cfg(tmp_path / "r", steps=1, **kw))
+    a = load_checkpoint(tmp_path / "r" / "checkpoints" / "latest.pt", kind="diffusion")
+    train(tiny_cfg(tmp_path / "r", steps=2, **kw), resume=True)
+    b = load_checkpoint(tmp_path / "r" / "checkpoints" / "latest.pt", kind="diffusion")
+    torch.manual_seed(TrainConfig().seed)
+    init = build_dit("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+                     class_dropout_prob=0.0).state_dict()
+    for name, p0 in init.items():
+        if not p0.is_floating_point() or name == "pos_embed":
+            continue
+        e1 = 0.1 * p0 + 0.9 * a["model"][name]
+        torch.testing.assert_close(a["ema"][name], e1, rtol=1e-5, atol=1e-6)
+        d1 = 2 / 11
+        torch.testing.assert_close(b["ema"][name], d1 * a["ema"][name] + (1 - d1) * b["model"][name], rtol=1e-5, atol=1e-6)
+    # a run folder written before the key existed (no ema_warmup in its config) resumes only as "no warmup"
+    import yaml
+
+    old = tmp_path / "old"
+    train(tiny_cfg(old, steps=1, ema_warmup=False))
+    cfg_yaml = yaml.safe_load((old / "config.yaml").read_text())
+    cfg_yaml.pop("ema_warmup")
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg_yaml))
+    train(tiny_cfg(old, steps=2, ema_warmup=False), resume=True)
+    with pytest.raises(Exception, match="ema_warmup"):
+        train(tiny_cfg(old, steps=3, ema_warmup=True), resume=True)

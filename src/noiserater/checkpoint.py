@@ -352,9 +352,11 @@ RESUMABLE_KEYS = ("resume", "steps", "outer_steps", "run_dir", "log_every", "sam
                   "tensorboard")
 
 
-def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool) -> None:
+def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, legacy: dict | None = None) -> None:
     """Refuse to mix runs: a folder whose checkpoints come from a different config, or any folder with
-    checkpoints without --resume. A folder without checkpoints (a run that failed early) may be reused."""
+    checkpoints without --resume. A folder without checkpoints (a run that failed early) may be reused.
+    ``legacy`` gives, for config keys added in later releases, the value that reproduces what a run
+    written before the key existed did: such a run resumes when the new config asks for exactly that."""
     import yaml
 
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -370,6 +372,8 @@ def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool) -> 
     if not isinstance(old, dict):
         raise RunDirError(f"{path} is damaged; use another --run-dir")
     ignore = set(RESUMABLE_KEYS)
+    legacy = legacy or {}
+    old = {**{k: v for k, v in legacy.items() if k not in old}, **old}
     diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
     if diff:
         k = diff[0]

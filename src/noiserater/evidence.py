@@ -185,7 +185,8 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
             if not dst.exists():
                 cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
                                   lr=p.pretrain_lr, seed=1000, log_every=10, sample_every=max(s, 1),
-                                  ckpt_every=max(100, s // 10), progress=False, tensorboard=False, **_split_kw(p))
+                                  ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
+                                  **_split_kw(p))
                 finished(train(cfg, resume=True), str(folder))
                 copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
             ckpts[str(s)] = str(dst.relative_to(root))
@@ -239,7 +240,7 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
                           lr=p.continue_lr, ema_decay=p.continue_ema, seed=seed, init_checkpoint=str(root / ckpt),
                           policy=policy, candidates=k, rater=str(root / rater) if rater else None, log_every=10,
                           sample_every=p.continue_steps, ckpt_every=max(50, p.continue_steps // 3), progress=False,
-                          tensorboard=False, **_split_kw(p), **overrides, **extra)
+                          tensorboard=False, ema_warmup=False, **_split_kw(p), **overrides, **extra)
         t0 = time.perf_counter()
         summary = finished(train(cfg, resume=True), str(folder))
         train_s = time.perf_counter() - t0

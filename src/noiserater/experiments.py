@@ -277,7 +277,9 @@ def _train_cfg(preset: ReproducePreset, **kw):
     """A TrainConfig for one stage: the preset's ``train`` settings, then the plan's own values (``kw``) win."""
     from .train import TrainConfig
 
-    return TrainConfig(**{**_stage_settings(preset, "train"), "progress": False, "tensorboard": False, **kw})
+    # the protocol's runs keep the EMA without warmup they were published with (a preset may say otherwise)
+    return TrainConfig(**{"ema_warmup": False, **_stage_settings(preset, "train"), "progress": False,
+                          "tensorboard": False, **kw})
 
 
 def pretrain_config(preset: ReproducePreset, folder: Path, model: str, steps: int):

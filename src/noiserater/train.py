@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) at the run's n-th update: a short run's EMA forgets its start
     grad_clip: float = 1.0
     amp: bool = False  # bf16 autocast
     seed: int = 0
@@ -137,6 +138,21 @@ class TrainConfig:
         require(math.isfinite(self.grad_clip), "grad_clip", "must be finite (0 disables clipping)")
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         require(self.sample_steps <= 1000, "sample_steps", "DDIM steps must be <= 1000 (the diffusion has 1000 timesteps)")
+
+
+# Config keys added after runs were first written, with the value that reproduces what those runs did:
+# a run folder from before a key existed resumes when the config asks for exactly that value.
+LEGACY_VALUES = {"ema_warmup": False, "test_fraction": 0.0, "split_seed": None, "oracle_val_batch": 256,
+                 "oracle_every": 1, "online_every": 50, "online_steps": 10, "online_batch": 32, "online_lr": 1e-3,
+                 "online_rater": "Rater-N/2", "distill_temperature": 0.5}
+
+
+def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
+    """EMA decay of the update after optimiser step ``step`` (0-based) of this run: ``decay``, or with
+    ``warmup`` min(decay, (1 + step) / (10 + step)) (the warmup of DiT-style EMA implementations), so the
+    average of a short run is not dominated by its starting weights (0.999**1500 = 0.22 of them remain
+    without warmup; with it, 1500 steps average over the last ~10% of the run)."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 # ---- distributed helpers ---------------------------------------------------------------------------
@@ -370,7 +386,7 @@ def _remove_if_only_lock(run_dir: Path) -> None:
 
 def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> dict:
     if is_main:
-        check_run_config(run_dir, to_dict(cfg), resume)
+        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     data = load_splits(cfg, "train")
     num_classes = data.num_classes
     spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
@@ -476,7 +492,8 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
             if bool(finite):
                 opt.step()
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+                    decay = ema_decay_at(cfg.ema_decay, step, cfg.ema_warmup)
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
                 bad_in_row = 0
                 last_loss = float(loss.detach())
             else:

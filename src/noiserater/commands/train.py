@@ -19,6 +19,8 @@ TRAIN_HELP = {
     "lr": "AdamW learning rate (DiT: 1e-4).",
     "weight_decay": "AdamW weight decay (DiT: 0).",
     "ema_decay": "Decay of the exponential moving average of the weights (DiT: 0.9999 for long runs).",
+    "ema_warmup": "EMA warmup: decay min(--ema-decay, (1+n)/(10+n)) at the run's n-th step, so a short run's "
+                  "EMA is not dominated by its initial weights (off: the plain --ema-decay from the first step).",
     "grad_clip": "Clip the global gradient norm to this value (0 disables).",
     "amp": "bf16 autocast for the forward pass.",
     "seed": "Seed for initialisation, data order, timesteps, label dropout and noise.",

@@ -75,6 +75,14 @@ DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
                  "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
 
 
+# Keys added after meta-training runs were first written, with the value that reproduces those runs (no
+# held-out evaluation, the whole validation split for the outer loss): such a run folder resumes when the
+# config asks for exactly that.
+LEGACY_VALUES = {"objective": "bilevel", "distill_val_batch_size": 512, "distill_temperature": 0.5,
+                 "distill_oracle": "align", "eval_every": 0, "eval_batches": 8, "heldout_fraction": 0.5,
+                 "patience": 0, "planted_scale": 1.0}
+
+
 @dataclass
 class MetaTrainConfig:
     """Everything a meta-training run depends on; saved as ``config.yaml`` in the run folder."""
@@ -495,7 +503,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         if getattr(cfg, key) % world:
             raise ValueError(f"{key} {getattr(cfg, key)} is not divisible by the {world} processes; the global batch must split evenly")
     if is_main:
-        check_run_config(run_dir, to_dict(cfg), resume)
+        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     model.eval()
     dcfg = dstate.get("config", {}) or {}
