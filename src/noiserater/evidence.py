@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import write_json
-from .config import from_dict, require
+from .config import ConfigError, from_dict, require
 from .diffusion import GaussianDiffusion, per_sample_loss
 from .experiments import copy_checkpoint, finished, run_stage, sample_metrics
 from .provenance import version_info
@@ -121,7 +121,7 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
 
 def get_evidence_preset(name: str, **overrides: Any) -> EvidencePreset:
     if name not in EVIDENCE_PRESETS:
-        raise ValueError(f"unknown evidence preset {name!r}; choose one of {', '.join(EVIDENCE_PRESETS)}")
+        raise ConfigError(f"unknown evidence preset {name!r} (flag --preset); choose one of {', '.join(EVIDENCE_PRESETS)}")
     return from_dict(EvidencePreset, {**dataclasses.asdict(EVIDENCE_PRESETS[name]), **overrides})
 
 

@@ -34,7 +34,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import dump_yaml, require, to_dict
+from .config import ConfigError, dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
@@ -355,7 +355,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.validate()
     rank, world, device = init_distributed()
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes; the global batch must split evenly")
+        raise ConfigError(f"invalid batch_size: {cfg.batch_size} is not divisible by the {world} processes (flag "
+                          "--batch-size); the global batch must split evenly")
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()

@@ -477,7 +477,8 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
     rank, world, device = init_distributed()
     for key in ("batch_size", "val_batch_size"):
         if getattr(cfg, key) % world:
-            raise ValueError(f"{key} {getattr(cfg, key)} is not divisible by the {world} processes; the global batch must split evenly")
+            raise ConfigError(f"invalid {key}: {getattr(cfg, key)} is not divisible by the {world} processes (flag "
+                              f"--{key.replace('_', '-')}); the global batch must split evenly")
     is_main = rank == 0
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
@@ -501,7 +502,8 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     distill = cfg.objective == "distill"
     for key in ("distill_val_batch_size",):
         if getattr(cfg, key) % world:
-            raise ValueError(f"{key} {getattr(cfg, key)} is not divisible by the {world} processes; the global batch must split evenly")
+            raise ConfigError(f"invalid {key}: {getattr(cfg, key)} is not divisible by the {world} processes (flag "
+                              f"--{key.replace('_', '-')}); the global batch must split evenly")
     if is_main:
         check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
