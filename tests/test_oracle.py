@@ -19,14 +19,6 @@ SIZE, CLASSES, B, K = 4, 3, 2, 3
 DIFF = GaussianDiffusion()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     m = build_dit("DiT-N/2", input_size=SIZE, in_channels=1, num_classes=CLASSES, learn_sigma=False,

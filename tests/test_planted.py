@@ -31,14 +31,6 @@ SPEC = DiTSpec("DiT-N/2", 8, 1, 10, learn_sigma=False, class_dropout_prob=0.1)
 K = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _save(path, model, unconditional: bool, steps: int) -> str:
     sd = model.state_dict()
     save_checkpoint(path, {"step": steps, "spec": SPEC.to_dict(), "model": sd, "ema": sd, "optimizer": {},

@@ -17,14 +17,6 @@ from noiserater.signal_check import SignalCheckConfig, signal_check
 SPEC = DiTSpec("DiT-N/2", 8, 1, 10, learn_sigma=False, class_dropout_prob=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ckpt(path, test_fraction):
     torch.manual_seed(0)
     model = build_dit_from_spec(SPEC)

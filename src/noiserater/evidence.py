@@ -30,8 +30,7 @@ import torch
 
 from .checkpoint import write_json
 from .config import ConfigError, from_dict, require
-from .diffusion import GaussianDiffusion, per_sample_loss
-from .experiments import copy_checkpoint, finished, run_stage, sample_metrics
+from .experiments import copy_checkpoint, finished, fixed_triple_losses, run_stage, sample_metrics
 from .provenance import version_info
 from .selection import dit_passes, equal_cost_control
 
@@ -131,21 +130,16 @@ def get_evidence_preset(name: str, **overrides: Any) -> EvidencePreset:
 @torch.no_grad()
 def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_fraction: float, test_fraction: float,
                     draws: int, seed: int = 0, batch: int = 512) -> dict[str, Any]:
-    """Epsilon loss of a checkpoint's EMA weights on FIXED (test image, timestep, noise) triples: every arm
-    and seed is scored on the same triples. Returns the mean and the mean per timestep band of ``BANDS``."""
+    """Epsilon loss of a checkpoint's EMA weights on fixed (test image, timestep, noise) triples (the same
+    for every arm and seed, :func:`noiserater.experiments.fixed_triple_losses`): the mean and the mean
+    per timestep band of ``BANDS``."""
     from .data import load_dataset
     from .train import load_diffusion
 
     model, _, _ = load_diffusion(checkpoint)
     model.eval()
     test = load_dataset(data, "test", seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    g = torch.Generator().manual_seed(10_007 + seed)
-    x0, y = test.images.repeat(draws, 1, 1, 1), test.labels.repeat(draws)
-    diffusion = GaussianDiffusion()
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    losses = torch.cat([per_sample_loss(model, diffusion, x0[i:i + batch], t[i:i + batch], y[i:i + batch],
-                                        noise[i:i + batch]) for i in range(0, x0.shape[0], batch)]).double()
+    losses, t = fixed_triple_losses(model, test.images, test.labels, draws, seed, batch)
     out: dict[str, Any] = {"test_loss": float(losses.mean()), "test_triples": int(losses.numel())}
     for lo, hi in BANDS:
         m = (t >= lo) & (t < hi)

@@ -218,30 +218,34 @@ def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Calla
 
 
 @torch.no_grad()
+def fixed_triple_losses(model, images: torch.Tensor, labels: torch.Tensor, draws: int, seed: int,
+                        batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-triple epsilon losses [N*draws] (float64) and their timesteps on FIXED (image, timestep, noise)
+    triples: the images repeated ``draws`` times, timesteps and noise from a generator seeded by ``seed``
+    alone, so every policy and continuation seed is scored on exactly the same triples."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
+    diffusion = GaussianDiffusion()
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    losses = [per_sample_loss(model, diffusion, x0[i:i + batch], t[i:i + batch], y[i:i + batch], noise[i:i + batch])
+              for i in range(0, x0.shape[0], batch)]
+    return torch.cat(losses).double(), t
+
+
 def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images: int, draws: int,
                  split_seed: int = 0, batch: int = 512) -> float:
-    """Diffusion loss of a checkpoint's EMA weights on FIXED (image, noise, timestep) triples.
-
-    The triples depend only on (data, split_seed, seed, num_images, draws): every policy and every
-    continuation seed is scored on exactly the same triples from the validation split.
-    """
+    """Diffusion loss of a checkpoint's EMA weights on fixed triples of the first ``num_images`` images of
+    the validation split (by ``split_seed``), see :func:`fixed_triple_losses`."""
     from .train import load_diffusion
 
     model, spec, _ = load_diffusion(checkpoint)
     model.eval()
     val = load_dataset(data_source, "val", seed=split_seed)
     n = min(num_images, len(val))
-    g = torch.Generator().manual_seed(10_007 + seed)
-    x0 = val.images[:n].repeat(draws, 1, 1, 1)
-    y = val.labels[:n].repeat(draws)
-    diffusion = GaussianDiffusion()
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    total = 0.0
-    for i in range(0, x0.shape[0], batch):
-        sl = slice(i, i + batch)
-        total += float(per_sample_loss(model, diffusion, x0[sl], t[sl], y[sl], noise[sl]).sum())
-    return total / x0.shape[0]
+    losses, _ = fixed_triple_losses(model, val.images[:n], val.labels[:n], draws, seed, batch)
+    # summed in float32 batch sums as before, so earlier studies' figures reproduce
+    return float(sum(float(losses[i:i + batch].float().sum()) for i in range(0, len(losses), batch))) / len(losses)
 
 
 def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path) -> dict:

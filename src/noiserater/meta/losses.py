@@ -72,17 +72,24 @@ def check_val_batch(batch: Batch) -> None:
         raise ValueError(f"val batch: y and t must have shape [B]=[{x0.shape[0]}], got {list(y.shape)} and {list(t.shape)}")
 
 
+def flatten_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A train batch with K noises per image as B*K single samples (x0, t, y, noise), candidate-minor."""
+    x0, y, t, eps = batch
+    B, K = eps.shape[:2]
+    noise = eps.reshape(B * K, *eps.shape[2:])
+    x0k = x0.unsqueeze(1).expand_as(eps).reshape(B * K, *x0.shape[1:])
+    return x0k, t.repeat_interleave(K), y.repeat_interleave(K), noise
+
+
 def candidate_losses(
     model: nn.Module | Callable, batch: Batch, *, params: Mapping[str, torch.Tensor] | None = None,
     diffusion: GaussianDiffusion | None = None,
 ) -> torch.Tensor:
     """l_bk [B,K]: per-candidate epsilon loss, mean over C,H,W (all K candidates in one forward)."""
-    x0, y, t, eps = batch
+    x0 = batch[0]
     diffusion = diffusion or default_diffusion()
-    B, K = eps.shape[:2]
-    noise = eps.reshape(B * K, *eps.shape[2:])
-    x0k = x0.unsqueeze(1).expand_as(eps).reshape(B * K, *x0.shape[1:])
-    tk, yk = t.repeat_interleave(K), y.repeat_interleave(K)
+    B, K = batch[3].shape[:2]
+    x0k, tk, yk, noise = flatten_groups(batch)
     f = model_fn(model, params) if isinstance(model, nn.Module) else model
     pred = epsilon_prediction(f(diffusion.q_sample(x0k, tk, noise), tk, yk), x0.shape[1])
     return (pred - noise).pow(2).flatten(1).mean(dim=1).view(B, K)

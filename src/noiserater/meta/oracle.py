@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..diffusion import GaussianDiffusion, epsilon_prediction
-from .losses import Batch, candidate_losses, default_diffusion, eval_mode, math_attention, val_loss
+from .losses import Batch, candidate_losses, default_diffusion, eval_mode, flatten_groups, math_attention, val_loss
 
 ORACLE_MODES = ("align", "anti", "cosine")
 
@@ -77,12 +77,9 @@ def candidate_grad_norms(model: nn.Module, batch: Batch, *, diffusion: GaussianD
                          chunk: int = 64) -> torch.Tensor:
     """||grad_theta l_bk|| [B,K] over all trainable weights, from per-sample gradients (``vmap(grad)``)
     evaluated ``chunk`` candidates at a time (memory: chunk x the parameter count)."""
-    x0, y, t, eps = batch
     diffusion = diffusion or default_diffusion()
-    B, K = eps.shape[:2]
-    noise = eps.reshape(B * K, *eps.shape[2:])
-    x0k = x0.unsqueeze(1).expand_as(eps).reshape(B * K, *x0.shape[1:])
-    tk, yk = t.repeat_interleave(K), y.repeat_interleave(K)
+    B, K = batch[3].shape[:2]
+    x0k, tk, yk, noise = flatten_groups(batch)
     theta = _trainable(model)
 
     def one(th: dict, x: torch.Tensor, ti: torch.Tensor, yi: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
