@@ -122,7 +122,7 @@ def test_cuda_compile_trains(tmp_path):
 
 
 def test_train_on_cache_and_decode_on_cuda(tmp_path, cuda_cache, vae_dir):
-    from noiserater.commands.sample import sample_from_checkpoint
+    from noiserater.sampling import sample_from_checkpoint
 
     s, _, state = _tiny_train(tmp_path, "latent", data=str(cuda_cache), batch_size=8, amp=True)
     assert state["data"]["latent"]["scaling_factor"] == pytest.approx(0.18215)

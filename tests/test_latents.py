@@ -269,7 +269,7 @@ def test_dataset_splits_from_cache_lazy_equals_in_memory(flip_cache, monkeypatch
 
 
 def test_train_on_cache_then_sample_decodes_with_the_same_vae(tmp_path, flip_cache, vae_dir, monkeypatch):
-    from noiserater.commands.sample import sample_from_checkpoint
+    from noiserater.sampling import sample_from_checkpoint
     from noiserater.train import TrainConfig, load_diffusion, train
 
     def run(name: str, in_memory_mb: str):

@@ -418,3 +418,17 @@ def load_rater(path: str | os.PathLike, expect: Any = None) -> torch.nn.Module:
     rater = NoiseRater(spec)
     load_state_dict_checked(rater, state["rater"], f"rater checkpoint {path}")
     return rater
+
+
+def load_diffusion(path: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """(model, spec, state) from a noiserater diffusion checkpoint; EMA weights by default."""
+    from .models import DiTSpec, build_dit_from_spec  # models import this module: keep it lazy
+
+    state = load_checkpoint(path, kind="diffusion")
+    try:
+        spec = DiTSpec(**state["spec"])
+        model = build_dit_from_spec(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid model spec: {e}") from None
+    load_state_dict_checked(model, state["ema" if use_ema else "model"], f"checkpoint {path}")
+    return model.to(device), spec, state

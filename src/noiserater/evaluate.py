@@ -17,7 +17,7 @@ Pieces, each usable on its own:
   latent cache, read as ``cache-latents`` read them, streamed in batches, at most ``max_images``). Both
   share one implementation (:func:`_reference_stats`, exact batch-merged mean and covariance).
 - :func:`evaluate_checkpoint`: samples from a diffusion checkpoint (the project's one sampler,
-  :func:`noiserater.commands.sample.sample_from_checkpoint`; latent checkpoints are decoded with their
+  :func:`noiserater.sampling.sample_from_checkpoint`; latent checkpoints are decoded with their
   VAE), then one record per extractor with FID, precision, recall and class accuracy, and everything that
   makes the number comparable (number of samples, sampler, steps, CFG scale, EMA, seed, extractor,
   reference). Records are appended to ``RUN_DIR/eval.jsonl``.
@@ -805,7 +805,7 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
     copy of it) and compared, in pixels, with the image folder the cache was made from (see
     :func:`latent_reference`, :func:`folder_reference_features`); only the ``inception`` extractor applies
     and class accuracy is None (there is no dataset classifier)."""
-    from .commands.sample import sample_from_checkpoint
+    from .sampling import sample_from_checkpoint
 
     cfg.validate()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

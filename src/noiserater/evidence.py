@@ -134,7 +134,7 @@ def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_frac
     for every arm and seed, :func:`noiserater.experiments.fixed_triple_losses`): the mean and the mean
     per timestep band of ``BANDS``."""
     from .data import load_dataset
-    from .train import load_diffusion
+    from .checkpoint import load_diffusion
 
     model, _, _ = load_diffusion(checkpoint)
     model.eval()

@@ -237,7 +237,7 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
                  split_seed: int = 0, batch: int = 512) -> float:
     """Diffusion loss of a checkpoint's EMA weights on fixed triples of the first ``num_images`` images of
     the validation split (by ``split_seed``), see :func:`fixed_triple_losses`."""
-    from .train import load_diffusion
+    from .checkpoint import load_diffusion
 
     model, spec, _ = load_diffusion(checkpoint)
     model.eval()

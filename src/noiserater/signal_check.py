@@ -98,7 +98,7 @@ def _heldout_loss(model, draws) -> float:
 
 def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """Run the three checks of the module docstring; returns a JSON-ready dict (see :func:`format_summary`)."""
-    from .train import load_diffusion
+    from .checkpoint import load_diffusion
 
     cfg.validate()
     t_start = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
+    load_diffusion,
     CheckpointError,
     RunLock,
     atomic_write_text,
@@ -39,6 +40,7 @@ from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
+from .sampling import sample_grid_labels, save_grid
 from .selection import (
     ORACLE_POLICIES,
     POLICIES,
@@ -228,62 +230,6 @@ def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig,
         "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
                  **({"latent": data.latent_info} if getattr(data, "latent_info", None) else {})},
     }
-
-
-def load_diffusion(path: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """(model, spec, state) from a noiserater diffusion checkpoint; EMA weights by default."""
-    state = load_checkpoint(path, kind="diffusion")
-    try:
-        spec = DiTSpec(**state["spec"])
-        model = build_dit_from_spec(spec)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has an invalid model spec: {e}") from None
-    load_state_dict_checked(model, state["ema" if use_ema else "model"], f"checkpoint {path}")
-    return model.to(device), spec, state
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    p = Path(run_dir) / "checkpoints" / "latest.pt"
-    return p if p.exists() else None
-
-
-# ---- images ----------------------------------------------------------------------------------------
-
-
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
-    """Save images [N,C,H,W] in [-1,1] as one PNG grid (atomic). 1-channel images are grey."""
-    import io
-
-    from PIL import Image
-
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    if c not in (1, 3):
-        x = x[:, :1] if c < 3 else x[:, :3]
-        c = x.shape[1]
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / nrow))
-    pad = 1
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    scale = max(1, -(-512 // max(img.size)))  # upscale small grids to at least 512 px so they are viewable
-    if scale > 1:
-        img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def sample_grid_labels(num_classes: int, n: int, unconditional: bool) -> torch.Tensor:
-    if unconditional:
-        return torch.full((n,), num_classes, dtype=torch.long)
-    return torch.arange(n) % num_classes
 
 
 # ---- the training loop ------------------------------------------------------------------------------

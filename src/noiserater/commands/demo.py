@@ -49,8 +49,7 @@ def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_
     """
     from ..experiments import get_preset, reproduce
     from ..report import format_mean_ci, format_vs_vanilla, load_results
-    from ..train import save_grid
-    from .sample import sample_from_checkpoint
+    from ..sampling import sample_from_checkpoint, save_grid
 
     p = get_preset(preset, **overrides)
     t0 = time.perf_counter()

@@ -497,7 +497,8 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
 
 
 def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device, run_dir: Path, is_main: bool) -> dict:
-    from ..train import NumericsError, load_diffusion
+    from ..checkpoint import load_diffusion
+    from ..train import NumericsError
 
     distill = cfg.objective == "distill"
     for key in ("distill_val_batch_size",):
