@@ -119,3 +119,18 @@ def test_train_without_tensorboard_warns_once_and_logs_metrics(tmp_path, monkeyp
     assert err.count("tensorboard is not installed") == 1
     assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not (run / "tb").exists()
+
+
+def test_top_level_namespace_exports_the_scripting_api():
+    import noiserater
+    from noiserater.selection import NoiseSelector
+    from noiserater.train import train
+
+    for name in ("TrainConfig", "train_model", "MetaTrainConfig", "metatrain", "meta_gradient", "NoiseSelector",
+                 "build_dit", "build_rater", "load_diffusion", "load_rater", "evaluate_checkpoint", "reproduce"):
+        assert callable(getattr(noiserater, name)), name
+    assert noiserater.NoiseSelector is NoiseSelector and noiserater.train_model is train
+    import pytest
+
+    with pytest.raises(AttributeError):
+        noiserater.no_such_thing

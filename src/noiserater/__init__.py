@@ -1,12 +1,36 @@
-"""noiserater: meta-learned noise valuation (NoiseRater, arXiv 2605.08144) for DiT training."""
+"""noiserater: meta-learned noise valuation (NoiseRater, arXiv 2605.08144) for DiT training.
+
+The objects a user scripts with are exported here, loaded lazily (``import noiserater`` stays cheap)::
+
+    from noiserater import TrainConfig, train_model, NoiseSelector, build_dit, load_diffusion
+"""
 
 __version__ = "0.1.0"
 
+# name -> module that defines it (imported on first use)
+_EXPORTS = {
+    "TrainConfig": "train", "train_model": "train",
+    "MetaTrainConfig": "meta.train", "metatrain": "meta.train",
+    "meta_gradient": "meta.gradient",
+    "NoiseSelector": "selection",
+    "build_dit": "models.dit", "build_rater": "models.rater",
+    "load_diffusion": "checkpoint", "load_rater": "checkpoint",
+    "evaluate_checkpoint": "evaluate",
+    "reproduce": "experiments", "run_evidence": "evidence",
+    "sample_from_checkpoint": "sampling",
+}
+
+# ``train`` and ``evidence`` are also submodules (``noiserater.train``): an attribute of that name would be
+# replaced by the module as soon as it is imported, so the functions are exported under these names.
+_ALIASES = {"train_model": "train", "run_evidence": "evidence"}
+
+__all__ = ["__version__", *_EXPORTS]
+
 
 def __getattr__(name: str):
-    """Lazy top-level exports (importing noiserater stays cheap): ``from noiserater import NoiseSelector``."""
-    if name == "NoiseSelector":
-        from .selection import NoiseSelector
+    """Lazy top-level exports: ``from noiserater import NoiseSelector``."""
+    if name in _EXPORTS:
+        import importlib
 
-        return NoiseSelector
+        return getattr(importlib.import_module(f"noiserater.{_EXPORTS[name]}"), _ALIASES.get(name, name))
     raise AttributeError(f"module 'noiserater' has no attribute {name!r}")
