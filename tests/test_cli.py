@@ -85,3 +85,23 @@ def test_sample_rejects_bad_labels(tiny_checkpoint, tmp_path):
     assert result.exit_code == 2 and "outside [0, 9]" in result.output
     result = _invoke(["sample", "--checkpoint", str(tiny_checkpoint), "--labels", "cats", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--labels" in result.output
+
+
+@pytest.mark.parametrize("cmd", ["train", "metatrain", "evaluate", "sample"])
+def test_device_option_is_everywhere_and_a_missing_cuda_is_one_line(tmp_path, cmd):
+    import torch
+
+    from noiserater.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without CUDA")
+    args = {"train": ["train", "--run-dir", str(tmp_path / "r"), "--steps", "1"],
+            "metatrain": ["metatrain", "--checkpoint", str(tmp_path / "c.pt"), "--run-dir", str(tmp_path / "m")],
+            "evaluate": ["evaluate", "--checkpoint", str(tmp_path / "c.pt")],
+            "sample": ["sample", "--checkpoint", str(tmp_path / "c.pt")]}[cmd]
+    res = CliRunner().invoke(main, [*args, "--device", "cuda"])
+    assert res.exit_code == 2, res.output
+    if cmd in ("train", "metatrain", "sample"):  # evaluate reports the missing checkpoint first
+        assert "--device" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()

@@ -349,7 +349,7 @@ class RunLock:
 
 # Config keys that may change between a run and its resumption (how long / how often, not what).
 RESUMABLE_KEYS = ("resume", "steps", "outer_steps", "run_dir", "log_every", "sample_every", "ckpt_every", "progress",
-                  "tensorboard")
+                  "tensorboard", "device")
 
 
 def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, legacy: dict | None = None) -> None:

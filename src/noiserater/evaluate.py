@@ -728,6 +728,7 @@ class EvalConfig:
     record: bool = True
     batch_size: int = 250
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "checkpoint", "pass --checkpoint RUN_DIR/checkpoints/latest.pt")
@@ -808,7 +809,11 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
     from .sampling import sample_from_checkpoint
 
     cfg.validate()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        from .train import resolve_device
+
+        device = resolve_device(cfg.device)
+    device = torch.device(device)
     state = load_checkpoint(cfg.checkpoint, kind="diffusion")
     config = state.get("config", {})
     data_source = config.get("data")

@@ -104,6 +104,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute DiT blocks in backward: less memory, ~30% more compute
     tensorboard: bool = True
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
 
     def validate(self) -> None:
         require(self.model in DIT_CONFIGS, "model", f"{self.model!r} is not one of {', '.join(DIT_CONFIGS)}")
@@ -163,17 +164,37 @@ def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
 _OWN_PROCESS_GROUP = False  # True while a process group started by init_distributed is alive
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Starts a process group when launched by torchrun."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch.device;
+    a CUDA device on a machine without one is a ConfigError naming --device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"invalid device {name!r} (flag --device): use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"invalid device {name!r} (flag --device): use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Starts a process group when launched by torchrun; ``device`` as in
+    :func:`resolve_device` (under torchrun a CUDA run uses the process's LOCAL_RANK device)."""
     global _OWN_PROCESS_GROUP
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         _OWN_PROCESS_GROUP = True
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 or dev.index is None else dev.index
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
@@ -299,7 +320,7 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or continue training) a DiT; returns a summary dict. See module docstring."""
     cfg.validate()
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ConfigError(f"invalid batch_size: {cfg.batch_size} is not divisible by the {world} processes (flag "
                           "--batch-size); the global batch must split evenly")

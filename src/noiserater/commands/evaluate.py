@@ -44,6 +44,7 @@ EVAL_HELP = {
     "record": "Append the records to RUN_DIR/eval.jsonl.",
     "batch_size": "Images per forward pass when sampling and extracting features.",
     "progress": "Show progress bars.",
+    "device": "Device: auto (CUDA when available), cpu, cuda or cuda:N.",
 }
 
 

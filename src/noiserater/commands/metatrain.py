@@ -54,6 +54,7 @@ METATRAIN_HELP = {
     "planted_scale": "Sanity check: candidate 0 of every group is this multiple of a standard normal (1: no plant); "
                      "a working meta-training learns to down-weight a harmful plant such as 2.5.",
     "progress": "Show a progress bar.",
+    "device": "Device: auto (CUDA when available), cpu, cuda or cuda:N.",
 }
 
 

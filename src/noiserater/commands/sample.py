@@ -31,9 +31,14 @@ from ._options import SEED, FiniteFloat
 @click.option("--vae", "vae", default=None, type=click.Path(),
               help="Latent checkpoints: the VAE folder to decode with (default: the one recorded by cache-latents; "
                    "a VAE with another scaling factor is refused).")
-def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size, vae) -> None:
+@click.option("--device", "device", default="auto", show_default=True,
+              help="Device: auto (CUDA when available), cpu, cuda or cuda:N.")
+def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size, vae, device) -> None:
     """Draw samples with DDIM (eta=0) and classifier-free guidance (latents are decoded with the VAE)."""
-    samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size, vae=vae)
+    from ..train import resolve_device
+
+    samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size,
+                                        device=resolve_device(device), vae=vae)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out / "samples.png")

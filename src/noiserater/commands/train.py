@@ -61,6 +61,7 @@ TRAIN_HELP = {
                           "DiTs at about 30% more compute; gradients are unchanged.",
     "tensorboard": "Write TensorBoard logs under RUN_DIR/tb.",
     "progress": "Show a progress bar.",
+    "device": "Device: auto (CUDA when available), cpu, cuda or cuda:N.",
 }
 
 

@@ -123,6 +123,7 @@ class MetaTrainConfig:
     patience: int = 0
     planted_scale: float = 1.0
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         if isinstance(self.inner_lr, str) and self.inner_lr != "auto":
@@ -474,7 +475,7 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
     from ..train import init_distributed
 
     cfg.validate()
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.device)
     for key in ("batch_size", "val_batch_size"):
         if getattr(cfg, key) % world:
             raise ConfigError(f"invalid {key}: {getattr(cfg, key)} is not divisible by the {world} processes (flag "
