@@ -70,6 +70,8 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
         res = CliRunner().invoke(main, ["report", str(folder)])
         assert res.exit_code == 0, res.output
     assert (moved / "report.md").read_text() == (out / "report.md").read_text()
+    bad_k = CliRunner().invoke(main, ["report", str(moved), "--k", "8"])  # no k=8 runs: refused, not dropped
+    assert bad_k.exit_code == 2 and "k = [4], not 8" in bad_k.output
     rerun = CliRunner().invoke(main, ["demo", "--out", str(moved), *TINY])  # resumes the moved copy, runs nothing
     assert rerun.exit_code == 0, rerun.output
     assert " run " not in rerun.output
@@ -122,3 +124,10 @@ def test_a_signal_during_a_stage_stops_the_study_without_recording_the_stage(tmp
     assert not (tmp_path / "pretrain-DiT-N_2" / "stage.json").exists()
     res = pretrain(p, tmp_path, p.model, 4, [2, 4], log=lambda m: None)  # the rerun resumes and finishes
     assert set(res["checkpoints"]) == {"2", "4"}
+
+
+def test_meaningless_inputs_are_refused(tmp_path):
+    r = CliRunner()
+    res = r.invoke(main, ["train", "--steps", "0", "--run-dir", str(tmp_path / "z")])
+    assert res.exit_code == 2 and "steps" in res.output and "nothing to train" in res.output
+    assert not (tmp_path / "z").exists()

@@ -323,6 +323,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     info = json.loads((root / "study.json").read_text()) if (root / "study.json").exists() else {}
     if headline_k is None:  # the study's own headline k (ReproducePreset.headline_k), else the paper's k=4
         headline_k = int(info.get("settings", {}).get("headline_k", 4))
+    else:  # an explicit k that the study never ran would silently drop the headline
+        ran = sorted({int(k) for k in df.loc[(df["table"] == "main") & (df["policy"] == "rater"), "k"]})
+        if ran and headline_k not in ran:
+            from .config import ConfigError
+
+            raise ConfigError(f"invalid k (flag --k): the study has rater runs at k = {ran}, not {headline_k}")
     parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", "",
              f"Written by {version_line()}.", ""]
     if info:

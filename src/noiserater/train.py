@@ -108,7 +108,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(self.model in DIT_CONFIGS, "model", f"{self.model!r} is not one of {', '.join(DIT_CONFIGS)}")
-        require(self.steps >= 0, "steps", "must be >= 0")
+        require(self.steps >= 1, "steps", "must be >= 1 (with 0 there is nothing to train)")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", "learning rate must be a finite number > 0")
         require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
