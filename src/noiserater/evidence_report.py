@@ -77,10 +77,18 @@ def _mean(rows: list[dict], arm: str, key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _ordered_arms(rows: list[dict]) -> list[str]:
+    """Arms in the registry's order (controls first), unknown names last."""
+    from .evidence import ARMS
+
+    present = set(r["arm"] for r in rows)
+    return [a for a in ARMS if a in present] + sorted(present - set(ARMS))
+
+
 def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
     """Markdown lines and the per-arm comparison records of one stage."""
     sub = [r for r in rows if r["stage"] == stage]
-    arms = list(dict.fromkeys(r["arm"] for r in sub))
+    arms = _ordered_arms(sub)
     van_rate = _mean(sub, "vanilla", "images_per_s")
     lines = [
         "| arm | DiT passes / image | control | seeds | FID vs control (95% CI) | test loss vs control (95% CI) "
@@ -115,7 +123,7 @@ def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
 
 def absolute_table(rows: list[dict], stage: int) -> list[str]:
     sub = [r for r in rows if r["stage"] == stage]
-    arms = list(dict.fromkeys(r["arm"] for r in sub))
+    arms = _ordered_arms(sub)
     lines = ["| arm | FID | precision | recall | class accuracy | test loss | t<100 | 100≤t<400 | t≥400 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -179,6 +187,29 @@ def write_evidence_report(root: str | Path) -> Path:
             need = seeds_for_half_width(med)
             out += ["", f"Power: median paired FID spread {med:.2f}% per seed; a ±2% interval needs {need} seeds "
                         f"(t quantile, exact); this stage has {van['seeds']}."]
+        for kind in ("bilevel", "distill"):
+            folder = root / f"stage-{stage}" / f"rater-{kind}"
+            if (folder / "stage.json").exists():
+                res = json.loads((folder / "stage.json").read_text())["result"]["summary"]
+                best = res.get("best_eval") or {}
+                line = f"{kind} rater: {res.get('step')} outer steps"
+                if best:
+                    line += (f", best held-out {best.get('metric')} {best.get('value'):.3g} ± {best.get('se'):.2g} "
+                             f"at step {best.get('step')}")
+                    if best.get("metric") == "rater_advantage":  # its scale: what uniform inner steps gain
+                        evals = [json.loads(x)["eval"] for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()
+                                 if '"eval"' in x] if (folder / "run" / "metrics.jsonl").exists() else []
+                        gain = next((e.get("uniform_gain") for e in evals if e.get("uniform_gain")), None)
+                        if gain:
+                            line += f" (the uniform inner gain is {gain:.3g}: {100 * best['value'] / gain:+.1f}% of it)"
+                ana = folder / "analysis" / "analysis.json"
+                if ana.exists():
+                    a = json.loads(ana.read_text())
+                    sp, sd = a["pooled"]["spearman"]["mean"], a["pooled"]["score_std"]["mean"]
+                    agree = a.get("agreement_k4", {}).get("max_norm")
+                    line += (f"; score spread in a group {sd:.2f}, Spearman with the noise norm {sp:+.2f}"
+                             + (f", top pick = max_norm's {100 * agree:.0f}% of the time (chance 25%)" if agree else ""))
+                out += ["", line + "."]
         if recs:
             fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png")
             out += ["", f"![stage {stage}]({fig.name})"]
