@@ -1,0 +1,61 @@
+"""The evidence study (issue 13): statistics against scipy, and the pipeline end to end at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from noiserater.cli import main
+from noiserater.evidence_report import compare, paired_interval, seeds_for_half_width
+
+
+def test_paired_interval_matches_scipy():
+    d = [1.3, -0.2, 2.5, 0.7, 1.1]
+    ci = paired_interval(d)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+    assert ci["mean"] == pytest.approx(np.mean(d)) and ci["half"] == pytest.approx((hi - lo) / 2)
+    assert ci["p"] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    rows = [{"arm": "a", "seed": s, "m": v} for s, v in enumerate([11.0, 9.0, 10.5])] + \
+           [{"arm": "c", "seed": s, "m": v} for s, v in enumerate([10.0, 10.0, 10.0])] + [{"arm": "c", "seed": 9, "m": 1.0}]
+    rel = compare(rows, "a", "c", "m")  # only the common seeds 0-2, relative to the control
+    assert rel["n"] == 3 and rel["mean"] == pytest.approx(np.mean([10.0, -10.0, 5.0]))
+
+
+def test_seeds_for_half_width_is_the_smallest_n_by_the_t_quantile():
+    for sd in (0.9, 2.0, 3.3):
+        n = seeds_for_half_width(sd, 2.0)
+        half = lambda m: stats.t.ppf(0.975, m - 1) * sd / math.sqrt(m)
+        assert half(n) <= 2.0 < half(n - 1) if n > 2 else half(n) <= 2.0
+    assert seeds_for_half_width(3.3) == 13 and seeds_for_half_width(2.0) == 7
+
+
+def test_evidence_study_end_to_end_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev"
+    args = ["evidence", "--out", str(out), "--set", "model=DiT-N/2", "--set", "rater=FastRater-N/2",
+            "--set", "online_rater=FastRater-N/2", "--set", "batch_size=8", "--set", "pretrain_steps=6",
+            "--set", "stages=[6]", "--set", "seeds=[0, 1]", "--set", "continue_steps=2",
+            "--set", "arms=[vanilla, uniform_soft, rater_soft, rater_sample, oracle_amortised]",
+            "--set", "bilevel_outer_steps=2", "--set", "bilevel_inner_steps=1", "--set", "bilevel_candidates=2",
+            "--set", "meta_eval_every=1", "--set", "eval_samples=20", "--set", "eval_ddim_steps=2",
+            "--set", "test_draws=1", "--set", "oracle_val_batch=8"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 2 and {r["seed"] for r in rows} == {0, 1}
+    assert all(r["test_triples"] == 180 for r in rows)  # the digits test split: 10% of 1797, never trained on
+    summary = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["rater_soft"]["control"] == "uniform_soft" and summary["rater_sample"]["control"] == "vanilla"
+    assert summary["uniform_soft"]["dit_passes"] == 4 and summary["rater_sample"]["dit_passes"] == 1
+    report = (out / "report.md").read_text()
+    assert "| rater_soft | 4 | uniform_soft | 2 |" in report and "(forest-stage6.png)" in report
+    # the pretraining never saw the test split: its run records the split
+    cfg = (out / "pretrain" / "run" / "config.yaml").read_text()
+    assert "test_fraction: 0.1" in cfg and "split_seed: 0" in cfg
+    again = CliRunner().invoke(main, args)  # a rerun skips everything
+    assert again.exit_code == 0 and "[run ]" not in again.output
