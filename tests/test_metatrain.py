@@ -142,14 +142,72 @@ def test_carry_inner_changes_the_starting_point(tiny_checkpoint, tmp_path):
     assert ra[1]["val_loss_init"] != rb[1]["val_loss_init"]  # step 2 starts from theta_S of step 1
 
 
+def _uniform_gains_by_hand(ckpt: str, cfg: MetaTrainConfig, grid) -> dict:
+    """The sweep's criterion computed here: for each lr, the mean over the sweep's draws of
+    L_val(theta_0) - L_val(theta_S), theta_S after S plain SGD steps on the mean over images and over the K
+    candidates of the per-candidate epsilon loss (uniform weights), each candidate's x_t and loss written
+    out in a loop; None where the result is not finite."""
+    import math
+
+    from noiserater.checkpoint import load_diffusion
+    from noiserater.diffusion import GaussianDiffusion, per_sample_loss
+    from noiserater.meta.train import _Sampler, checkpoint_splits
+
+    model, spec, state = load_diffusion(ckpt, use_ema=cfg.use_ema)
+    model.eval()
+    tr, val, _ = checkpoint_splits(state["config"], "digits")
+    d = GaussianDiffusion()
+    sampler = _Sampler(tr, val, spec.num_classes, cfg.seed, cfg.inner_steps, cfg.candidates, cfg.batch_size,
+                       cfg.val_batch_size, 0.1, False, d.num_timesteps)
+    draws = [sampler.outer(n, 0, 1, "cpu", seed_offset=100_003) for n in range(cfg.sweep_steps)]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_at(params, x0, y, t, eps):
+        f = lambda x, tt, yy: torch.func.functional_call(model, params, (x, tt, yy))  # noqa: E731
+        return per_sample_loss(f, d, x0, t, y, eps).mean()
+
+    out = {}
+    for lr in grid:
+        gains = []
+        for batches, (vx, vy, vt, veps) in draws:
+            theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+            with torch.no_grad():
+                l0 = float(loss_at(theta, vx, vy, vt, veps))
+            for x0, y, t, eps in batches:
+                leaves = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
+                k = eps.shape[1]
+                loss = sum(loss_at(leaves, x0, y, t, eps[:, j]) for j in range(k)) / k
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                theta = {n: (v - lr * g if g is not None else v).detach()
+                         for (n, v), g in zip(leaves.items(), grads)}
+            with torch.no_grad():
+                gains.append(l0 - float(loss_at(theta, vx, vy, vt, veps)))
+        mean = sum(gains) / len(gains)
+        out[lr] = mean if math.isfinite(mean) else None
+    return out
+
+
 def test_inner_lr_auto_picks_the_best_uniform_gain(tiny_checkpoint, tmp_path):
-    summary = metatrain(tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1, inner_lr="auto",
-                                 sweep_lrs="0.001,0.05,1000", sweep_steps=2))
+    """The sweep's gains equal ones computed independently (hand-written SGD on the uniform inner loss), and
+    the chosen lr is the argmax of those: the middle of three lrs, so neither end of the grid would pass."""
+    grid = (0.001, 0.05, 1000.0)
+    cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1, inner_lr="auto",
+                   sweep_lrs=",".join(map(str, grid)), sweep_steps=2)
+    summary = metatrain(cfg)
     sweep = json.load(open(tmp_path / "run" / "inner_lr_sweep.json"))
-    gains = {r["inner_lr"]: r["uniform_gain"] for r in sweep["grid"]}
-    finite = {k: v for k, v in gains.items() if v is not None}
-    assert sweep["chosen"] == max(finite, key=finite.get) == summary["inner_lr"]
-    assert gains[1000.0] is None or gains[1000.0] < finite[sweep["chosen"]]
+    recorded = {r["inner_lr"]: r["uniform_gain"] for r in sweep["grid"]}
+    expected = _uniform_gains_by_hand(tiny_checkpoint, cfg, grid)
+    assert set(recorded) == set(expected) == set(grid)
+    for lr in grid:
+        if expected[lr] is None:
+            assert recorded[lr] is None, lr
+        else:
+            assert recorded[lr] == pytest.approx(expected[lr], rel=1e-4, abs=1e-7), lr
+    finite = {k: v for k, v in expected.items() if v is not None}
+    best = max(finite, key=finite.get)
+    assert best == 0.05 and finite[best] > 0  # the middle lr wins by its own, independently computed gain
+    assert sweep["chosen"] == best == summary["inner_lr"]
+    assert expected[1000.0] is None or expected[1000.0] < 0  # a diverging lr loses
 
 
 def test_warns_when_uniform_steps_do_not_help(tiny_checkpoint, tmp_path, capsys):
