@@ -21,12 +21,42 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_child_record_has_the_contract_fields():
-    rec = run_child({**TINY, "method": "reverse", "inner_steps": 2})
-    assert {"method", "inner_steps", "time_s", "peak_mem_bytes"} <= set(rec)
+class _KnownClock:
+    """Stands in for the ``time`` module inside bench_metagrad: each timed call lasts the next of the given
+    CPU and wall durations."""
+
+    def __init__(self, cpu, wall):
+        self._cpu = iter(x for d in cpu for x in (0.0, d))
+        self._wall = iter(x for d in wall for x in (0.0, d))
+
+    def process_time(self):
+        return next(self._cpu)
+
+    def perf_counter(self):
+        return next(self._wall)
+
+
+def test_child_record_against_a_known_clock_and_an_independent_meta_gradient(monkeypatch):
+    """The record's times are the medians of the repeats' own durations (a known clock: CPU 0.5, 0.2, 0.9 s,
+    wall 1, 3, 2 s), per inner step over S=2; its meta-gradient norm is the one plain autograd through the
+    unrolled inner steps gives on the same model, rater and batches; its peak memory holds at least the
+    meta-gradient it returns (one float32 per rater parameter)."""
+    from noiserater.commands import bench_metagrad as bm
+    from noiserater.meta import meta_gradient
+
+    cfg = {**TINY, "method": "reverse", "inner_steps": 2, "repeats": 3}
+    monkeypatch.setattr(bm, "time", _KnownClock(cpu=[0.5, 0.2, 0.9], wall=[1.0, 3.0, 2.0]))
+    rec = run_child(cfg)
     assert rec["method"] == "reverse" and rec["inner_steps"] == 2
-    assert rec["time_s"] > 0 and rec["peak_mem_bytes"] > 0 and rec["meta_grad_norm"] > 0
-    assert rec["time_per_inner_step_s"] == pytest.approx(rec["time_s"] / 2)
+    assert rec["time_s"] == pytest.approx(0.5) and rec["wall_time_s"] == pytest.approx(2.0)
+    assert rec["time_per_inner_step_s"] == pytest.approx(0.25)
+    model, rater, train, val = bm._build(cfg)
+    ref = meta_gradient(model, rater, train, val, inner_lr=cfg["inner_lr"], method="unrolled", inner_optimizer="sgd")
+    ref_norm = float(torch.cat([g.reshape(-1) for g in ref]).norm())
+    assert ref_norm > 0 and rec["meta_grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    rater_bytes = sum(p.numel() * 4 for p in rater.parameters())
+    assert rec["peak_mem_bytes"] >= rater_bytes
+    assert rec["params_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def test_goal_lines_and_table():
@@ -44,8 +74,8 @@ def test_bad_options_are_clear():
 
     r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "magic"])
     assert r.exit_code == 2 and "unknown methods" in r.output
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--steps", "1,x"])
-    assert r.exit_code == 2 and "--steps" in r.output
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--inner-steps-list", "1,x"])
+    assert r.exit_code == 2 and "--inner-steps-list" in r.output
 
 
 @pytest.mark.slow
@@ -54,7 +84,7 @@ def test_reverse_memory_is_flat_and_unrolled_grows(tmp_path):
     from noiserater.cli import main
 
     out = tmp_path / "m.json"
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--steps", "1,4",
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--inner-steps-list", "1,4",
                                   "--methods", "unrolled,reverse", "--image-size", "8", "--repeats", "1"])
     assert r.exit_code == 0, r.output
     recs = {(x["method"], x["inner_steps"]): x for x in json.loads(out.read_text())}

@@ -47,8 +47,8 @@ def test_memory_probe_reports_peak():
 
 def test_bench_train_writes_json(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(main, ["bench", "train", "--configs", "digits-tiny", "--steps", "1", "--rounds", "1",
-                                       "--warmup", "0", "--loop-steps", "1", "--no-memory", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "train", "--setups", "digits-tiny", "--steps", "1", "--repeats", "1",
+                                       "--warmup", "0", "--loop-steps", "1", "--no-memory", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     rec = data["records"][0]
@@ -57,5 +57,5 @@ def test_bench_train_writes_json(tmp_path):
     assert rec["train_loop_images_per_s"] > 0
     assert data["machine"]["torch"] == torch.__version__
     assert "| digits-tiny |" in result.stdout
-    bad = CliRunner().invoke(main, ["bench", "train", "--configs", "nope", "--out", str(out)])
+    bad = CliRunner().invoke(main, ["bench", "train", "--setups", "nope", "--json", str(out)])
     assert bad.exit_code == 2 and "unknown config" in bad.output

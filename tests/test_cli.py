@@ -62,7 +62,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_sample_writes_png_and_npz_repeatably(tiny_checkpoint, tmp_path):
-    args = ["sample", "--checkpoint", str(tiny_checkpoint), "--num", "6", "--steps", "3", "--labels", "cycle"]
+    args = ["sample", "--checkpoint", str(tiny_checkpoint), "--num-samples", "6", "--sample-steps", "3", "--labels", "cycle"]
     r1 = _invoke(args + ["--out", str(tmp_path / "a")])
     assert r1.exit_code == 0, r1.output
     r2 = _invoke(args + ["--out", str(tmp_path / "b")])

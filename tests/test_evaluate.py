@@ -321,12 +321,12 @@ def untrained_checkpoint(tmp_path_factory):
 
 
 def test_evaluate_is_repeatable_and_records_everything(untrained_checkpoint, cache):
-    args = ["evaluate", "--checkpoint", str(untrained_checkpoint), "--num-samples", "40", "--steps", "3",
+    args = ["evaluate", "--checkpoint", str(untrained_checkpoint), "--num-samples", "40", "--sample-steps", "3",
             "--cache-dir", str(cache), "--no-progress", "--batch-size", "32"]
     r1 = CliRunner().invoke(main, args)
     assert r1.exit_code == 0, r1.output
     assert "FID" in r1.output and "classifier test accuracy" in r1.output
-    r2 = CliRunner().invoke(main, args + ["--json"])
+    r2 = CliRunner().invoke(main, args + ["--as-json"])
     assert r2.exit_code == 0, r2.output
     lines = (untrained_checkpoint.parent.parent / "eval.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -352,7 +352,7 @@ def test_evaluate_bad_inputs_are_one_line_errors(untrained_checkpoint, cache, tm
     r = run("--checkpoint", str(untrained_checkpoint), "--extractors", "vgg")
     assert r.exit_code != 0 and "extractors" in r.output
     r = run("--checkpoint", str(untrained_checkpoint), "--extractors", "inception", "--num-samples", "4",
-            "--steps", "1", "--no-record")
+            "--sample-steps", "1", "--no-record")
     assert r.exit_code == 2 and "inception-weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run("--checkpoint", str(tmp_path / "missing.pt"))
     assert r.exit_code == 2 and "checkpoint not found" in r.stderr

@@ -256,7 +256,7 @@ def test_bench_metagrad_writes_nothing_unless_told(tmp_path, monkeypatch):
     from noiserater.cli import main
 
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "reverse", "--steps", "1", "--image-size", "8",
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "reverse", "--inner-steps-list", "1", "--image-size", "8",
                                   "--repeats", "1"])
     assert r.exit_code == 0, r.output
     assert "| reverse | 1 |" in r.stdout

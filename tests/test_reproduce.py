@@ -70,7 +70,7 @@ def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):
         res = CliRunner().invoke(main, ["report", str(folder)])
         assert res.exit_code == 0, res.output
     assert (moved / "report.md").read_text() == (out / "report.md").read_text()
-    bad_k = CliRunner().invoke(main, ["report", str(moved), "--k", "8"])  # no k=8 runs: refused, not dropped
+    bad_k = CliRunner().invoke(main, ["report", str(moved), "--candidates", "8"])  # no k=8 runs: refused, not dropped
     assert bad_k.exit_code == 2 and "k = [4], not 8" in bad_k.output
     rerun = CliRunner().invoke(main, ["demo", "--out", str(moved), *TINY])  # resumes the moved copy, runs nothing
     assert rerun.exit_code == 0, rerun.output

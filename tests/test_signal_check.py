@@ -112,12 +112,12 @@ def test_signal_check_cli(tmp_path):
 
     ckpt = _ckpt(tmp_path / "dit.pt", 0.0)
     out = tmp_path / "sc.json"
-    r = CliRunner().invoke(main, ["signal", "check", "--checkpoint", ckpt, "--k", "2", "--groups", "4",
+    r = CliRunner().invoke(main, ["signal", "check", "--checkpoint", ckpt, "--candidates", "2", "--groups", "4",
                                   "--val-images", "8", "--steps", "1", "--seeds", "1", "--no-progress", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "oracle stability" in r.output and "chance 50%" in r.output and "few-step gain" in r.output
     assert json.loads(out.read_text())["k"] == 2
-    for args, key in ((["--k", "1"], "k"), (["--optimizer", "lion"], "optimizer"), (["--groups", "1"], "groups")):
+    for args, key in ((["--candidates", "1"], "--candidates"), (["--optimizer", "lion"], "optimizer"), (["--groups", "1"], "groups")):
         r = CliRunner().invoke(main, ["signal", "check", "--checkpoint", ckpt, *args])
         assert r.exit_code == 2 and key in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = CliRunner().invoke(main, ["signal", "check", "--checkpoint", str(tmp_path / "missing.pt")])

@@ -145,7 +145,7 @@ def test_cli_policies_and_refusals(tmp_path):
     rater_path = tmp_path / "r.pt"
     save_rater(rater_path, build_rater("FastRater-N/2", input_size=8, in_channels=1, num_classes=10))
     for policy, extra in (("uniform_soft", []), ("rater_sample", ["--rater", str(rater_path), "--temperature", "0.5"]),
-                          ("oracle_cosine", ["--oracle-val-batch", "16"])):
+                          ("oracle_cosine", ["--oracle-val-batch-size", "16"])):
         res = r.invoke(main, base + ["--run-dir", str(tmp_path / policy), "--policy", policy, "--candidates", "2", *extra])
         assert res.exit_code == 0, res.output
     res = r.invoke(main, base + ["--run-dir", str(tmp_path / "bad"), "--policy", "max_norm"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,27 @@ def test_run_folder_layout_and_logs(tmp_path):
     st = state(run)
     assert st["step"] == 4 and st["config"]["model"] == "DiT-N/2" and set(st["rng"]) >= {"torch", "numpy", "python"}
     assert st["spec"]["input_size"] == 8 and st["data"]["num_classes"] == 10
-    assert (run / "config.yaml").stat().st_mode & 0o044  # readable by others, like any file
+    # every file gets the permissions the umask asks for (0o666 & ~umask), not mkstemp's private 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("config.yaml", "metrics.jsonl", "run_info.json", "checkpoints/latest.pt", "samples/step_0000004.png"):
+        assert stat.S_IMODE((run / f).stat().st_mode) == 0o666 & ~umask, (f, oct((run / f).stat().st_mode), oct(umask))
     assert no_temp_files(run)
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_run_files_follow_the_umask(tmp_path, umask):
+    """In a process started under a restrictive (or a group-writable) umask, the run folder's files get
+    0o666 & ~umask: private run folders stay private, shared ones stay shared."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "noiserater", *cli_args(run, steps=1)], env=env, capture_output=True,
+                          text=True, timeout=240, preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in run.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"config.yaml", "metrics.jsonl", "latest.pt"} <= {p.name for p in files}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (str(f), oct(f.stat().st_mode))
 
 
 # ---- bad input: one-line error, exit 2, nothing half-written ----------------------------------------------
@@ -220,7 +240,7 @@ def test_checkpoint_of_a_different_model_config(tmp_path):
     st["spec"]["name"] = "DiT-N/4"
     save_checkpoint(tmp_path / "odd.pt", {k: v for k, v in st.items() if k not in ("format", "format_version", "kind")},
                     kind="diffusion")
-    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num", "2"])
+    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num-samples", "2"])
     assert_one_line_error(result, "does not match the model config")
     assert not (tmp_path / "s").exists()
 

@@ -328,7 +328,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
         if ran and headline_k not in ran:
             from .config import ConfigError
 
-            raise ConfigError(f"invalid k (flag --k): the study has rater runs at k = {ran}, not {headline_k}")
+            raise ConfigError(f"invalid k (flag --candidates): the study has rater runs at k = {ran}, not {headline_k}")
     parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", "",
              f"Written by {version_line()}.", ""]
     if info:

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..analysis import AnalyzeConfig, StagesConfig, analyze_rater, analyze_stages, match_stage
-from ._options import config_options
+from ._options import config_options, deprecated_alias
 
 COMMON_HELP = {
     "num_images": "N: images drawn from the dataset (seeded).",
@@ -32,7 +32,7 @@ STAGES_HELP = {
     "checkpoints": "Comma-separated diffusion checkpoints of one run at different training steps (the stages).",
     "out": "Output folder: stage_<step>/ (rater run and its analysis), stages.json, stages.png, stages_by_t.png "
            "and the by-t figures pooled over stages.",
-    "rater": "Rater config meta-trained on every stage (same recipe for all).",
+    "rater": "Rater architecture meta-trained on every stage (same recipe for all; as metatrain --rater-arch).",
     "meta_outer_steps": "Outer (rater) steps of each short meta-training run (paper: 500).",
     "meta_config": "MetaTrainConfig YAML for the other meta-training settings (same for every stage).",
     **COMMON_HELP,
@@ -62,7 +62,8 @@ def rater_cmd(cfg: AnalyzeConfig) -> None:
 
 
 @command.command("stages")
-@config_options(StagesConfig, STAGES_HELP)
+@deprecated_alias("--rater", "--rater-arch")
+@config_options(StagesConfig, STAGES_HELP, flags={"rater": "rater-arch"})
 def stages_cmd(cfg: StagesConfig) -> None:
     """Meta-train a short rater on each checkpoint (same recipe) and plot its statistics against the stage."""
     s = analyze_stages(cfg, log=lambda m: click.echo(m, err=True))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import click
 
-from ._options import SEED, FiniteFloat
+from ._options import SEED, FiniteFloat, deprecated_alias
 
 DEFAULT_METHODS = "unrolled,reverse,reverse_fwd,alignment"
 
@@ -194,39 +194,40 @@ def run_child(cfg: dict) -> dict:
 
 
 @click.command("metagrad")
+@deprecated_alias("--steps", "--inner-steps-list")
+@deprecated_alias("--rater", "--rater-arch")
+@deprecated_alias("--batch", "--batch-size")
+@deprecated_alias("--plot", "--figure")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the records as JSON to this file: a list of {method, inner_steps, time_s, peak_mem_bytes, "
                    "...}. Without it nothing is written; the table goes to stdout.")
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated meta-gradient methods.")
-@click.option("--steps", "steps", default="1,2,5,10,20", show_default=True, help="Comma-separated inner step counts S.")
+@click.option("--inner-steps-list", "steps", default="1,2,5,10,20", show_default=True,
+              help="Comma-separated inner step counts S.")
 @click.option("--model", default="DiT-N/2", show_default=True, help="DiT config (random weights).")
-@click.option("--rater", default="Rater-N/2", show_default=True, help="Rater config.")
+@click.option("--rater-arch", "rater", default="Rater-N/2", show_default=True, help="Rater architecture.")
 @click.option("--image-size", default=16, show_default=True, type=click.IntRange(min=2), help="Image side (pixels or latents).")
 @click.option("--channels", default=1, show_default=True, type=click.IntRange(min=1), help="Image channels.")
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1), help="Images per inner batch.")
+@click.option("--batch-size", "batch", default=4, show_default=True, type=click.IntRange(min=1), help="Images per inner batch.")
 @click.option("--candidates", default=8, show_default=True, type=click.IntRange(min=2), help="K noises per image.")
-@click.option("--inner-optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
+@click.option("--inner-optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]),
+              help="Inner optimiser (as metatrain --inner-optimizer).")
 @click.option("--inner-lr", default=0.01, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Inner learning rate.")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed calls per configuration.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--figure", "figure_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG figure of memory and time vs S to this file. Without it no figure is written.")
-@click.option("--plot", "plot_path", default=None, hidden=True, help="Deprecated alias of --figure ('' = no figure).")
 @click.option("--timeout", "timeout_s", default=600, show_default=True, type=click.IntRange(min=1), help="Seconds allowed per configuration.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random weights, images and noises.")
 @click.option("--child", default=None, hidden=True)
 def command(json_path, methods, steps, model, rater, image_size, channels, batch, candidates, inner_optimizer, inner_lr,
-            repeats, threads, device, figure_path, plot_path, timeout_s, seed, child) -> None:
+            repeats, threads, device, figure_path, timeout_s, seed, child) -> None:
     """Meta-gradient cost vs S: one fresh process per (method, S); a Markdown table on stdout, and JSON
     (--json) and a figure (--figure) only where asked."""
     if child is not None:
         click.echo("RESULT " + json.dumps(run_child(json.loads(child))))
         return
-    if plot_path is not None:
-        click.echo("warning: --plot is deprecated, use --figure PATH", err=True)
-        if figure_path is None and plot_path:
-            figure_path = plot_path
     from ..meta import METHODS
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -236,9 +237,9 @@ def command(json_path, methods, steps, model, rater, image_size, channels, batch
     try:
         step_list = [int(s) for s in steps.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{steps!r}: use comma-separated integers like 1,2,5", param_hint="--steps") from None
+        raise click.BadParameter(f"{steps!r}: use comma-separated integers like 1,2,5", param_hint="--inner-steps-list") from None
     if any(s < 1 for s in step_list):
-        raise click.BadParameter("every S must be >= 1", param_hint="--steps")
+        raise click.BadParameter("every S must be >= 1", param_hint="--inner-steps-list")
     if device == "auto":
         import torch
 

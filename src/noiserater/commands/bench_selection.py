@@ -33,6 +33,7 @@ import click
 import torch
 
 from ..speed import machine_info
+from ._options import deprecated_alias
 from ..config import ConfigError
 
 DEFAULT_RATERS = "Rater-S/2,FastRater-S/2,Rater-M/4,FastRater-M/4,FastRater-T/2"
@@ -305,21 +306,30 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 @click.command("selection")
+@deprecated_alias("--input-size", "--image-size")
+@deprecated_alias("--batch", "--batch-size")
+@deprecated_alias("--raters", "--rater-archs")
+@deprecated_alias("--k", "--candidates-list")
+@deprecated_alias("--soft-raters", "--soft-rater-archs")
+@deprecated_alias("--soft-k", "--soft-candidates-list")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), required=True,
-              help="Write the list of records here (e.g. benchmarks/selection.json).")
+              help="Write the list of records as JSON to this file (e.g. benchmarks/selection.json).")
 @click.option("--model", default="DiT-S/2", show_default=True, help="DiT config being trained.")
-@click.option("--input-size", default=32, show_default=True, type=click.IntRange(min=1), help="Image/latent side (32 = 256px through the VAE).")
+@click.option("--image-size", "input_size", default=32, show_default=True, type=click.IntRange(min=1), help="Image/latent side (32 = 256px through the VAE).")
 @click.option("--channels", default=4, show_default=True, type=click.IntRange(min=1), help="Image/latent channels.")
 @click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of classes.")
-@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Batch size (small on CPU; ratios, not absolute numbers).")
-@click.option("--raters", default=DEFAULT_RATERS, show_default=True,
-              help="Comma-separated rater configs for the 'rater' policy.")
-@click.option("--k", "ks", default="1,2,4,8", show_default=True, help="Candidate counts.")
-@click.option("--soft-raters", default="FastRater-T/2", show_default=True,
-              help="Rater configs for 'rater_soft' (empty to skip).")
-@click.option("--soft-k", "soft_ks", default="2,4", show_default=True, help="Candidate counts for rater_soft.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds (each config once per round).")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--batch-size", "batch", default=2, show_default=True, type=click.IntRange(min=1), help="Batch size (small on CPU; ratios, not absolute numbers).")
+@click.option("--rater-archs", "raters", default=DEFAULT_RATERS, show_default=True,
+              help="Comma-separated rater architectures for the 'rater' policy.")
+@click.option("--candidates-list", "ks", default="1,2,4,8", show_default=True,
+              help="Comma-separated candidate counts k.")
+@click.option("--soft-rater-archs", "soft_raters", default="FastRater-T/2", show_default=True,
+              help="Comma-separated rater architectures for 'rater_soft' (empty to skip).")
+@click.option("--soft-candidates-list", "soft_ks", default="2,4", show_default=True,
+              help="Comma-separated candidate counts k for rater_soft.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Times each measurement is repeated (interleaved rounds, each config once per round).")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True,
+              help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads (default: 1 with --clock cpu, torch's default otherwise).")
 @click.option("--clock", type=click.Choice(["cpu", "wall"]), default=None,
@@ -338,11 +348,11 @@ def command(json_path, model, input_size, channels, classes, batch, raters, ks, 
     for r in rater_list + soft_list:
         if r not in RATER_CONFIGS:
             raise click.BadParameter(f"unknown rater {r!r}; choose from {', '.join(RATER_CONFIGS)}",
-                                     param_hint="--raters")
+                                     param_hint="--rater-archs")
     if repeats < 1 or batch < 1:
-        raise click.BadParameter("--repeats and --batch must be >= 1")
+        raise click.BadParameter("--repeats and --batch-size must be >= 1")
     setup = Setup(model, input_size, channels, classes, batch, device)
-    configs = build_configs(rater_list, _int_list(ks, "--k"), soft_list, _int_list(soft_ks, "--soft-k"))
+    configs = build_configs(rater_list, _int_list(ks, "--candidates-list"), soft_list, _int_list(soft_ks, "--soft-candidates-list"))
     click.echo(f"{len(configs)} configurations x {repeats} rounds on {device}, {model} batch {batch}", err=True)
     clock = clock or ("wall" if device.startswith("cuda") else "cpu")
     if threads is None and clock == "cpu":

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..speed import machine_info
+from ._options import deprecated_alias
 
 
 @dataclass(frozen=True)
@@ -338,19 +339,22 @@ def markdown_table(records: list[dict]) -> str:
 
 
 @click.command("train")
-@click.option("--configs", default=",".join(CONFIGS), show_default=True,
-              help=f"Comma-separated configs to measure: {', '.join(CONFIGS)}.")
+@deprecated_alias("--configs", "--setups")
+@deprecated_alias("--rounds", "--repeats")
+@deprecated_alias("--out", "--json")
+@click.option("--setups", "configs", default=",".join(CONFIGS), show_default=True,
+              help=f"Comma-separated benchmark setups to measure: {', '.join(CONFIGS)}.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
               help="Training steps per formulation per round.")
-@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Interleaved rounds (the median over rounds is reported).")
+@click.option("--repeats", "rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Times each measurement is repeated (interleaved rounds; the median over rounds is reported).")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0),
               help="Untimed steps per formulation before the rounds.")
 @click.option("--loop-steps", default=50, show_default=True, type=click.IntRange(min=0),
               help="Steps of the timed window of the end-to-end train() loop (0 skips it).")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory in a fresh subprocess per config and formulation.")
-@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+@click.option("--json", "out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (machine info and one record per config). Without it "
                    "nothing is written; the table goes to stdout.")
 def command(configs, steps, rounds, warmup, loop_steps, memory, out) -> None:
@@ -360,7 +364,7 @@ def command(configs, steps, rounds, warmup, loop_steps, memory, out) -> None:
     names = [c.strip() for c in configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
-        raise click.BadParameter(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}", param_hint="--configs")
+        raise click.BadParameter(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}", param_hint="--setups")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = []
     for name in names:

@@ -8,13 +8,15 @@ from pathlib import Path
 import click
 
 from ..evaluate import EvalConfig, _run_dir_of, evaluate_checkpoint, summary_table
-from ._options import config_options
+from ._options import config_options, deprecated_alias
 
 EVAL_HELP = {
     "checkpoint": "Diffusion checkpoint to evaluate (a run's checkpoints/latest.pt). Required.",
     "num_samples": "Number of generated samples (FIDs are only comparable at equal numbers).",
     "steps": "DDIM steps (eta=0).",
-    "cfg_scale": "Classifier-free guidance scale on all channels (1 = no guidance, as in the paper's FID tables).",
+    "cfg_scale": "Classifier-free guidance scale on all channels; default 1 = no guidance, as in the paper's FID "
+                 "tables, so FIDs compare across runs (sample and train's grids default to 1.25, for looking at; "
+                 "reproduce/demo studies evaluate at their preset's cfg_scale).",
     "ema": "Sample with the EMA weights.",
     "seed": "Seed of the initial noise and labels: the same seed gives the same samples and numbers.",
     "labels": "Class labels of the samples: 'cycle' (balanced 0,1,2,...), 'random', 'null' (unconditional) "
@@ -49,8 +51,10 @@ EVAL_HELP = {
 
 
 @click.command("evaluate")
-@config_options(EvalConfig, EVAL_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
+@deprecated_alias("--steps", "--sample-steps")
+@deprecated_alias("--json", "--as-json")
+@config_options(EvalConfig, EVAL_HELP, flags={"steps": "sample-steps"})
+@click.option("--as-json", "as_json", is_flag=True, help="Print the records as JSON on stdout instead of a table.")
 def command(cfg: EvalConfig, as_json: bool) -> None:
     """Sample from a checkpoint (DDIM, fixed seed) and measure FID, precision/recall and class accuracy.
 

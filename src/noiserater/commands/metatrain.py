@@ -8,12 +8,12 @@ import sys
 import click
 
 from ..meta.train import MetaTrainConfig, metatrain
-from ._options import config_options
+from ._options import config_options, deprecated_alias
 
 METATRAIN_HELP = {
     "checkpoint": "Frozen diffusion checkpoint to meta-train on (a `noiserater train` run's checkpoints/latest.pt). Required.",
     "run_dir": "Run folder: config.yaml, metrics.jsonl, inner_lr_sweep.json, rater.pt, checkpoints/.",
-    "rater": "Rater config: Rater-{S,B,M,T,N}/{2,4,8} (S is the paper's; N is cheap on CPU) or FastRater-*.",
+    "rater": "Rater architecture: Rater-{S,B,M,T,N}/{2,4,8} (S is the paper's; N is cheap on CPU) or FastRater-*.",
     "ablation": "Rater inputs (paper Table 3): full, no_timestep, no_image, no_image_class, noise_only.",
     "objective": "bilevel: meta-gradient through S inner steps (the paper); distill: fit the rater's within-group "
                  "softmax to the alignment oracle <grad L_val, grad l_k> at the frozen checkpoint (no inner steps).",
@@ -59,7 +59,9 @@ METATRAIN_HELP = {
 
 
 @click.command("metatrain")
-@config_options(MetaTrainConfig, METATRAIN_HELP)
+@deprecated_alias("--rater", "--rater-arch")
+@deprecated_alias("--use-ema/--no-use-ema", "--ema")
+@config_options(MetaTrainConfig, METATRAIN_HELP, flags={"rater": "rater-arch", "use_ema": "ema"})
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def command(cfg: MetaTrainConfig, resume: bool) -> None:
     """Meta-learn a noise rater through S inner steps on a frozen diffusion checkpoint.

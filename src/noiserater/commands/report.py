@@ -5,14 +5,17 @@ from __future__ import annotations
 import click
 
 from ..report import write_report
+from ._options import deprecated_alias
 
 
 @click.command("report")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@deprecated_alias("--k", "--candidates")
+@click.argument("run_dir", metavar="STUDY_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Where report.md and the PNGs go (default: RUN_DIR).")
-@click.option("--k", "k", default=None, type=click.IntRange(min=2),
-              help="k of the headline comparison (rater vs vanilla); default: the study's headline_k (4).")
+              help="Folder for report.md and the PNGs (default: STUDY_DIR).")
+@click.option("--candidates", "k", default=None, type=click.IntRange(min=2),
+              help="k (candidate noises per image) of the headline comparison, rater vs vanilla; default: the "
+                   "study's headline_k (4).")
 def command(run_dir: str, out: str | None, k: int | None) -> None:
     """Tables with mean, std and 95% intervals over seeds, paired tests vs vanilla, cost ratios, plots."""
     from pathlib import Path

@@ -11,20 +11,25 @@ import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..sampling import sample_from_checkpoint, save_grid
-from ._options import SEED, FiniteFloat
+from ._options import SEED, FiniteFloat, deprecated_alias
 
 
 @click.command("sample")
+@deprecated_alias("--num", "--num-samples")
+@deprecated_alias("--steps", "--sample-steps")
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False),
               help="Diffusion checkpoint (a run's checkpoints/latest.pt).")
 @click.option("--out", "out", default="samples", show_default=True, type=click.Path(file_okay=False),
               help="Output folder for samples.png and samples.npz.")
-@click.option("--num", "num", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
+@click.option("--num-samples", "num", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Number of generated samples.")
 @click.option("--labels", "labels", default="random", show_default=True,
               help="'random', 'cycle' (0,1,2,...), 'null' (unconditional), or comma-separated class ids.")
 @click.option("--cfg-scale", default=1.25, show_default=True, type=FiniteFloat(min=0),
-              help="Classifier-free guidance scale on all channels (1 = no guidance).")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="DDIM steps.")
+              help="Classifier-free guidance scale on all channels (1 = no guidance; 1.25, as train's sample "
+                   "grids: mild guidance for a grid to look at; evaluate uses 1.0 for comparable FIDs).")
+@click.option("--sample-steps", "steps", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="DDIM steps (eta=0).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for noise and random labels.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Samples per forward.")

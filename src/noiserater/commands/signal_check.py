@@ -7,7 +7,7 @@ import json
 import click
 
 from ..signal_check import SignalCheckConfig, format_summary, signal_check
-from ._options import config_options
+from ._options import config_options, deprecated_alias
 
 SIGNAL_HELP = {
     "checkpoint": "Diffusion checkpoint (a `noiserater train` run's checkpoints/latest.pt). Required.",
@@ -28,7 +28,9 @@ SIGNAL_HELP = {
 
 
 @click.command("check")
-@config_options(SignalCheckConfig, SIGNAL_HELP)
+@deprecated_alias("--k", "--candidates")
+@deprecated_alias("--use-ema/--no-use-ema", "--ema")
+@config_options(SignalCheckConfig, SIGNAL_HELP, flags={"k": "candidates", "use_ema": "ema"})
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(cfg: SignalCheckConfig, json_path: str | None, progress: bool) -> None:

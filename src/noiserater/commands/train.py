@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..train import TrainConfig, train
-from ._options import config_options
+from ._options import config_options, deprecated_alias
 
 TRAIN_HELP = {
     "data": "Dataset: 'digits' (bundled), 'fashion-mnist' (Debian package), an image folder, or a latent cache.",
@@ -47,13 +47,14 @@ TRAIN_HELP = {
     "online_steps": "rater_online: Adam steps of distillation per refresh.",
     "online_batch": "rater_online: training images per distillation step (each with k candidates).",
     "online_lr": "rater_online: Adam learning rate of the distillation.",
-    "online_rater": "rater_online: rater architecture when --rater gives no initial rater.",
+    "online_rater": "rater_online: rater architecture (as metatrain --rater-arch) when --rater gives no initial rater.",
     "distill_temperature": "rater_online: temperature of the oracle's standardised ranking used as the target.",
     "log_every": "Write a metrics.jsonl line every this many steps.",
     "sample_every": "Write a sample grid (EMA weights, DDIM) every this many steps.",
     "ckpt_every": "Write a checkpoint every this many steps (always at the end and on SIGINT/SIGTERM).",
     "sample_steps": "DDIM steps for the periodic sample grids.",
-    "cfg_scale": "Classifier-free guidance scale for the periodic sample grids.",
+    "cfg_scale": "Classifier-free guidance scale of the periodic sample grids only (training is unaffected); 1.25 "
+                 "as `noiserater sample`: mild guidance for grids to look at.",
     "max_bad_steps": "Stop after this many non-finite losses/gradients in a row (each one is skipped).",
     "compile": "torch.compile the model for training.",
     "tf32": "Allow TF32 matmuls and convolutions on CUDA (faster fp32 on Ampere and newer; as DiT trains).",
@@ -66,7 +67,11 @@ TRAIN_HELP = {
 
 
 @click.command("train")
-@config_options(TrainConfig, TRAIN_HELP)
+@deprecated_alias("--online-rater", "--online-rater-arch")
+@deprecated_alias("--online-batch", "--online-batch-size")
+@deprecated_alias("--oracle-val-batch", "--oracle-val-batch-size")
+@config_options(TrainConfig, TRAIN_HELP, flags={"online_rater": "online-rater-arch", "online_batch": "online-batch-size",
+                                                "oracle_val_batch": "oracle-val-batch-size"})
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def command(cfg: TrainConfig, resume: bool) -> None:
     """Train a DiT with the epsilon loss (EMA, AdamW, checkpoints, exact resume).
