@@ -161,7 +161,7 @@ def test_run_folder_layout_and_logs(tmp_path):
     assert no_temp_files(run)
 
 
-@pytest.mark.parametrize("umask", [0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o077, 0o002], ids=["umask077", "umask002"])
 def test_run_files_follow_the_umask(tmp_path, umask):
     """In a process started under a restrictive (or a group-writable) umask, the run folder's files get
     0o666 & ~umask: private run folders stay private, shared ones stay shared."""
@@ -240,7 +240,7 @@ def test_checkpoint_of_a_different_model_config(tmp_path):
     st["spec"]["name"] = "DiT-N/4"
     save_checkpoint(tmp_path / "odd.pt", {k: v for k, v in st.items() if k not in ("format", "format_version", "kind")},
                     kind="diffusion")
-    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num-samples", "2"])
+    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num", "2"])
     assert_one_line_error(result, "does not match the model config")
     assert not (tmp_path / "s").exists()
 
