@@ -74,8 +74,8 @@ def test_bad_options_are_clear():
 
     r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "magic"])
     assert r.exit_code == 2 and "unknown methods" in r.output
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--steps", "1,x"])
-    assert r.exit_code == 2 and "--steps" in r.output
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--inner-steps-list", "1,x"])
+    assert r.exit_code == 2 and "--inner-steps-list" in r.output
 
 
 @pytest.mark.slow
@@ -84,7 +84,7 @@ def test_reverse_memory_is_flat_and_unrolled_grows(tmp_path):
     from noiserater.cli import main
 
     out = tmp_path / "m.json"
-    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--steps", "1,4",
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--json", str(out), "--inner-steps-list", "1,4",
                                   "--methods", "unrolled,reverse", "--image-size", "8", "--repeats", "1"])
     assert r.exit_code == 0, r.output
     recs = {(x["method"], x["inner_steps"]): x for x in json.loads(out.read_text())}

@@ -16,9 +16,9 @@ from noiserater.models import build_rater
 def test_bench_selection_writes_records(tmp_path):
     out = tmp_path / "sel.json"
     res = CliRunner().invoke(main, ["bench", "selection", "--json", str(out), "--model", "DiT-N/2",
-                                    "--input-size", "8", "--channels", "1", "--classes", "10", "--batch", "2",
-                                    "--raters", "Rater-N/2,FastRater-N/2", "--k", "1,2", "--soft-raters",
-                                    "FastRater-N/2", "--soft-k", "4", "--repeats", "2"])
+                                    "--image-size", "8", "--channels", "1", "--classes", "10", "--batch-size", "2",
+                                    "--rater-archs", "Rater-N/2,FastRater-N/2", "--candidates-list", "1,2", "--soft-rater-archs",
+                                    "FastRater-N/2", "--soft-candidates-list", "4", "--repeats", "2"])
     assert res.exit_code == 0, res.output
     recs = json.loads(out.read_text())
     keys = {"policy", "rater", "k", "step_time_s", "ratio_vs_vanilla", "peak_mem_bytes"}
@@ -45,7 +45,7 @@ def test_bench_selection_writes_records(tmp_path):
 
 
 def test_bench_selection_rejects_unknown_rater(tmp_path):
-    res = CliRunner().invoke(main, ["bench", "selection", "--json", str(tmp_path / "x.json"), "--raters", "Rater-Z/2"])
+    res = CliRunner().invoke(main, ["bench", "selection", "--json", str(tmp_path / "x.json"), "--rater-archs", "Rater-Z/2"])
     assert res.exit_code == 2 and "unknown rater 'Rater-Z/2'" in res.output
 
 

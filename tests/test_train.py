@@ -240,7 +240,7 @@ def test_checkpoint_of_a_different_model_config(tmp_path):
     st["spec"]["name"] = "DiT-N/4"
     save_checkpoint(tmp_path / "odd.pt", {k: v for k, v in st.items() if k not in ("format", "format_version", "kind")},
                     kind="diffusion")
-    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num", "2"])
+    result = run_cli(["sample", "--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"), "--num-samples", "2"])
     assert_one_line_error(result, "does not match the model config")
     assert not (tmp_path / "s").exists()
 
