@@ -135,7 +135,12 @@ def test_noise_selector_plain_policies_and_soft(rater_file):
     eps = NoiseSelector("max_norm", k=3)(x0, t, generator=torch.Generator().manual_seed(1))
     cand = torch.randn(5, 3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(eps, cand[torch.arange(5), _np_norms(cand.numpy()).argmax(1)])
-    assert NoiseSelector()(x0, t).shape == x0.shape  # vanilla
+    assert NoiseSelector("vanilla", 1)(x0, t).shape == x0.shape
+    default = NoiseSelector()  # the evidence study's recommendation: max_norm over 4 candidates
+    assert default.name == "max_norm" and default.k == 4
+    cand = torch.randn(x0.shape[0], 4, *x0.shape[1:])
+    eps, idx = default.select(x0, t, None, cand)
+    assert torch.equal(idx, cand.flatten(2).norm(dim=-1).argmax(1))
     soft = NoiseSelector.from_checkpoint(rater_file, k=3, policy="rater_soft", temperature=2.0)
     with pytest.raises(ValueError, match="weighted"):
         soft(x0, t)

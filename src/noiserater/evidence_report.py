@@ -69,7 +69,8 @@ def fmt(ci: dict[str, float] | None) -> str:
     if ci["n"] < 2:
         return f"{ci['mean']:+.1f}% (1 seed)"
     mark = " (inside the noise)" if abs(ci["mean"]) <= ci["half"] else ""
-    return f"{ci['mean']:+.2f}% ± {ci['half']:.2f}{mark}"
+    digits = 2 if ci["half"] >= 0.01 else 3  # an interval narrower than 0.01% keeps a significant digit
+    return f"{ci['mean']:+.{digits}f}% ± {ci['half']:.{digits}f}{mark}"
 
 
 def _mean(rows: list[dict], arm: str, key: str) -> float | None:
@@ -151,7 +152,8 @@ def forest_plot(recs: list[dict], stage: int, path: Path) -> Path:
         ax.set_yticklabels([f"{r['arm']} vs {r['control']}" for r in arms])
         label_axes(ax, xlabel=axis_label(f"{name} change vs control", "%", lower_is_better=True))
     return savefig(fig, path, caption="Points: mean over paired seeds of 100·(arm − control)/control; "
-                                      "error bars: 95% t-interval. Left of 0 = better than the control.")
+                                      "error bars: 95% t-interval. Left of 0 = better than the control; orange: "
+                                      "better, blue: worse, grey: the interval contains 0 (inside the noise).")
 
 
 def write_evidence_report(root: str | Path) -> Path:
