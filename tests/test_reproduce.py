@@ -20,7 +20,7 @@ TINY = ["--pretrain-steps", "12", "--continue-steps", "3", "--sample-steps", "2"
         "--set", "model=DiT-N/2", "--set", "meta_outer_steps=2", "--set", "meta_candidates=2",
         "--set", "batch_size=16", "--set", "eval_samples=40", "--set", "eval_ddim_steps=2",
         "--set", "heldout_images=16", "--set", "heldout_draws=2", "--set", "power_seeds=[2]",
-        "--set", "analysis_images=3"]
+        "--set", "stage_steps=[2, 12]", "--set", "analysis_images=3"]
 
 
 def test_demo_runs_the_protocol_end_to_end_and_resumes(tmp_path, monkeypatch):

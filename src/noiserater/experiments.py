@@ -88,7 +88,8 @@ class ReproducePreset:
 PRESETS: dict[str, ReproducePreset] = {
     # The demo: minutes on 2 cores. Small everything; the numbers are a smoke test, not evidence.
     "digits-quick": ReproducePreset(
-        name="digits-quick", pretrain_steps=1500, stage_steps=[300, 1500], meta_stage=1500,
+        # one stage (Table 5's early-stage rater is left to the studies): the demo stays within 5 minutes
+        name="digits-quick", pretrain_steps=1500, stage_steps=[1500], meta_stage=1500,
         rater="FastRater-N/2", meta_outer_steps=20, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=1e-3,
         continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
         stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
@@ -133,7 +134,8 @@ def get_preset(name: str, **overrides: Any) -> ReproducePreset:
 class StageProgress:
     """A ``log`` for :func:`run_stage` that numbers the stages of a study and says elapsed time and ETA:
     ``[ 5/18] run  runs/main/vanilla/seed0  (1m05s elapsed, ~3m left)``. Other messages pass through.
-    The ETA assumes the stages still to run take the mean time of those run so far."""
+    The ETA assumes the stages still to run take the mean time of those run since the second one (the first,
+    pretraining, is usually much longer)."""
 
     def __init__(self, total: int, log: Callable[[str], None] = print, root: Path | None = None):
         self.total, self.log, self.root = max(total, 1), log, root
@@ -149,7 +151,10 @@ class StageProgress:
                 if self.root is not None:
                     folder = folder.replace(str(self.root).rstrip("/") + "/", "")
                 el = time.perf_counter() - self.t0
-                left = el / max(self.ran - 1, 1) * (self.total - self.done) if self.ran > 1 else None
+                if ran and self.ran == 2:  # the first stage (pretraining) is no guide to the rest
+                    self.t_second = el
+                left = ((el - self.t_second) / (self.ran - 2) * (self.total - self.done)
+                        if self.ran > 2 and getattr(self, "t_second", None) is not None else None)
                 eta = f", ~{_duration(left)} left" if left is not None and self.done < self.total else ""
                 word = "run " if ran else "skip"
                 self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {word} {folder}  ({_duration(el)} elapsed{eta})")
