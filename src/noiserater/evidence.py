@@ -32,6 +32,7 @@ from .checkpoint import write_json
 from .config import ConfigError, from_dict, require
 from .experiments import copy_checkpoint, finished, fixed_triple_losses, run_stage, sample_metrics
 from .provenance import version_info
+from .report import median_throughput
 from .selection import dit_passes, equal_cost_control
 
 # arm name -> (policy, uses k, TrainConfig overrides, rater kind or None)
@@ -147,21 +148,11 @@ def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_frac
     return out
 
 
-def _median_throughput(metrics: Path) -> float | None:
-    rates = []
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("images_per_s"):
-                rates.append(float(rec["images_per_s"]))
-    rates = sorted(rates[1:] or rates)  # the first window pays the warm-up
-    return rates[len(rates) // 2] if rates else None
-
-
 # ---- stages ------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if x == x else None  # stage records are strict JSON: no NaN
 
 
 def _split_kw(p: EvidencePreset) -> dict[str, Any]:
@@ -242,7 +233,7 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
         control = equal_cost_control(policy, k)
         result = {"stage": stage, "arm": arm, "policy": policy, "k": k, "seed": seed, "rater": rater,
                   "dit_passes": dit_passes(policy, k), "control": "uniform_soft" if control[0] == "uniform_soft" else "vanilla",
-                  "train_wall_s": train_s, "images_per_s": _median_throughput(folder / "run" / "metrics.jsonl"),
+                  "train_wall_s": train_s, "images_per_s": _finite_or_none(median_throughput(ckpt_out)),
                   "checkpoint": str(ckpt_out.relative_to(root)), "commit": version_info().get("git_commit")}
         result.update(test_split_loss(ckpt_out, p.data, p.split_seed, p.val_fraction, p.test_fraction, p.test_draws))
         result.update(sample_metrics(p, str(ckpt_out), folder))  # reads eval_samples, eval_ddim_steps, cfg_scale

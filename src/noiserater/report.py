@@ -35,6 +35,13 @@ def run_metrics(checkpoint: str | Path) -> list[dict]:
     return recs
 
 
+def median_throughput(checkpoint: str | Path) -> float:
+    """Median logged training throughput (images/s) of the run that wrote ``checkpoint``; the first log
+    window (warm-up) is dropped; NaN when the run logged too little."""
+    speeds = [r["images_per_s"] for r in run_metrics(checkpoint)[1:] if r.get("images_per_s")]
+    return float(np.median(speeds)) if speeds else float("nan")
+
+
 def load_results(root: str | Path) -> pd.DataFrame:
     """One row per continuation run: table, policy, k, seed, metrics, wall-clock, and the median training
     throughput of the run (``images_per_s``, from its metrics.jsonl: warm-up and evaluation excluded)."""
@@ -44,8 +51,7 @@ def load_results(root: str | Path) -> pd.DataFrame:
         # stage records hold paths relative to the study root (a study folder can be moved or copied);
         # the run's checkpoint is always RUN/run/checkpoints/latest.pt beside its stage.json
         row["checkpoint"] = str(marker.parent / "run" / "checkpoints" / "latest.pt")
-        speeds = [r["images_per_s"] for r in run_metrics(row.get("checkpoint", ""))[1:] if r.get("images_per_s")]
-        row["images_per_s"] = float(np.median(speeds)) if speeds else float("nan")
+        row["images_per_s"] = median_throughput(row["checkpoint"])
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no finished continuation runs under {root}/runs; run `noiserater reproduce` first")

@@ -426,14 +426,11 @@ def _oracle(model, batch, val, reducer: Reducer, mode: str = "align") -> tuple[f
 
 def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
     """The held-out curve (mean ± 1 SE per evaluation) as a PNG, the best evaluation marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..plotting import figure, label_axes, legend, savefig
 
     steps = [r["step"] for r in evals]
-    fig = Figure(figsize=(6.0, 3.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     n = evals[-1]["eval"].get("n")
+    fig, (ax,) = figure(width=6.0, height=3.8, title=f"Held-out meta-validation ({objective})")
     if objective == "distill":
         for key, label, color in (("spearman", "within-group Spearman with the oracle", "#0072B2"),
                                   ("argmax_agreement", "argmax agreement with the oracle", "#D55E00")):
@@ -441,25 +438,19 @@ def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
                         marker="o", ms=3, capsize=2, color=color, label=label)
         ax.axhline(evals[-1]["eval"]["chance"], color="#D55E00", lw=0.8, ls=":", label="argmax chance (1/K)")
         ax.axhline(0.0, color="#999999", lw=0.8, ls="--")
-        ax.set_ylabel("agreement with the held-out oracle (higher is better)")
-        what = f"{n} fixed held-out groups"
+        ylabel, what = "agreement with the held-out oracle", f"{n} fixed held-out groups"
     else:
         ax.errorbar(steps, [r["eval"]["rater_advantage"] for r in evals],
                     yerr=[r["eval"]["rater_advantage_se"] for r in evals], marker="o", ms=3, capsize=2,
                     color="#009E73", label="rater advantage")
         ax.axhline(0.0, color="#999999", lw=0.8, ls="--", label="uniform weights")
-        ax.set_ylabel("L_ho(uniform) - L_ho(rater) (higher is better)")
-        what = f"{n} fixed held-out outer batches"
+        ylabel, what = "L_ho(uniform) - L_ho(rater)", f"{n} fixed held-out outer batches"
     best = max(evals, key=lambda r: (r["eval"].get("best", False), r["step"]))
     if best["eval"].get("best"):
         ax.axvline(best["step"], color="#000000", lw=0.8, ls="-.", label=f"best (step {best['step']})")
-    ax.set_xlabel("outer step")
-    ax.set_title(f"held-out meta-validation ({objective}); error bars: ±1 SE over {what}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    label_axes(ax, xlabel="outer step", ylabel=ylabel, higher_is_better=True)
+    legend(ax)
+    return savefig(fig, path, caption=f"Points: mean per evaluation; error bars: ±1 SE over {what}.")
 
 
 def _warn(msg: str, is_main: bool) -> None:
