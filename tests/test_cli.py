@@ -91,7 +91,7 @@ def test_sample_rejects_bad_labels(tiny_checkpoint, tmp_path):
 def test_device_option_is_everywhere_and_a_missing_cuda_is_one_line(tmp_path, cmd):
     import torch
 
-    from noiserater.train import resolve_device
+    from noiserater.run.distributed import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():

@@ -2,14 +2,15 @@
 
 The objects a user scripts with are exported here, loaded lazily (``import noiserater`` stays cheap)::
 
-    from noiserater import TrainConfig, train_model, NoiseSelector, build_dit, load_diffusion
+    from noiserater import TrainConfig, train, NoiseSelector, build_dit, load_diffusion
+    train(TrainConfig(steps=100))
 """
 
 __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first use)
 _EXPORTS = {
-    "TrainConfig": "train", "train_model": "train",
+    "TrainConfig": "train", "train": "train", "train_model": "train",
     "MetaTrainConfig": "meta.train", "metatrain": "meta.train",
     "meta_gradient": "meta.gradient",
     "NoiseSelector": "selection",
@@ -20,8 +21,9 @@ _EXPORTS = {
     "sample_from_checkpoint": "sampling",
 }
 
-# ``train`` and ``evidence`` are also submodules (``noiserater.train``): an attribute of that name would be
-# replaced by the module as soon as it is imported, so the functions are exported under these names.
+# ``evidence`` is also a submodule: an attribute of that name would be replaced by the module as soon as it
+# is imported, so the function is exported as ``run_evidence``. ``train`` is the module itself, which is
+# callable (``train(cfg)`` runs :func:`noiserater.train.train`); ``train_model`` is the plain function.
 _ALIASES = {"train_model": "train", "run_evidence": "evidence"}
 
 __all__ = ["__version__", *_EXPORTS]
@@ -32,5 +34,6 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f"noiserater.{_EXPORTS[name]}"), _ALIASES.get(name, name))
+        module = importlib.import_module(f"noiserater.{_EXPORTS[name]}")
+        return module if name == "train" else getattr(module, _ALIASES.get(name, name))
     raise AttributeError(f"module 'noiserater' has no attribute {name!r}")

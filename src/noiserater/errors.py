@@ -10,14 +10,13 @@ from .config import ConfigError
 from .data.datasets import DatasetError
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .train import NumericsError
-
-    # DiskFullError is a RunDirError, LatentCacheError a DatasetError
-    return (CheckpointError, RunDirError, ConfigError, DatasetError, NumericsError)
+class NumericsError(RuntimeError):
+    """Too many non-finite losses/gradients in a row, or weights that became non-finite; the message names
+    the step and what to change."""
 
 
-USER_ERRORS = _user_errors()
+# DiskFullError is a RunDirError, LatentCacheError a DatasetError
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, RunDirError, ConfigError, DatasetError, NumericsError)
 
 
 def one_line(message: object) -> str:

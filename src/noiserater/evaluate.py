@@ -810,7 +810,7 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
 
     cfg.validate()
     if device is None:
-        from .train import resolve_device
+        from .run.distributed import resolve_device
 
         device = resolve_device(cfg.device)
     device = torch.device(device)

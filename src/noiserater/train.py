@@ -1,45 +1,51 @@
 """Diffusion training (pretraining and the paper's stage-iii continuation with a selection policy).
 
-One function, :func:`train`, reads top to bottom: set up the run folder, data, model, EMA, optimiser,
-resume, then loop: draw the step's randomness, select noise, take a step, log, sample, checkpoint.
+:func:`train` reads top to bottom: set up data, model, EMA, optimiser and the selection policy, resume,
+then loop: draw the step's randomness, :func:`train_step` (select noise, loss, backward, clip), apply the
+update and the EMA when every process agrees the step is finite, log, sample, checkpoint. The run folder,
+lock, signals, bad-step guard and DDP agreement are the shared scaffold (:mod:`noiserater.run.loop`).
 
-Randomness is a pure function of (seed, step): each step seeds its own generator and draws timesteps,
-label-dropout masks and k candidate noises for the GLOBAL batch; each DDP rank takes its slice. So a
-resumed run and a 2-process run see exactly the noise a straight 1-process run sees.
+Randomness is a pure function of (seed, step) (:mod:`noiserater.run.randomness`): each step draws
+timesteps, label-dropout masks and k candidate noises for the GLOBAL batch; each DDP rank takes its slice.
+So a resumed run and a 2-process run see exactly the noise a straight 1-process run sees.
+
+``noiserater.train`` is both this module and, called, :func:`train` (see the bottom of the file).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
+import sys
 import time
-from contextlib import nullcontext
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .checkpoint import (
-    load_diffusion,
     CheckpointError,
-    RunLock,
     atomic_write_text,
     check_run_config,
     get_rng_state,
     load_checkpoint,
+    load_diffusion,
     load_rater,
     load_state_dict_checked,
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, dump_yaml, require, to_dict
+from .config import require, to_dict, dump_yaml
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
+from .errors import NumericsError
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
+from .run.folder import truncate_metrics
+from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run
+from .run.randomness import batch_indices, condition_labels, step_generator
 from .sampling import sample_grid_labels, save_grid
 from .selection import (
     ORACLE_POLICIES,
@@ -52,10 +58,10 @@ from .selection import (
     record_selection,
     soft_selection_loss,
 )
+from .speed import autocast, set_tf32
 
-
-class NumericsError(RuntimeError):
-    """Too many non-finite losses/gradients in a row; the message names the step and batch."""
+# the fixed seed of the sample grids written during training (the same noise at every sample step)
+SAMPLE_GRID_SEED_OFFSET = 12345
 
 
 @dataclass
@@ -158,127 +164,21 @@ def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-# ---- distributed helpers ---------------------------------------------------------------------------
-
-
-_OWN_PROCESS_GROUP = False  # True while a process group started by init_distributed is alive
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch.device;
-    a CUDA device on a machine without one is a ConfigError naming --device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"invalid device {name!r} (flag --device): use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"invalid device {name!r} (flag --device): use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
-def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Starts a process group when launched by torchrun; ``device`` as in
-    :func:`resolve_device` (under torchrun a CUDA run uses the process's LOCAL_RANK device)."""
-    global _OWN_PROCESS_GROUP
-    dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        _OWN_PROCESS_GROUP = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 or dev.index is None else dev.index
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def step_generator(seed: int, step: int, stream: int = 0, streams: int = 8) -> torch.Generator:
-    """A generator that depends only on (seed, step, stream): resumable and rank-independent.
-    ``stream`` in [0, streams) tells apart independent draws of one step."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * streams + stream) % (2**63 - 1))
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Global batch indices of ``step``: consecutive slices of per-epoch permutations (seeded)."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.extend(perm[offset: offset + batch - len(out)].tolist())
-    return torch.tensor(out, dtype=torch.long)
-
-
-def drop_labels(y: torch.Tensor, null_class: int, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace labels by the null class with probability ``prob`` (classifier-free guidance training)."""
-    if prob <= 0:
-        return y
-    drop = torch.rand(y.shape[0], generator=generator) < prob
-    return torch.where(drop, torch.full_like(y, null_class), y)
-
-
 def draw_step_randomness(cfg: TrainConfig, step: int, y: torch.Tensor, num_classes: int, shape: tuple,
                          num_timesteps: int):
     """(t [B], y after dropout [B], candidates [B,k,C,H,W]) for the global batch of ``step``."""
     g = step_generator(cfg.seed, step)
     B = y.shape[0]
     t = torch.randint(0, num_timesteps, (B,), generator=g)
-    y = torch.full_like(y, num_classes) if cfg.unconditional else drop_labels(y, num_classes, cfg.label_dropout, g)
+    y = condition_labels(y, num_classes, cfg.label_dropout, cfg.unconditional, g)
     candidates = torch.randn((B, cfg.candidates, *shape), generator=g)
     return t, y, candidates
 
 
-# ---- checkpoint helpers ----------------------------------------------------------------------------
-
-
-def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
-    return {
-        "step": step,
-        "spec": spec.to_dict(),
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict() if opt is not None else {},
-        "rng": get_rng_state(),
-        "config": to_dict(cfg),
-        "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-                 **({"latent": data.latent_info} if getattr(data, "latent_info", None) else {})},
-    }
-
-
-# ---- the training loop ------------------------------------------------------------------------------
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.stop = False
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.stop = True
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def load_splits(cfg: TrainConfig, split: str) -> ImageData:
+    """One split ('train', 'val' or 'test') of the run's data, by its split seed and fractions."""
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    return load_dataset(cfg.data, split, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
 
 
 def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -286,12 +186,6 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> 
     takes a third of the time of the default per-tensor loop), the default implementation elsewhere."""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def load_splits(cfg: TrainConfig, split: str) -> ImageData:
-    """One split ('train', 'val' or 'test') of the run's data, by its split seed and fractions."""
-    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    return load_dataset(cfg.data, split, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
 
 
 def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module | None = None,
@@ -317,42 +211,86 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, scorer)
 
 
+def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
+    """Everything a diffusion checkpoint holds (resume: weights, EMA, optimiser, RNG; reuse: spec, config, data)."""
+    return {
+        "step": step,
+        "spec": spec.to_dict(),
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "rng": get_rng_state(),
+        "config": to_dict(cfg),
+        "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
+                 **({"latent": data.latent_info} if getattr(data, "latent_info", None) else {})},
+    }
+
+
+# ---- one step ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar, detached
+    grad_norm: torch.Tensor  # before clipping
+    cause: str | None  # why the step must be skipped even if the numbers are finite (NaN rater scores)
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm)) and self.cause is None
+
+
+def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusion, policy: SelectionPolicy,
+               opt: torch.optim.Optimizer, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               candidates: torch.Tensor, generator: torch.Generator, grad_clip: float, amp: bool) -> StepResult:
+    """The loss of one step and its gradient in ``model``'s ``.grad``, clipped (``grad_clip`` 0: not clipped).
+
+    x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]; ``fwd`` is ``model`` or its DDP / compiled
+    wrapper. A hard policy picks one noise per image (``generator`` for its random draws) and the loss is
+    the mean epsilon loss; ``rater_soft`` / ``uniform_soft`` weigh all k losses. Non-finite rater scores
+    still run a forward/backward (on the first candidate), so DDP ranks stay in step; the step is then
+    marked to be skipped. The optimiser update is :func:`apply_update`, once every process agrees.
+    """
+    cause = None
+    with autocast(x0.device, amp):
+        try:
+            if policy.soft:
+                w = policy.weights(x0, t, y, candidates)
+                k = candidates.shape[1]
+                loss = soft_selection_loss(
+                    lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
+                                              y.repeat_interleave(k, 0), n), candidates, w)
+            else:
+                noise, _ = policy.select(x0, t, y, candidates, generator)
+                loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
+        except NonFiniteError as e:
+            cause = str(e)
+            loss = per_sample_loss(fwd, diffusion, x0, t, y, candidates[:, 0]).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return StepResult(loss.detach(), gnorm, cause)
+
+
+def apply_update(opt: torch.optim.Optimizer, model: torch.nn.Module, ema: torch.nn.Module, decay: float) -> None:
+    """The optimiser step, then ema <- decay * ema + (1 - decay) * model."""
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+# ---- the training loop ------------------------------------------------------------------------------
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train (or continue training) a DiT; returns a summary dict. See module docstring."""
+    """Train (or continue training) a DiT; returns a summary dict. See the module docstring."""
     cfg.validate()
-    rank, world, device = init_distributed(cfg.device)
-    if cfg.batch_size % world:
-        raise ConfigError(f"invalid batch_size: {cfg.batch_size} is not divisible by the {world} processes (flag "
-                          "--batch-size); the global batch must split evenly")
-    is_main = rank == 0
-    run_dir = Path(cfg.run_dir)
-    created = not run_dir.exists()
-    lock = RunLock(run_dir).acquire() if is_main else None
-    try:
-        return _train(cfg, resume, rank, world, device, run_dir, is_main)
-    except BaseException:
-        if lock is not None and created:  # bad input found before anything was written: leave no folder
-            _remove_if_only_lock(run_dir)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-        global _OWN_PROCESS_GROUP
-        if _OWN_PROCESS_GROUP and dist.is_initialized():
-            dist.destroy_process_group()
-            _OWN_PROCESS_GROUP = False
+    with open_run(cfg.run_dir, cfg.device, {"batch_size": cfg.batch_size}) as run:
+        return _train(cfg, resume, run)
 
 
-def _remove_if_only_lock(run_dir: Path) -> None:
-    """Delete a run folder this process created if it holds nothing but the lock file (and empty dirs)."""
-    files = [p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"]
-    if not files:
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> dict:
+def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
+    run_dir, device, is_main = run.run_dir, run.device, run.is_main
     if is_main:
         check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     data = load_splits(cfg, "train")
@@ -363,8 +301,6 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
     model = build_dit_from_spec(spec).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     if device.type == "cuda":
-        from .speed import set_tf32
-
         set_tf32(cfg.tf32)
     init_step = 0
     if cfg.init_checkpoint:  # stage iii: continue from a pretrained model (its EMA too)
@@ -399,93 +335,52 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         record_selection(run_dir, policy, cfg.rater, resume)  # policy, k, rater path + sha256 -> run_info.json
         truncate_metrics(run_dir / "metrics.jsonl", step)
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(train_model) if cfg.compile else train_model
-    writer = None
-    if is_main and cfg.tensorboard:
-        try:  # tensorboard is the optional [tb] extra; metrics.jsonl has the same numbers without it
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            import sys
-
-            print("warning: tensorboard is not installed (pip install 'noiserater[tb]'): no TensorBoard events, "
-                  "metrics.jsonl is still written", file=sys.stderr)
-        else:
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
-    local_bs = cfg.batch_size // world
+    fwd = model
+    if run.world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        fwd = torch.compile(fwd)
+    writer = _tensorboard(run_dir, step) if is_main and cfg.tensorboard else None
+    local_bs = cfg.batch_size // run.world
     shape = (data.channels, data.image_size, data.image_size)
-    bar = None
-    if is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    bad_in_row, last_loss, t_last, seen = 0, float("nan"), time.perf_counter(), 0
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True) if is_main and cfg.progress else None
+    guard = BadStepGuard(cfg.max_bad_steps, "loss, gradient or rater scores",
+                         "lower --lr, enable --grad-clip or check the data")
+    last_loss, t_last, seen = float("nan"), time.perf_counter(), 0
     summary: dict = {"run_dir": str(run_dir), "start_step": step}
     model.train()
-    with _StopFlag() as stopper:
+    with StopFlag() as stopper:
         while step < cfg.steps:
             idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
             t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], num_classes, shape, diffusion.num_timesteps)
-            sl = slice(rank * local_bs, (rank + 1) * local_bs)
+            sl = slice(run.rank * local_bs, (run.rank + 1) * local_bs)
             x0 = data.images[idx[sl]].to(device, non_blocking=True)
             t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
-            bad_scores = None
             policy.before_step(step)  # state-dependent scorers refresh at the weights of this step
-            with autocast():
-                try:
-                    if policy.soft:
-                        w = policy.weights(x0, t, y, cand)
-                        k = cand.shape[1]
-                        loss = soft_selection_loss(
-                            lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
-                                                      y.repeat_interleave(k, 0), n), cand, w)
-                    else:
-                        noise, _ = policy.select(x0, t, y, cand, step_generator(cfg.seed, step, stream=1))
-                        loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
-                except NonFiniteError as e:  # NaN/inf rater scores: a bad step. Still run a forward/backward
-                    bad_scores = str(e)      # (on the first candidate) so DDP ranks stay in step; skipped below.
-                    loss = per_sample_loss(fwd, diffusion, x0, t, y, cand[:, 0]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm) & (bad_scores is None)
-            stop_now = stopper.stop  # read once: the handler may flip it at any time
-            if world > 1:  # every rank must agree to skip and to stop on a signal, or DDP ranks diverge
-                f = torch.stack([finite.float().cpu(), torch.tensor(0.0 if stop_now else 1.0)]).to(device)
-                dist.all_reduce(f, op=dist.ReduceOp.MIN)
-                finite, stop_now = f[0].bool(), bool(f[1] == 0)
-            if bool(finite):
-                opt.step()
-                with torch.no_grad():
-                    decay = ema_decay_at(cfg.ema_decay, step, cfg.ema_warmup)
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-                bad_in_row = 0
-                last_loss = float(loss.detach())
+            res = train_step(fwd, model, diffusion, policy, opt, x0, t, y, cand, step_generator(cfg.seed, step, stream=1),
+                             cfg.grad_clip, cfg.amp)
+            # read the stop flag once (the handler may flip it at any time); every rank must agree to skip
+            # and to stop, or DDP ranks diverge
+            apply, stop_now = run.agree(res.finite, stopper.stop)
+            if apply:
+                apply_update(opt, model, ema, ema_decay_at(cfg.ema_decay, step, cfg.ema_warmup))
+                guard.good()
+                last_loss = float(res.loss)
             else:
-                bad_in_row += 1
-                log_metrics(run_dir, is_main, {"step": step, "event": "nonfinite_skipped", "loss": float(loss.detach()),
-                                        "grad_norm": float(gnorm), "batch": idx.tolist(),
-                                        "cause": bad_scores or "non-finite loss or gradient"})
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NumericsError(
-                        f"non-finite loss, gradient or rater scores for {bad_in_row} steps in a row, last at step {step} "
-                        f"(batch indices {idx.tolist()[:8]}...); "
-                        + (f"the last good checkpoint is {ckpt_path}; " if ckpt_path.exists() else "no checkpoint was written; ")
-                        + "lower --lr, enable --grad-clip or check the data"
-                    )
+                run.log({"step": step, "event": "nonfinite_skipped", "loss": float(res.loss),
+                         "grad_norm": float(res.grad_norm), "batch": idx.tolist(),
+                         "cause": res.cause or "non-finite loss or gradient"})
+                guard.bad(step, ckpt_path, f" (batch indices {idx.tolist()[:8]}...)")
             step += 1
             seen += cfg.batch_size
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
-                rec = {"step": step, "loss": last_loss, "grad_norm": float(gnorm), "images_per_s": seen / (now - t_last),
-                       "lr": cfg.lr, "time": time.time()}
+                rec = {"step": step, "loss": last_loss, "grad_norm": float(res.grad_norm),
+                       "images_per_s": seen / (now - t_last), "lr": cfg.lr, "time": time.time()}
                 t_last, seen = now, 0
-                log_metrics(run_dir, is_main, rec)
+                run.log(rec)
                 if writer is not None:
                     writer.add_scalar("train/loss", last_loss, step)
                     writer.add_scalar("train/images_per_s", rec["images_per_s"], step)
@@ -493,8 +388,9 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
             if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_to_disk(ema, diffusion, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
-                _check_finite_weights(step, ckpt_path, model, ema)  # never overwrite a good checkpoint with NaNs
+            if run.should_save(step, cfg.steps, cfg.ckpt_every, stop_now):
+                check_finite_weights(step, ckpt_path, "the loss and gradient were finite: the update overflowed, "
+                                     "is --lr too large?", model, ema)
                 if is_main:
                     state = diffusion_state(step, spec, model, ema, opt, cfg, data)
                     if policy.scorer is not None:  # the oracle's cached gradient / the online rater: exact resume
@@ -508,56 +404,39 @@ def _train(cfg, resume, rank, world, device, run_dir: Path, is_main: bool) -> di
         bar.close()
     if writer is not None:
         writer.close()
-    if world > 1:
-        dist.barrier()
+    run.barrier()
     summary.update({"step": step, "final_loss": last_loss, "checkpoint": str(ckpt_path), "init_step": init_step})
     return summary
 
 
-def _check_finite_weights(step: int, ckpt_path: Path, *modules: torch.nn.Module) -> None:
-    """Raise NumericsError (before saving) if any weight is NaN/inf, e.g. after an overflowing update."""
-    for m in modules:
-        for name, p in m.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise NumericsError(
-                    f"weight {name} became non-finite by step {step} (the loss and gradient were finite: the update "
-                    f"overflowed, is --lr too large?); not saving, the last good checkpoint {ckpt_path} is untouched"
-                )
-
-
-def log_metrics(run_dir: Path, is_main: bool, rec: dict) -> None:
-    """Append one record to run_dir/metrics.jsonl (main process only)."""
-    if not is_main:
-        return
-    rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-    with open(run_dir / "metrics.jsonl", "a") as f:  # NaN/inf become null: every line is strict JSON
-        f.write(json.dumps(rec) + "\n")
-
-
-def truncate_metrics(path: Path, step: int, events_count_done: bool = False) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again); a fresh start
-    (step 0) drops them all. Records carry the number of steps done; events the index of their step
-    (``train``) or, with ``events_count_done``, the number of steps done like records (``metatrain``)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        s = rec.get("step", 0) if isinstance(rec, dict) else None
-        done = s is not None and isinstance(s, int) and (s < step or (s == step and (events_count_done or "event" not in rec)))
-        if step > 0 and done:
-            keep.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
+def _tensorboard(run_dir: Path, step: int):
+    """A TensorBoard writer for run_dir/tb, or None (with a warning) when the optional [tb] extra is missing."""
+    try:  # lazy: tensorboard is optional; metrics.jsonl has the same numbers without it
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("warning: tensorboard is not installed (pip install 'noiserater[tb]'): no TensorBoard events, "
+              "metrics.jsonl is still written", file=sys.stderr)
+        return None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=step)
 
 
 def _sample_to_disk(ema, diffusion, data: ImageData, cfg: TrainConfig, path: Path, device) -> None:
     n = 2 * data.num_classes if not cfg.unconditional else 16
-    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    g = torch.Generator().manual_seed(cfg.seed + SAMPLE_GRID_SEED_OFFSET)
     noise = torch.randn((n, data.channels, data.image_size, data.image_size), generator=g).to(device)
     y = sample_grid_labels(data.num_classes, n, cfg.unconditional).to(device)
     scale = 1.0 if cfg.unconditional else cfg.cfg_scale
     x = ddim_sample(ema, diffusion, noise, y, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
     save_grid(x, path, nrow=data.num_classes if not cfg.unconditional else None)
+
+
+class _CallableModule(types.ModuleType):
+    """``noiserater.train`` is this module (``from noiserater.train import TrainConfig``) and, called, the
+    function (``from noiserater import train; train(cfg)``): a package attribute named like a submodule is
+    replaced by the module when the submodule is imported, so the two could not otherwise coexist."""
+
+    def __call__(self, cfg: TrainConfig, resume: bool = False) -> dict:
+        return train(cfg, resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -163,7 +163,8 @@ class _Ours:
 
     def step(self) -> None:
         from ..diffusion import per_sample_loss
-        from ..train import batch_indices, draw_step_randomness
+        from ..run.randomness import batch_indices
+        from ..train import draw_step_randomness
 
         cfg, tc = self.cfg, self.tc
         idx = batch_indices(len(self.images), cfg.batch_size, self.step_i, tc.seed)

@@ -62,7 +62,8 @@ from ..config import ConfigError, dump_yaml, require, to_dict
 from ..data import ImageData, load_dataset
 from ..diffusion import GaussianDiffusion
 from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
-from ..train import batch_indices, log_metrics, step_generator, truncate_metrics
+from ..run.folder import log_metrics, truncate_metrics
+from ..run.randomness import batch_indices, step_generator
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
@@ -463,7 +464,7 @@ def _warn(msg: str, is_main: bool) -> None:
 
 def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
     """Meta-train a rater (see module docstring); returns a summary dict."""
-    from ..train import init_distributed
+    from ..run.distributed import init_distributed
 
     cfg.validate()
     rank, world, device = init_distributed(cfg.device)
@@ -479,9 +480,9 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
         return _metatrain(cfg, resume, rank, world, device, run_dir, is_main)
     except BaseException:
         if lock is not None and created:  # failed before writing anything (e.g. no checkpoint): leave no folder
-            from ..train import _remove_if_only_lock
+            from ..run.folder import remove_if_only_lock
 
-            _remove_if_only_lock(run_dir)
+            remove_if_only_lock(run_dir)
         raise
     finally:
         if lock is not None:
@@ -490,7 +491,7 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
 
 def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device, run_dir: Path, is_main: bool) -> dict:
     from ..checkpoint import load_diffusion
-    from ..train import NumericsError
+    from ..errors import NumericsError
 
     distill = cfg.objective == "distill"
     for key in ("distill_val_batch_size",):
@@ -626,7 +627,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.outer_steps, initial=step, desc="metatrain", dynamic_ncols=True)
-    from ..train import _StopFlag
+    from ..run.loop import StopFlag as _StopFlag
 
     summary: dict = {"run_dir": str(run_dir), "start_step": step, "inner_lr": inner_lr, "method": cfg.method,
                      "objective": cfg.objective}
