@@ -76,10 +76,15 @@ def test_loss_uses_the_same_noise_for_x_t_and_target():
     assert losses.max().item() < 1e-18
     # a model predicting zero has loss = mean(noise^2) per sample
     zero = per_sample_loss(lambda x_t, tt, yy: torch.zeros_like(x_t), d, x0, t, y, noise)
-    torch.testing.assert_close(zero, noise.pow(2).flatten(1).mean(1).float())
-    w = torch.linspace(0.5, 1.5, 8, dtype=torch.float32)
+    torch.testing.assert_close(zero, noise.pow(2).flatten(1).mean(1))  # float64 in, float64 out
+    w = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)
     torch.testing.assert_close(epsilon_loss(lambda x_t, tt, yy: torch.zeros_like(x_t), d, x0, t, y, noise, w),
                                (zero * w).mean())
+    # a half-precision prediction (autocast) is reduced in float32, against the float32 noise
+    n32 = noise.float()
+    half = per_sample_loss(lambda x_t, tt, yy: torch.zeros_like(x_t, dtype=torch.bfloat16), d, x0.float(), t, y, n32)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, n32.pow(2).flatten(1).mean(1))
 
 
 @pytest.mark.parametrize("steps", [1, 7, 50, 250])

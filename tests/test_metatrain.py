@@ -91,7 +91,7 @@ def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoi
     """L_val after uniform SGD steps, recomputed with torch.optim.SGD on the same batches. With the held-out
     check on, the outer loss uses the meta half of the validation split only."""
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.meta.train import _Sampler
+    from noiserater.meta.batches import MetaBatches
     from noiserater.data import load_dataset
     from noiserater.train import load_diffusion
 
@@ -106,7 +106,7 @@ def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoi
         n_ho = round(len(val) * 0.5)
         val = val.subset(perm[n_ho:].sort().values, "meta")
         assert len(val) == 90
-    sampler = _Sampler(load_dataset("digits", "train"), val, 10, cfg.seed, cfg.inner_steps,
+    sampler = MetaBatches(load_dataset("digits", "train"), val, 10, cfg.seed, cfg.inner_steps,
                        cfg.candidates, cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
     batches, val = sampler.outer(0, 0, 1, "cpu")
     with torch.no_grad():
@@ -151,13 +151,13 @@ def _uniform_gains_by_hand(ckpt: str, cfg: MetaTrainConfig, grid) -> dict:
 
     from noiserater.checkpoint import load_diffusion
     from noiserater.diffusion import GaussianDiffusion, per_sample_loss
-    from noiserater.meta.train import _Sampler, checkpoint_splits
+    from noiserater.meta.batches import MetaBatches, checkpoint_splits
 
     model, spec, state = load_diffusion(ckpt, use_ema=cfg.use_ema)
     model.eval()
     tr, val, _ = checkpoint_splits(state["config"], "digits")
     d = GaussianDiffusion()
-    sampler = _Sampler(tr, val, spec.num_classes, cfg.seed, cfg.inner_steps, cfg.candidates, cfg.batch_size,
+    sampler = MetaBatches(tr, val, spec.num_classes, cfg.seed, cfg.inner_steps, cfg.candidates, cfg.batch_size,
                        cfg.val_batch_size, 0.1, False, d.num_timesteps)
     draws = [sampler.outer(n, 0, 1, "cpu", seed_offset=100_003) for n in range(cfg.sweep_steps)]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -369,7 +369,7 @@ def test_distill_first_step_matches_an_independent_reference(tiny_checkpoint, tm
     from scipy.stats import spearmanr
 
     from noiserater.data import load_dataset
-    from noiserater.meta.train import _Sampler
+    from noiserater.meta.batches import MetaBatches
     from noiserater.train import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", objective="distill", outer_steps=1, distill_val_batch_size=40,
@@ -380,7 +380,7 @@ def test_distill_first_step_matches_an_independent_reference(tiny_checkpoint, tm
     row = read_metrics(tmp_path / "run")[0]
     model, _, _ = load_diffusion(tiny_checkpoint, use_ema=False)
     model.eval()
-    sampler = _Sampler(load_dataset("digits", "train"), load_dataset("digits", "val"), 10, cfg.seed, 1,
+    sampler = MetaBatches(load_dataset("digits", "train"), load_dataset("digits", "val"), 10, cfg.seed, 1,
                        cfg.candidates, cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
     batch = sampler.train_batch(0, 0, 0, 1, "cpu")
     val = sampler.val_batch(0, 40, 0, 1, "cpu")
@@ -435,7 +435,7 @@ def test_bilevel_heldout_eval_matches_an_independent_inner_loop(tiny_checkpoint,
     held-out half of the val split, the eval seed stream): mean and SE over the 2 fixed batches."""
     from noiserater.data import load_dataset
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.meta.train import EVAL_SEED_OFFSET, _Sampler
+    from noiserater.meta.batches import EVAL_SEED_OFFSET, MetaBatches
     from noiserater.train import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=0, eval_every=1, eval_batches=2)
@@ -445,7 +445,7 @@ def test_bilevel_heldout_eval_matches_an_independent_inner_loop(tiny_checkpoint,
     val = load_dataset("digits", "val")
     perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(17))
     heldout = val.subset(perm[:90].sort().values, "heldout")
-    sampler = _Sampler(load_dataset("digits", "train"), heldout, 10, cfg.seed, cfg.inner_steps, cfg.candidates,
+    sampler = MetaBatches(load_dataset("digits", "train"), heldout, 10, cfg.seed, cfg.inner_steps, cfg.candidates,
                        cfg.batch_size, cfg.val_batch_size, 0.1, False, 1000)
     rater = load_rater(summary["rater"])
     adv = []
@@ -482,6 +482,7 @@ def test_plateau_stops_and_a_resumed_run_stays_stopped(tiny_checkpoint, tmp_path
 
 def test_splits_follow_the_checkpoint_and_never_load_the_test_split(tmp_path, monkeypatch):
     from noiserater.data import load_dataset
+    from noiserater.meta import batches
     from noiserater.meta import train as mt
 
     torch.manual_seed(0)
@@ -497,7 +498,7 @@ def test_splits_follow_the_checkpoint_and_never_load_the_test_split(tmp_path, mo
         calls.append((split, kw))
         return load_dataset(source, split, **kw)
 
-    monkeypatch.setattr(mt, "load_dataset", spy)
+    monkeypatch.setattr(batches, "load_dataset", spy)  # where checkpoint_splits looks it up
     s = metatrain(tiny_cfg(str(ckpt), tmp_path / "run", outer_steps=1, eval_every=1, eval_batches=1))
     assert sorted(c[0] for c in calls) == ["train", "val"]
     assert all(kw == {"seed": 3, "val_fraction": 0.1, "test_fraction": 0.2} for _, kw in calls)

@@ -23,6 +23,7 @@ import torch
 import noiserater.meta.train as mt
 from noiserater.checkpoint import load_rater, save_checkpoint
 from noiserater.data import load_dataset
+from noiserater.meta.batches import MetaBatches, checkpoint_splits
 from noiserater.meta.gradient import Reducer, inner_steps
 from noiserater.meta.losses import val_loss
 from noiserater.models import DiTSpec, build_dit_from_spec, build_rater
@@ -77,8 +78,8 @@ def _probe(ckpt, scale):
     from noiserater.train import load_diffusion
 
     _, _, state = load_diffusion(ckpt)
-    train, val, _ = mt.checkpoint_splits(state["config"], "digits")
-    sampler = mt._Sampler(train, val, 10, 999, 1, K, 256, 8, 0.1, False, 1000, scale)
+    train, val, _ = checkpoint_splits(state["config"], "digits")
+    sampler = MetaBatches(train, val, 10, 999, 1, K, 256, 8, 0.1, False, 1000, scale)
     return sampler, sampler.train_batch(0, 0, 0, 1, "cpu")
 
 
@@ -100,7 +101,7 @@ def test_bilevel_learns_to_down_weight_harmful_candidates(trained_checkpoint, tm
     # precondition: the plant really is harmful at this inner lr (S=2 SGD steps), the others help
     model, _, _ = load_diffusion(trained_checkpoint, use_ema=False)
     model.eval()
-    sampler2 = mt._Sampler(sampler.train, sampler.val, 10, 0, 2, K, 16, 64, 0.1, False, 1000, 2.5)
+    sampler2 = MetaBatches(sampler.train, sampler.val, 10, 0, 2, K, 16, 64, 0.1, False, 1000, 2.5)
     harm, good = [], []
     for n in range(4):
         batches, val = sampler2.outer(n, 0, 1, "cpu")
@@ -157,7 +158,7 @@ def _planted_image_targets(c: float):
 def test_distilled_signal_that_needs_the_image(unconditional_checkpoint, tmp_path, monkeypatch, ablation):
     train = load_dataset("digits", "train")
     c = float(train.images.flatten(1).mean(dim=1).median())
-    monkeypatch.setattr(mt, "_oracle", _planted_image_targets(c))
+    monkeypatch.setattr(mt, "oracle_at", _planted_image_targets(c))
     summary = mt.metatrain(_cfg(unconditional_checkpoint, tmp_path / "run", objective="distill", ablation=ablation,
                                 outer_steps=150, batch_size=64, lr=1e-3, distill_val_batch_size=8, eval_every=75,
                                 eval_batches=4))

@@ -49,7 +49,7 @@ def _ref_alignments(model, batch, val):
 
 def test_signal_check_matches_independent_references(tmp_path):
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.meta.train import _Sampler, split_heldout
+    from noiserater.meta.batches import MetaBatches, split_heldout
     from noiserater.train import load_diffusion
 
     ckpt = _ckpt(tmp_path / "dit.pt", 0.0)
@@ -60,7 +60,7 @@ def test_signal_check_matches_independent_references(tmp_path):
     model.eval()
     train, val = load_dataset("digits", "train"), load_dataset("digits", "val")
     meta, heldout = split_heldout(val, 0.5, 0)
-    smp = _Sampler(train, meta, 10, 0, 1, 3, 12, 30, 0.1, False, 1000)
+    smp = MetaBatches(train, meta, 10, 0, 1, 3, 12, 30, 0.1, False, 1000)
     groups = smp.train_batch(0, 0, 0, 1, "cpu")
     a1 = _ref_alignments(model, groups, smp.val_batch(0, 30, 0, 1, "cpu", seed_offset=0))
     a2 = _ref_alignments(model, groups, smp.val_batch(0, 30, 0, 1, "cpu", seed_offset=1))
@@ -82,7 +82,7 @@ def test_signal_check_matches_independent_references(tmp_path):
     for _ in range(2):
         t = torch.randint(0, 1000, (len(heldout),), generator=g)
         draws.append((heldout.images, heldout.labels, t, torch.randn(heldout.images.shape, generator=g)))
-    stream = _Sampler(train, meta, 10, 1, 1, 3, 8, 30, 0.1, False, 1000)
+    stream = MetaBatches(train, meta, 10, 1, 1, 3, 8, 30, 0.1, False, 1000)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     for i in range(2):
         b = stream.train_batch(i, 0, 0, 1, "cpu")

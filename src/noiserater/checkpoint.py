@@ -13,10 +13,13 @@ values. Version-1 files (no hash) still load, with a one-line warning.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 FORMAT = "noiserater"
 FORMAT_VERSION = 2  # 2: with a content hash; 1: without (still read, with a warning)
@@ -137,8 +141,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete temp files that :func:`atomic_write_bytes` left in ``folder`` when its process was killed
     mid-write (SIGKILL, power loss). Only call this while holding the folder's :class:`RunLock`."""
-    import re
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -160,8 +162,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -> None:
     """Atomically save ``state`` (plain containers of tensors/numbers/strings) with format metadata and
     the content hash that :func:`load_checkpoint` verifies."""
-    import io
-
     reserved = ("format", "format_version", "kind", HASH_KEY)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
                **{k: v for k, v in state.items() if k not in reserved}}
@@ -183,8 +183,6 @@ def _torch_error_reason(e: Exception) -> str:
 def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", allowed_globals: tuple = ()) -> Any:
     """``torch.load(weights_only=True)`` on CPU with one-line errors. A file whose unpickling would import
     and call a Python object (code execution) is refused naming that object; nothing in it is run."""
-    import re
-
     try:
         if allowed_globals:
             with torch.serialization.safe_globals(list(allowed_globals)):
@@ -314,8 +312,6 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -334,8 +330,6 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
-
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -357,8 +351,6 @@ def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, leg
     checkpoints without --resume. A folder without checkpoints (a run that failed early) may be reused.
     ``legacy`` gives, for config keys added in later releases, the value that reproduces what a run
     written before the key existed did: such a run resumes when the new config asks for exactly that."""
-    import yaml
-
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
         return  # no run yet, or one that stopped before its first checkpoint: nothing to protect

@@ -52,8 +52,10 @@ def per_sample_loss(
 ) -> torch.Tensor:
     """Epsilon loss per sample, mean over C,H,W: [B]. The SAME ``noise`` builds x_t and is the target."""
     x_t = diffusion.q_sample(x0, t, noise)
-    eps = epsilon_prediction(model(x_t, t, y), x0.shape[1])
-    return (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    err = epsilon_prediction(model(x_t, t, y), x0.shape[1]) - noise
+    if err.dtype not in (torch.float32, torch.float64):  # bf16/fp16 under autocast: reduce in float32
+        err = err.float()
+    return err.pow(2).flatten(1).mean(dim=1)
 
 
 def epsilon_loss(

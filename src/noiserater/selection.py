@@ -38,9 +38,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import sha256_file
+from .checkpoint import RunDirError, load_rater, sha256_file, write_json
 from .diffusion import GaussianDiffusion
-from .meta.losses import Batch
+from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
     ORACLE_MODES,
     candidate_alignments,
@@ -364,8 +364,7 @@ def soft_selection_loss(per_sample: Callable[[torch.Tensor], torch.Tensor], cand
                         weights: torch.Tensor) -> torch.Tensor:
     """mean_b sum_k w_bk l_bk, where ``per_sample(noise [B*k,...]) -> [B*k]`` evaluates the losses."""
     B, k = candidates.shape[:2]
-    losses = per_sample(candidates.reshape(B * k, *candidates.shape[2:])).reshape(B, k)
-    return (weights * losses).sum(dim=1).mean()
+    return weighted_loss(per_sample(candidates.reshape(B * k, *candidates.shape[2:])).reshape(B, k), weights)
 
 
 # ---- the drop-in API ---------------------------------------------------------------------------------
@@ -412,8 +411,6 @@ class NoiseSelector:
         ``model`` (a DiT, a DiTSpec or anything with input_size / in_channels / num_classes) makes a rater
         trained for another image size, channel count or class count a clear error up front.
         """
-        from .checkpoint import load_rater
-
         if policy not in RATER_POLICIES:
             raise ValueError(f"from_checkpoint is for the rater policies ({', '.join(RATER_POLICIES)}); "
                              f"for {policy!r} use NoiseSelector({policy!r}, k={k})")
@@ -500,8 +497,6 @@ def record_selection(run_dir: str | os.PathLike, policy: SelectionPolicy, rater_
                      resume: bool = False) -> dict[str, Any]:
     """Write ``selection`` into ``<run_dir>/run_info.json`` (other keys kept). On resume, a rater file
     whose sha256 differs from the one the run started with is refused."""
-    from .checkpoint import RunDirError, write_json
-
     path = Path(run_dir) / "run_info.json"
     info = selection_info(policy, rater_path)
     existing: dict[str, Any] = {}

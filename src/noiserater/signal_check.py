@@ -28,12 +28,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from .checkpoint import load_diffusion
 from .config import require
 from .data import load_dataset
+from .meta.batches import MetaBatches, checkpoint_splits, split_heldout
 from .meta.gradient import Reducer
 from .meta.losses import candidate_losses, eval_mode, val_loss
-from .meta.train import _oracle, _Sampler, checkpoint_splits, rank_agreement, split_heldout, within_group_spearman
+from .meta.oracle import oracle_at, rank_agreement, within_group_spearman
+from .stats import mean_se
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -70,9 +74,9 @@ class SignalCheckConfig:
 
 
 def _mean_se(x: torch.Tensor) -> dict:
-    x = x.double().flatten()
-    se = float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
-    return {"mean": float(x.mean()), "se": se, "n": int(x.numel())}
+    """{"mean", "se", "n"} of all values of ``x``."""
+    m, se = mean_se(x.double().flatten().tolist())
+    return {"mean": m, "se": se, "n": int(x.numel())}
 
 
 def _alignments(model, batch, val, chunk: int) -> torch.Tensor:
@@ -80,7 +84,7 @@ def _alignments(model, batch, val, chunk: int) -> torch.Tensor:
     out = []
     for i in range(0, batch[0].shape[0], chunk):
         part = tuple(x[i:i + chunk] for x in batch)
-        out.append(_oracle(model, part, val, Reducer())[1])
+        out.append(oracle_at(model, part, val, Reducer())[1])
     return torch.cat(out)
 
 
@@ -98,7 +102,6 @@ def _heldout_loss(model, draws) -> float:
 
 def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """Run the three checks of the module docstring; returns a JSON-ready dict (see :func:`format_summary`)."""
-    from .checkpoint import load_diffusion
 
     cfg.validate()
     t_start = time.perf_counter()
@@ -118,8 +121,8 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
     label_dropout = float(dcfg.get("label_dropout", 0.1))
     unconditional = bool(dcfg.get("unconditional", False))
     T = 1000
-    sampler = _Sampler(train, oracle_val, spec.num_classes, cfg.seed, 1, cfg.k, cfg.groups, cfg.val_images,
-                       label_dropout, unconditional, T)
+    sampler = MetaBatches(train, oracle_val, spec.num_classes, cfg.seed, 1, cfg.k, cfg.groups, cfg.val_images,
+                          label_dropout, unconditional, T)
 
     # 1-2: stability across two independent validation draws, and what the signal is not
     groups = sampler.train_batch(0, 0, 0, 1, device)
@@ -152,14 +155,10 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt_state = state.get("optimizer") if cfg.optimizer == "adamw" else None
     per_seed, used_state = [], None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.seeds * 2 * cfg.steps, desc="signal check", dynamic_ncols=True)
+    bar = tqdm(total=cfg.seeds * 2 * cfg.steps, desc="signal check", dynamic_ncols=True) if progress else None
     for r in range(cfg.seeds):
-        stream = _Sampler(train, oracle_val, spec.num_classes, cfg.seed + 1 + r, 1, cfg.k, B, cfg.val_images,
-                          label_dropout, unconditional, T)
+        stream = MetaBatches(train, oracle_val, spec.num_classes, cfg.seed + 1 + r, 1, cfg.k, B, cfg.val_images,
+                             label_dropout, unconditional, T)
         result = {}
         for arm in ("vanilla", "oracle"):
             m = copy.deepcopy(model)
@@ -180,7 +179,7 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
             for i in range(cfg.steps):
                 batch = stream.train_batch(i, 0, 0, 1, device)
                 if arm == "oracle":
-                    a = _oracle(m, batch, stream.val_batch(i, cfg.val_images, 0, 1, device, seed_offset=7), Reducer())[1]
+                    a = oracle_at(m, batch, stream.val_batch(i, cfg.val_images, 0, 1, device, seed_offset=7), Reducer())[1]
                     pick = a.argmax(dim=1)
                 else:
                     pick = torch.zeros(batch[0].shape[0], dtype=torch.long, device=batch[0].device)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
 from ..meta.train import MetaTrainConfig, metatrain
 from ._options import config_options, deprecated_alias
+from ._summary import echo_run_summary
 
 METATRAIN_HELP = {
     "checkpoint": "Frozen diffusion checkpoint to meta-train on (a `noiserater train` run's checkpoints/latest.pt). Required.",
@@ -77,10 +75,4 @@ def command(cfg: MetaTrainConfig, resume: bool) -> None:
 
     Multi-process: `torchrun --nproc_per_node N -m noiserater metatrain ...` (gloo on CPU, NCCL on GPU).
     """
-    summary = metatrain(cfg, resume=resume)
-    click.echo(json.dumps(summary, indent=2))
-    if summary.get("interrupted"):  # SIGINT/SIGTERM: checkpoint saved; exit 128+signal (130/143) like a shell
-        signum = int(summary.get("signal") or 2)
-        click.echo(f"interrupted by signal {signum} after outer step {summary['step']}; checkpoint saved to "
-                   f"{summary['checkpoint']}; continue with --resume", err=True)
-        sys.exit(128 + signum)
+    echo_run_summary(metatrain(cfg, resume=resume), "outer step")

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..checkpoint import write_json
+from ..run.distributed import resolve_device
 from ..signal_check import SignalCheckConfig, format_summary, signal_check
 from ._options import config_options, deprecated_alias
 
@@ -40,11 +42,7 @@ def command(cfg: SignalCheckConfig, json_path: str | None, progress: bool) -> No
     their correlation with the noise norm and the loss, and N steps choosing noise by the oracle vs plain
     noise, compared on the test split (or the validation half the oracle never sees).
     """
-    import torch
-
-    res = signal_check(cfg, device="cuda" if torch.cuda.is_available() else "cpu", progress=progress)
+    res = signal_check(cfg, device=resolve_device("auto"), progress=progress)
     if json_path:
-        from ..checkpoint import write_json
-
         write_json(json_path, res)
     click.echo(format_summary(res))

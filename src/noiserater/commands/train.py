@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
 from ..train import TrainConfig, train
 from ._options import config_options, deprecated_alias
+from ._summary import echo_run_summary
 
 TRAIN_HELP = {
     "data": "Dataset: 'digits' (bundled), 'fashion-mnist' (Debian package), an image folder, or a latent cache.",
@@ -78,10 +76,4 @@ def command(cfg: TrainConfig, resume: bool) -> None:
 
     Multi-process: `torchrun --nproc_per_node N -m noiserater train ...` (gloo on CPU, NCCL on GPU).
     """
-    summary = train(cfg, resume=resume)
-    click.echo(json.dumps(summary, indent=2))
-    if summary.get("interrupted"):  # SIGINT/SIGTERM: checkpoint saved; exit 128+signal (130/143) like a shell
-        signum = int(summary.get("signal") or 2)
-        click.echo(f"interrupted by signal {signum} after step {summary['step']}; checkpoint saved to "
-                   f"{summary['checkpoint']}; continue with --resume", err=True)
-        sys.exit(128 + signum)
+    echo_run_summary(train(cfg, resume=resume), "step")

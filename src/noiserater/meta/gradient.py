@@ -49,7 +49,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.func import grad, jvp
 
 from ..diffusion import GaussianDiffusion
 from ..models.rater import group_weights
@@ -75,8 +77,6 @@ class Reducer:
     """Averages tensors over the ranks of the default process group (identity without one)."""
 
     def __init__(self, group=None):
-        import torch.distributed as dist
-
         self.group = group
         self.world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
@@ -88,8 +88,6 @@ class Reducer:
         """Non-differentiable average (one flat all-reduce)."""
         if not self.active:
             return list(tensors)
-        import torch.distributed as dist
-
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         dist.all_reduce(flat, group=self.group)
         flat /= self.world
@@ -109,8 +107,6 @@ class _AllReduceMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, world):
-        import torch.distributed as dist
-
         ctx.group, ctx.world = group, world
         y = x.detach().clone()
         dist.all_reduce(y, group=group)
@@ -297,8 +293,6 @@ def _hvp_double_backward(P: _Problem, batch: Batch, theta: Tensors, w: torch.Ten
 
 def _hvp_forward_over_reverse(P: _Problem, batch: Batch, theta: Tensors, w: torch.Tensor, u: Tensors):
     """(H u, [<grad l_bk, u>]_bk) from one jvp of the gradient function (no second backward graph)."""
-    from torch.func import grad, jvp
-
     w = w.detach()
 
     def loss_and_losses(th):
@@ -313,8 +307,6 @@ def _hvp_forward_over_reverse(P: _Problem, batch: Batch, theta: Tensors, w: torc
 
 
 def _alignment(P: _Problem) -> MetaResult:
-    from torch.func import jvp
-
     opt = P.opt
     val, gval = P.val_grad(P.theta0)
     scores, weights = [], []

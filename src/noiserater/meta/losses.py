@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..diffusion import GaussianDiffusion, epsilon_prediction
+from ..diffusion import GaussianDiffusion, epsilon_prediction, per_sample_loss
 from ..models.rater import group_weights
 
 Batch = Sequence[torch.Tensor]  # (x0, y, t, eps)
@@ -86,13 +87,9 @@ def candidate_losses(
     diffusion: GaussianDiffusion | None = None,
 ) -> torch.Tensor:
     """l_bk [B,K]: per-candidate epsilon loss, mean over C,H,W (all K candidates in one forward)."""
-    x0 = batch[0]
-    diffusion = diffusion or default_diffusion()
     B, K = batch[3].shape[:2]
-    x0k, tk, yk, noise = flatten_groups(batch)
     f = model_fn(model, params) if isinstance(model, nn.Module) else model
-    pred = epsilon_prediction(f(diffusion.q_sample(x0k, tk, noise), tk, yk), x0.shape[1])
-    return (pred - noise).pow(2).flatten(1).mean(dim=1).view(B, K)
+    return per_sample_loss(f, diffusion or default_diffusion(), *flatten_groups(batch)).view(B, K)
 
 
 def candidate_weights(rater: nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
@@ -155,7 +152,5 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 def math_attention() -> Iterator[None]:
     """Route scaled_dot_product_attention to the MATH kernel: the fused kernels support neither
     forward-mode AD nor double backward, which every meta-gradient method needs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         yield

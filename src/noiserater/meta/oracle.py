@@ -19,6 +19,7 @@ kernel (forward-mode AD has no fused-attention rule) and in float32 outside auto
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Mapping
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..diffusion import GaussianDiffusion, epsilon_prediction
+from .gradient import Reducer
 from .losses import Batch, candidate_losses, default_diffusion, eval_mode, flatten_groups, math_attention, val_loss
 
 ORACLE_MODES = ("align", "anti", "cosine")
@@ -131,3 +133,46 @@ def distillation_loss(scores: torch.Tensor, alignments: torch.Tensor, temperatur
     :func:`distillation_targets` (the alignments carry no gradient)."""
     p = distillation_targets(alignments.detach(), temperature)
     return -(p * torch.log_softmax(scores, dim=1)).sum(dim=1).mean()
+
+
+def oracle_at(model: nn.Module, batch: Batch, val: Batch, reducer: Reducer, mode: str = "align") -> tuple[float, torch.Tensor]:
+    """(L_val at the current weights, oracle scores [B,K] of this rank's candidates: the alignments
+    <grad L_val, grad l_bk>, or for ``mode="cosine"`` those over ||grad l_bk||) with the validation
+    gradient averaged over the ranks (equal slices: the global batch's gradient)."""
+    lv, g = validation_gradient(model, val)
+    if reducer.active:
+        names = list(g)
+        avg = reducer.mean([g[k] for k in names] + [torch.tensor(lv, dtype=torch.float64)])
+        g, lv = dict(zip(names, avg[:-1])), float(avg[-1])
+    return lv, oracle_scores(model, batch, g, mode)
+
+
+# ---- agreement of a rater's ranking with the oracle's ---------------------------------------------
+
+
+def within_group_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` ([G,K] -> [G], float64);
+    ranks by sorting (continuous scores: ties have probability 0); 0 where a row is constant."""
+    ra = a.double().argsort(dim=1).argsort(dim=1).double()
+    rb = b.double().argsort(dim=1).argsort(dim=1).double()
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    den = (ra.pow(2).sum(dim=1) * rb.pow(2).sum(dim=1)).sqrt()
+    const = (a.double().std(dim=1) == 0) | (b.double().std(dim=1) == 0)
+    return torch.where(const, torch.zeros_like(den), (ra * rb).sum(dim=1) / den.clamp_min(1e-300))
+
+
+def rank_agreement(scores: torch.Tensor, target: torch.Tensor, reducer: Reducer | None = None) -> dict:
+    """How well ``scores`` [G,K] rank the candidates as ``target`` [G,K] does, over all G groups (of all
+    ranks when ``reducer`` averages over processes with equal slices): mean within-group Spearman and
+    argmax agreement, each with its standard error over groups; ``chance`` = 1/K for the argmax."""
+    rho = within_group_spearman(scores, target)
+    hit = (scores.argmax(dim=1) == target.argmax(dim=1)).double()
+    m = [rho.mean(), rho.pow(2).mean(), hit.mean()]
+    if reducer is not None:
+        m = reducer.mean(m)
+    n = rho.numel() * (reducer.world if reducer is not None else 1)
+    r1, r2, p = (float(x) for x in m)
+    se_rho = math.sqrt(max(r2 - r1 * r1, 0.0) / max(n - 1, 1))
+    return {"spearman": r1, "spearman_se": se_rho, "argmax_agreement": p,
+            "argmax_agreement_se": math.sqrt(max(p * (1 - p), 0.0) / max(n - 1, 1)), "chance": 1.0 / scores.shape[1],
+            "groups": n}

@@ -47,31 +47,35 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from ..checkpoint import (
     CheckpointError,
-    RunLock,
     atomic_write_text,
     check_run_config,
     get_rng_state,
     load_checkpoint,
+    load_diffusion,
     load_state_dict_checked,
+    save_rater,
     set_rng_state,
     write_json,
 )
 from ..config import ConfigError, dump_yaml, require, to_dict
-from ..data import ImageData, load_dataset
 from ..diffusion import GaussianDiffusion
 from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
-from ..run.folder import log_metrics, truncate_metrics
-from ..run.randomness import batch_indices, step_generator
+from ..plotting import figure, label_axes, legend, savefig
+from ..run.folder import eval_records, truncate_metrics
+from ..run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run
+from ..stats import mean_se
+from .batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
-from .oracle import ORACLE_MODES, distillation_loss, oracle_scores, validation_gradient
+from .oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
 
 SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 OBJECTIVES = ("bilevel", "distill")
-EVAL_SEED_OFFSET = 200_003  # the held-out draws' own seed stream (training uses 0, the inner-lr sweep 100_003)
 DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
                  "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
 
@@ -181,68 +185,6 @@ class MetaTrainConfig:
 # ---- the batches of one outer step -----------------------------------------------------------------
 
 
-def _generator(seed: int, step: int, stream: int) -> torch.Generator:
-    return step_generator(seed, step, stream, streams=64)  # stream 0: validation, 1..S: inner steps
-
-
-@dataclass
-class _Sampler:
-    train: ImageData
-    val: ImageData
-    num_classes: int
-    seed: int
-    S: int
-    K: int
-    B: int
-    Bv: int
-    label_dropout: float
-    unconditional: bool
-    num_timesteps: int
-    planted_scale: float = 1.0
-
-    def _labels(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.unconditional:
-            return torch.full_like(y, self.num_classes)
-        drop = torch.rand(y.shape[0], generator=g) < self.label_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
-
-    def train_batch(self, n: int, s: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
-        """Inner (group) batch ``s`` of outer step ``n``: (x0, y, t, eps [B,K,...]), rank ``rank``'s slice.
-        With ``planted_scale`` != 1 candidate 0 of every group is that multiple of a standard normal (a
-        planted, off-distribution candidate; a sanity check of meta-training)."""
-        seed = self.seed + seed_offset
-        b = self.B // world
-        sl = slice(rank * b, (rank + 1) * b)
-        shape = tuple(self.train.images.shape[1:])
-        g = _generator(seed, n, 1 + s)
-        idx = batch_indices(len(self.train), self.B, n * self.S + s, seed)
-        t = torch.randint(0, self.num_timesteps, (self.B,), generator=g)
-        y = self._labels(self.train.labels[idx], g)
-        eps = torch.randn((self.B, self.K, *shape), generator=g)
-        if self.planted_scale != 1.0:
-            eps[:, 0] *= self.planted_scale
-        return tuple(x[sl].to(device) for x in (self.train.images[idx].to(dtype), y, t, eps.to(dtype)))
-
-    def val_batch(self, n: int, size: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
-        """Validation batch of outer step ``n``: ``size`` (image, label, timestep, noise) draws from the
-        validation split (images repeat, with fresh noise and timestep, when ``size`` exceeds it)."""
-        seed = self.seed + seed_offset
-        bv = size // world
-        slv = slice(rank * bv, (rank + 1) * bv)
-        shape = tuple(self.val.images.shape[1:])
-        g = _generator(seed, n, 0)
-        idx = batch_indices(len(self.val), size, n, seed + 1)
-        t = torch.randint(0, self.num_timesteps, (size,), generator=g)
-        y = self._labels(self.val.labels[idx], g)
-        eps = torch.randn((size, *shape), generator=g)
-        return tuple(x[slv].to(device) for x in (self.val.images[idx].to(dtype), y, t, eps.to(dtype)))
-
-    def outer(self, n: int, rank: int, world: int, device, dtype=torch.float32, seed_offset: int = 0):
-        """(S train batches, val batch) of outer step ``n``: rank ``rank``'s slice of the global batches."""
-        batches = [self.train_batch(n, s, rank, world, device, dtype, seed_offset) for s in range(self.S)]
-        return batches, self.val_batch(n, self.Bv, rank, world, device, dtype, seed_offset)
-
-
 # ---- helpers -----------------------------------------------------------------------------------------
 
 
@@ -263,12 +205,12 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
     return -(w * w.clamp_min(1e-30).log()).sum(dim=1)
 
 
-def sweep_inner_lr(model, sampler: _Sampler, grid, opt_name: str, steps: int, rank: int, world: int, device,
+def sweep_inner_lr(model, sampler: MetaBatches, grid, opt_name: str, steps: int, rank: int, world: int, device,
                    reducer: Reducer) -> tuple[float, list[dict]]:
     """Pick the inner lr with the largest mean uniform inner gain L_val(theta_0) - L_val(theta_S^unif)
     over ``steps`` outer batches (drawn apart from the training batches). Falls back to the smallest lr."""
     rows = []
-    draws = [sampler.outer(n, rank, world, device, seed_offset=100_003) for n in range(steps)]
+    draws = [sampler.outer(n, rank, world, device, seed_offset=SWEEP_SEED_OFFSET) for n in range(steps)]
     base = [_val(model, val, None, reducer) for _, val in draws]
     for lr in grid:
         gains = []
@@ -285,74 +227,13 @@ def sweep_inner_lr(model, sampler: _Sampler, grid, opt_name: str, steps: int, ra
     return best["inner_lr"], rows
 
 
-def checkpoint_splits(dcfg: dict, source: str) -> tuple[ImageData, ImageData, dict]:
-    """(train, meta-validation) splits of the data a diffusion checkpoint was trained with, split exactly as
-    its training did (``split_seed``, falling back to its ``seed``; ``val_fraction``; ``test_fraction``), and
-    the split's description. The test split is never loaded here."""
-    split_seed = dcfg.get("split_seed")
-    split_seed = int(dcfg.get("seed", 0) if split_seed is None else split_seed)
-    val_fraction, test_fraction = float(dcfg.get("val_fraction", 0.1)), float(dcfg.get("test_fraction", 0.0) or 0.0)
-    kw = dict(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    info = {"source": source, "split_seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-    return load_dataset(source, "train", **kw), load_dataset(source, "val", **kw), info
-
-
-def split_heldout(val: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData | None]:
-    """(meta half, held-out half) of the validation split: a permutation by the data seed, its first
-    ``fraction`` held out (at least one image each); ``fraction == 0`` keeps everything in the meta half."""
-    if fraction <= 0:
-        return val, None
-    n = len(val)
-    if n < 2:
-        raise ConfigError(f"the validation split has {n} image(s): too few to hold part of it out; "
-                          "pass --heldout-fraction 0")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 17))
-    n_ho = min(max(1, int(round(n * fraction))), n - 1)
-    return val.subset(perm[n_ho:].sort().values, "meta"), val.subset(perm[:n_ho].sort().values, "heldout")
-
-
-def within_group_spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of each row of ``a`` with the same row of ``b`` ([G,K] -> [G], float64);
-    ranks by sorting (continuous scores: ties have probability 0); 0 where a row is constant."""
-    ra = a.double().argsort(dim=1).argsort(dim=1).double()
-    rb = b.double().argsort(dim=1).argsort(dim=1).double()
-    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
-    den = (ra.pow(2).sum(dim=1) * rb.pow(2).sum(dim=1)).sqrt()
-    const = (a.double().std(dim=1) == 0) | (b.double().std(dim=1) == 0)
-    return torch.where(const, torch.zeros_like(den), (ra * rb).sum(dim=1) / den.clamp_min(1e-300))
-
-
-def rank_agreement(scores: torch.Tensor, target: torch.Tensor, reducer: Reducer | None = None) -> dict:
-    """How well ``scores`` [G,K] rank the candidates as ``target`` [G,K] does, over all G groups (of all
-    ranks when ``reducer`` averages over processes with equal slices): mean within-group Spearman and
-    argmax agreement, each with its standard error over groups; ``chance`` = 1/K for the argmax."""
-    rho = within_group_spearman(scores, target)
-    hit = (scores.argmax(dim=1) == target.argmax(dim=1)).double()
-    m = [rho.mean(), rho.pow(2).mean(), hit.mean()]
-    if reducer is not None:
-        m = reducer.mean(m)
-    n = rho.numel() * (reducer.world if reducer is not None else 1)
-    r1, r2, p = (float(x) for x in m)
-    se_rho = math.sqrt(max(r2 - r1 * r1, 0.0) / max(n - 1, 1))
-    return {"spearman": r1, "spearman_se": se_rho, "argmax_agreement": p,
-            "argmax_agreement_se": math.sqrt(max(p * (1 - p), 0.0) / max(n - 1, 1)), "chance": 1.0 / scores.shape[1],
-            "groups": n}
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
-
-
 class _BilevelEval:
     """Held-out rater advantage on ``n`` fixed outer batches (their own seed stream; validation batches
     from the held-out half): L_ho(theta_S^uniform) - L_ho(theta_S^rater) per batch, mean and SE."""
 
     metric = "rater_advantage"
 
-    def __init__(self, model, sampler: _Sampler, n: int, inner_lr: float, inner_opt, temperature: float,
+    def __init__(self, model, sampler: MetaBatches, n: int, inner_lr: float, inner_opt, temperature: float,
                  reducer: Reducer, rank: int, world: int, device, cache_uniform: bool):
         self.model, self.inner_lr, self.inner_opt, self.temperature = model, inner_lr, inner_opt, temperature
         self.reducer, self.cache_uniform = reducer, cache_uniform
@@ -381,8 +262,8 @@ class _BilevelEval:
                                 reducer=self.reducer)
             adv.append(l_unif - _val(self.model, val, theta, self.reducer))
             gain.append(l0 - l_unif)
-        m, se = _mean_se(adv)
-        g, g_se = _mean_se(gain)
+        m, se = mean_se(adv)
+        g, g_se = mean_se(gain)
         return {"metric": self.metric, "value": m, "se": se, "n": len(adv), "rater_advantage": m,
                 "rater_advantage_se": se, "uniform_gain": g, "uniform_gain_se": g_se,
                 "relative_advantage": m / g if g > 0 else None}
@@ -395,14 +276,14 @@ class _DistillEval:
 
     metric = "spearman"
 
-    def __init__(self, model, sampler: _Sampler, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
+    def __init__(self, model, sampler: MetaBatches, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
                  device, mode: str = "align"):
         self.reducer = reducer
         self.groups, self.targets = [], []
         for i in range(n):
             batch = sampler.train_batch(i, 0, rank, world, device, seed_offset=EVAL_SEED_OFFSET)
             self.groups.append(batch)
-            self.targets.append(_oracle(model, batch, sampler.val_batch(i, val_size, rank, world, device,
+            self.targets.append(oracle_at(model, batch, sampler.val_batch(i, val_size, rank, world, device,
                                                                        seed_offset=EVAL_SEED_OFFSET), reducer, mode)[1])
 
     def __call__(self, rater) -> dict:
@@ -413,22 +294,8 @@ class _DistillEval:
                 **agree}
 
 
-def _oracle(model, batch, val, reducer: Reducer, mode: str = "align") -> tuple[float, torch.Tensor]:
-    """(L_val at the current weights, oracle scores [B,K] of this rank's candidates: the alignments
-    <grad L_val, grad l_bk>, or for ``mode="cosine"`` those over ||grad l_bk||) with the validation
-    gradient averaged over the ranks (equal slices: the global batch's gradient)."""
-    lv, g = validation_gradient(model, val)
-    if reducer.active:
-        names = list(g)
-        avg = reducer.mean([g[k] for k in names] + [torch.tensor(lv, dtype=torch.float64)])
-        g, lv = dict(zip(names, avg[:-1])), float(avg[-1])
-    return lv, oracle_scores(model, batch, g, mode)
-
-
 def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
     """The held-out curve (mean ± 1 SE per evaluation) as a PNG, the best evaluation marked."""
-    from ..plotting import figure, label_axes, legend, savefig
-
     steps = [r["step"] for r in evals]
     n = evals[-1]["eval"].get("n")
     fig, (ax,) = figure(width=6.0, height=3.8, title=f"Held-out meta-validation ({objective})")
@@ -464,40 +331,15 @@ def _warn(msg: str, is_main: bool) -> None:
 
 def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
     """Meta-train a rater (see module docstring); returns a summary dict."""
-    from ..run.distributed import init_distributed
-
     cfg.validate()
-    rank, world, device = init_distributed(cfg.device)
-    for key in ("batch_size", "val_batch_size"):
-        if getattr(cfg, key) % world:
-            raise ConfigError(f"invalid {key}: {getattr(cfg, key)} is not divisible by the {world} processes (flag "
-                              f"--{key.replace('_', '-')}); the global batch must split evenly")
-    is_main = rank == 0
-    run_dir = Path(cfg.run_dir)
-    created = not run_dir.exists()
-    lock = RunLock(run_dir).acquire() if is_main else None
-    try:
-        return _metatrain(cfg, resume, rank, world, device, run_dir, is_main)
-    except BaseException:
-        if lock is not None and created:  # failed before writing anything (e.g. no checkpoint): leave no folder
-            from ..run.folder import remove_if_only_lock
-
-            remove_if_only_lock(run_dir)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    sizes = {k: getattr(cfg, k) for k in ("batch_size", "val_batch_size", "distill_val_batch_size")}
+    with open_run(cfg.run_dir, cfg.device, sizes) as run:
+        return _metatrain(cfg, resume, run)
 
 
-def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device, run_dir: Path, is_main: bool) -> dict:
-    from ..checkpoint import load_diffusion
-    from ..errors import NumericsError
-
+def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
+    run_dir, rank, world, device, is_main = run.run_dir, run.rank, run.world, run.device, run.is_main
     distill = cfg.objective == "distill"
-    for key in ("distill_val_batch_size",):
-        if getattr(cfg, key) % world:
-            raise ConfigError(f"invalid {key}: {getattr(cfg, key)} is not divisible by the {world} processes (flag "
-                              f"--{key.replace('_', '-')}); the global batch must split evenly")
     if is_main:
         check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
@@ -518,7 +360,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         _warn(f"the meta-validation split has {len(val_data)} images, fewer than --val-batch-size {cfg.val_batch_size}: "
               "validation batches repeat images", is_main)
     label_dropout = cfg.label_dropout if cfg.label_dropout is not None else float(dcfg.get("label_dropout", 0.1))
-    sampler = _Sampler(train_data, val_data, spec.num_classes, cfg.seed, 1 if distill else cfg.inner_steps,
+    sampler = MetaBatches(train_data, val_data, spec.num_classes, cfg.seed, 1 if distill else cfg.inner_steps,
                        cfg.candidates, cfg.batch_size, cfg.val_batch_size, label_dropout,
                        bool(dcfg.get("unconditional", False)), GaussianDiffusion().num_timesteps, cfg.planted_scale)
     torch.manual_seed(cfg.seed)
@@ -531,7 +373,9 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     reducer = Reducer()
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     best_path = run_dir / "rater_best.pt"
-    step, inner_lr, sweep, carried, bad_in_row = 0, None, None, None, 0
+    step, inner_lr, sweep, carried = 0, None, None, None
+    guard = BadStepGuard(cfg.max_bad_steps, f"{'distillation' if distill else 'meta'}-gradient or loss",
+                         "lower --inner-lr or --lr, or use --grad-clip", unit="outer steps")
     heldout: dict = {"best": None, "since_best": 0}
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, kind="rater")
@@ -542,7 +386,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         set_rng_state(state["rng"])
         step, sweep = int(state["step"]), state.get("sweep")
         inner_lr = None if state.get("inner_lr") is None else float(state["inner_lr"])
-        bad_in_row = int(state.get("bad_in_row", 0))
+        guard.in_row = int(state.get("bad_in_row", 0))
         carried = state.get("inner_params")
         heldout = state.get("heldout") or heldout
     if inner_lr is None and not distill:
@@ -579,27 +423,19 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             evaluator = _BilevelEval(model, ho_sampler, cfg.eval_batches, inner_lr, inner_opt, cfg.temperature,
                                      reducer, rank, world, device, cache_uniform=not cfg.carry_inner)
 
-    def log(rec: dict) -> None:
-        log_metrics(run_dir, is_main, rec)
-
     def rater_extra() -> dict:
         return {"step": step, "config": to_dict(cfg), "inner_lr": inner_lr, "objective": cfg.objective,
                 "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict()},
                 "data": data_info}
 
     def save(final: bool = False) -> None:
-        for name, p in rater.named_parameters():  # never overwrite the last good checkpoint with NaN/inf weights
-            if not bool(torch.isfinite(p).all()):
-                raise NumericsError(f"rater weight {name} became non-finite by step {step}; not saving, the last good "
-                                    f"checkpoint {ckpt_path} is untouched; lower --lr or use --grad-clip")
+        check_finite_weights(step, ckpt_path, "lower --lr or use --grad-clip", rater)
         if not is_main:
             return
         extra = {**rater_extra(), "optimizer": opt.state_dict(), "rng": get_rng_state(), "sweep": sweep,
-                 "bad_in_row": bad_in_row, "heldout": heldout}
+                 "bad_in_row": guard.in_row, "heldout": heldout}
         if cfg.carry_inner:
             extra["inner_params"] = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        from ..checkpoint import save_rater
-
         save_rater(ckpt_path, rater, extra)
         save_rater(run_dir / "rater.pt", rater, rater_extra())
 
@@ -612,22 +448,15 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             heldout["best"] = {"step": step, "value": res["value"], "se": res["se"]}
             heldout["since_best"] = 0
             if is_main:
-                from ..checkpoint import save_rater
-
                 save_rater(best_path, rater, {**rater_extra(), "eval": res})
         else:
             heldout["since_best"] += 1
         res["best"] = improved
         res["evals_since_best"] = heldout["since_best"]
-        log({"step": step, "eval": res, "time": time.time()})
+        run.log({"step": step, "eval": res, "time": time.time()})
         return cfg.patience > 0 and heldout["since_best"] >= cfg.patience
 
-    bar = None
-    if is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.outer_steps, initial=step, desc="metatrain", dynamic_ncols=True)
-    from ..run.loop import StopFlag as _StopFlag
+    bar = tqdm(total=cfg.outer_steps, initial=step, desc="metatrain", dynamic_ncols=True) if is_main and cfg.progress else None
 
     summary: dict = {"run_dir": str(run_dir), "start_step": step, "inner_lr": inner_lr, "method": cfg.method,
                      "objective": cfg.objective}
@@ -636,12 +465,12 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     plateau = cfg.patience > 0 and heldout["since_best"] >= cfg.patience  # a resumed run that had stopped
     if evaluator is not None and step == 0 and heldout["best"] is None:
         plateau = evaluate()  # the initial rater: the level every later evaluation is compared with
-    with _StopFlag() as stopper:
+    with StopFlag() as stopper:
         while step < cfg.outer_steps and not plateau:
             t0 = time.perf_counter()
             if distill:
                 groups = sampler.train_batch(step, 0, rank, world, device)
-                l0, align = _oracle(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
+                l0, align = oracle_at(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
                                                                      device), reducer, cfg.distill_oracle)
                 x0, y, t, eps = groups
                 scores_b = rater.score_candidates(eps, t, x0, y)
@@ -673,19 +502,13 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                 scores_list, weights_list = res.scores, res.weights
             gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             finite = math.isfinite(float(gnorm)) and math.isfinite(l_rater)
-            if finite:
+            if finite:  # the gradient and loss are all-reduced: every rank decides alike
                 opt.step()
-                bad_in_row = 0
+                guard.good()
             else:
-                bad_in_row += 1
-                log({"step": step + 1, "event": "nonfinite_skipped",
-                     ("distill_loss" if distill else "val_loss_rater"): l_rater, "meta_grad_norm": float(gnorm)})
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NumericsError(
-                        f"non-finite {'distillation' if distill else 'meta'}-gradient or loss for {bad_in_row} outer "
-                        f"steps in a row, last at step {step + 1}; the last good checkpoint is {ckpt_path}; lower "
-                        "--inner-lr or --lr, or use --grad-clip"
-                    )
+                run.log({"step": step + 1, "event": "nonfinite_skipped",
+                         ("distill_loss" if distill else "val_loss_rater"): l_rater, "meta_grad_norm": float(gnorm)})
+                guard.bad(step + 1, ckpt_path)
             opt.zero_grad(set_to_none=True)
             if cfg.carry_inner and finite:
                 _set_params(model, theta_rater)
@@ -716,7 +539,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             window.append(rec)
             window = window[-50:]
             if step % cfg.log_every == 0 or step == cfg.outer_steps:
-                log(rec)
+                run.log(rec)
             if not distill and not warned and len(window) >= min(10, cfg.outer_steps) \
                     and sum(r["uniform_gain"] for r in window) <= 0:
                 _warn(f"uniform inner steps do not lower the validation loss (mean uniform gain "
@@ -734,14 +557,9 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
             if evaluator is not None and step % cfg.eval_every == 0:  # on the grid only: a run extended by
                 # --resume with a larger --outer-steps evaluates exactly where a straight run does
                 plateau = evaluate()
-            stop_now = stopper.stop  # read once: the handler may flip it at any time
-            if world > 1:  # a signal may reach one rank only: all stop together or the others hang in a collective
-                import torch.distributed as dist
-
-                f = torch.tensor(1.0 if stop_now else 0.0, device=device)
-                dist.all_reduce(f, op=dist.ReduceOp.MAX)
-                stop_now = bool(f > 0)
-            if step % cfg.ckpt_every == 0 or step == cfg.outer_steps or stop_now or plateau:
+            # a signal may reach one rank only: all stop together or the others hang in a collective
+            _, stop_now = run.agree(True, stopper.stop)
+            if run.should_save(step, cfg.outer_steps, cfg.ckpt_every, stop_now or plateau):
                 save()
                 if stop_now:
                     summary["interrupted"] = True
@@ -749,10 +567,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
                     break
     if bar is not None:
         bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    run.barrier()
     if step == summary["start_step"] and is_main and not (run_dir / "rater.pt").exists():
         save()
     summary.update({"step": step, "rater": str(run_dir / "rater.pt"), "checkpoint": str(ckpt_path)})
@@ -763,7 +578,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
         summary["best_rater"] = str(best_path)
         summary["best_eval"] = dict(heldout["best"], metric=evaluator.metric)
         if is_main:
-            evals = _eval_records(run_dir / "metrics.jsonl")
+            evals = eval_records(run_dir / "metrics.jsonl")
             if evals:
                 summary["heldout_curve"] = str(plot_heldout_curve(evals, run_dir / "heldout_curve.png", cfg.objective))
     if window:
@@ -783,16 +598,3 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, rank: int, world: int, device
     return summary
 
 
-def _eval_records(path: Path) -> list[dict]:
-    import json
-
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("eval"), dict):
-                out.append(rec)
-    return out
