@@ -155,7 +155,7 @@ def test_report_summary_plot_without_vanilla_long_labels(tmp_path, captured):
 
     s = _summary().iloc[:2].copy()
     s["label"] = ["no_image_class: rater k=4", "noise_only: rater k=4"]
-    plot_summary(s, "heldout_loss", tmp_path / "abl.png", "Table 3: rater ablations")
+    plot_summary(s, "heldout_loss", tmp_path / "abl.png", "Table 2: rater ablations")
     (fig, path), = captured
     ax = fig.axes[0]
     caption = _png_text(path)["Description"]

@@ -147,3 +147,17 @@ def test_load_results_reads_throughput_from_each_runs_metrics(tmp_path):
     assert df.loc["rater k=4", "images_per_s"] == pytest.approx(np.median([50.0, 49.0, 52.0, 51.0]))
     s = summarize(df.reset_index(), "main").set_index("label")
     assert s.loc["rater k=4", "cost_ratio"] == pytest.approx(100.0 / 50.5)
+
+
+def test_table_titles_use_the_papers_numbers_for_the_study_folders():
+    """Headings follow the paper (1 policies, 2 ablations, 3 k, 4 transfer, 5 stages) from one mapping; the
+    study folders (runs/main, ablation, stage-<s>, transfer) carry no number, so older studies read the same."""
+    from noiserater.presets import PAPER_TABLES
+    from noiserater.report import table_title
+
+    assert PAPER_TABLES == {"policies": 1, "ablations": 2, "k": 3, "transfer": 4, "stages": 5}
+    assert table_title("main").startswith("Table 1 (policies) and Table 3 (effect of k)")
+    assert table_title("ablation").startswith("Table 2: rater ablations")
+    assert table_title("transfer").startswith("Table 4: the frozen rater transferred")
+    assert table_title("stage-300").startswith("Table 5: rater meta-trained at pretraining step 300")
+    assert table_title("something-else") == "something-else"

@@ -4,13 +4,16 @@ Stages, each a folder under the study root that is skipped when its ``stage.json
 config (and resumed from its checkpoint when it was interrupted):
 
 1. ``pretrain``: train a DiT, keeping checkpoints at the steps the other stages need.
-2. ``rater/<name>``: meta-train raters on frozen checkpoints (main rater, Table 3 ablations, Table 5 stages).
+2. ``rater/<name>``: meta-train raters on frozen checkpoints (main rater, Table 2 ablations, Table 5 stages).
 3. ``runs/<table>/<policy>-k<k>/seed<s>``: continue training from the checkpoint with each policy; every
-   policy sees the same seeds, the same data order and the same candidate noises.
+   policy sees the same seeds, the same data order and the same candidate noises (``runs/main``: Tables 1
+   and 3, policies and k).
 4. ``eval``: per continuation run, the held-out diffusion loss on fixed (image, noise, timestep) triples
    and classifier-FID / precision / recall / class accuracy of samples.
 5. ``transfer``: a larger backbone, the step matched by the training-loss curve (paper eq. 10), and a
-   continuation with the frozen small-model rater (Table 2).
+   continuation with the frozen small-model rater (Table 4).
+
+Table numbers are the paper's (:data:`noiserater.presets.PAPER_TABLES`); report headings come from there.
 
 The report (`noiserater report`) reads ``results.jsonl`` and writes ``report.md`` and plots.
 """
@@ -434,7 +437,7 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     base = ckpts[str(preset.meta_stage)]
     main_rater = meta_train_rater(preset, root, "main", base, log=log)
 
-    for seed in preset.seeds:  # Table 1: every policy on the same seeds, data order and candidate noises
+    for seed in preset.seeds:  # Tables 1 and 3: every policy and k on the same seeds, data order and candidate noises
         continuation(preset, root, "main", base, "vanilla", 1, seed, None, log=log)
         for k in preset.ks:
             for policy in preset.policies:
@@ -443,20 +446,20 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     for seed in preset.power_seeds:  # more seeds for the headline pair only: enough power for a 1% change
         continuation(preset, root, "main", base, "vanilla", 1, seed, None, log=log)
         continuation(preset, root, "main", base, "rater", preset.headline_k, seed, main_rater, log=log)
-    for ablation in preset.ablations:  # Table 3 (compared with Table 1's vanilla runs: same init and seeds)
+    for ablation in preset.ablations:  # Table 2 (compared with the main vanilla runs: same init and seeds)
         r = meta_train_rater(preset, root, f"ablation-{ablation}", base, ablation, log)
         for seed in preset.seeds:
             continuation(preset, root, "ablation", base, "rater", preset.ablation_k, seed, r, variant=ablation, log=log)
     stage_raters = {s: main_rater if s == preset.meta_stage else meta_train_rater(preset, root, f"stage-{s}", ckpts[str(s)], log=log)
                     for s in preset.stage_steps}
     for stage in preset.stage_steps:  # Table 5: one table per pretraining stage, each with its own vanilla
-        if stage == preset.meta_stage:  # exactly Table 1's vanilla and rater runs: the report reuses them
+        if stage == preset.meta_stage:  # exactly the main vanilla and rater runs: the report reuses them
             continue
         for seed in preset.seeds:
             for policy, k, rr in (("vanilla", 1, None), ("rater", preset.stage_k, stage_raters[stage])):
                 continuation(preset, root, f"stage-{stage}", ckpts[str(stage)], policy, k, seed, rr, log=log)
     analyze_raters(preset, root, {ckpts[str(s)]: r for s, r in stage_raters.items()} | {base: main_rater}, log)
-    if preset.transfer_model:  # Table 2: the frozen small-model rater on a larger backbone
+    if preset.transfer_model:  # Table 4: the frozen small-model rater on a larger backbone
         from .analysis import match_stage
 
         grid = sorted({max(1, preset.transfer_steps * i // 20) for i in range(1, 21)})

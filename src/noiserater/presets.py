@@ -21,6 +21,15 @@ from typing import Any
 
 from .experiments import ReproducePreset
 
+# The paper's tables (section 5) by what they show: the one place their numbers live. Study folders are named
+# by what they hold (runs/main, runs/ablation, runs/stage-<s>, runs/transfer), never by a table number.
+PAPER_TABLES: dict[str, int] = {"policies": 1, "ablations": 2, "k": 3, "transfer": 4, "stages": 5}
+
+
+def paper_table(what: str) -> str:
+    """``"Table N"``: the paper's table that shows ``what`` (a key of :data:`PAPER_TABLES`)."""
+    return f"Table {PAPER_TABLES[what]}"
+
 
 @dataclass
 class FullScalePreset(ReproducePreset):

@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, write_json
+from .presets import paper_table
 from .provenance import version_info, version_line
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
@@ -132,7 +133,7 @@ def summarize(df: pd.DataFrame, table: str) -> pd.DataFrame:
     """Per policy/k of one table: mean, std, CI of each metric; relative change and paired test vs vanilla."""
     sub = df[df["table"] == table]
     out = []
-    # A table without its own vanilla runs (the ablations) is compared with Table 1's, which share the
+    # A table without its own vanilla runs (the ablations) is compared with the main table's, which share the
     # initial checkpoint and seeds.
     base = sub if (sub["policy"] == "vanilla").any() else df[df["table"] == "main"]
     van = base[base["policy"] == "vanilla"].set_index("seed")
@@ -270,14 +271,16 @@ def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
 
 
 def table_title(table: str) -> str:
+    """The heading of one study table (the folder under ``runs/``), with the paper's table numbers."""
     if table == "main":
-        return "Table 1: policies and k (continuation from the pretrained checkpoint)"
+        return (f"{paper_table('policies')} (policies) and {paper_table('k')} (effect of k): continuation from the "
+                "pretrained checkpoint")
     if table == "ablation":
-        return "Table 3: rater ablations (vs Table 1's vanilla runs)"
+        return f"{paper_table('ablations')}: rater ablations (vs {paper_table('policies')}'s vanilla runs)"
     if table.startswith("stage-"):
-        return f"Table 5: rater meta-trained at pretraining step {table[6:]}, continued from there"
+        return f"{paper_table('stages')}: rater meta-trained at pretraining step {table[6:]}, continued from there"
     if table == "transfer":
-        return "Table 2: the frozen rater transferred to a larger backbone at the matched stage"
+        return f"{paper_table('transfer')}: the frozen rater transferred to a larger backbone at the matched stage"
     return table
 
 
@@ -363,11 +366,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     settings = info.get("settings", {})
     meta_stage = settings.get("meta_stage")
     if meta_stage in (settings.get("stage_steps") or []) and f"stage-{meta_stage}" not in set(df["table"]):
-        parts += [f"Table 5 at stage {meta_stage}: the continuations from that checkpoint are Table 1's vanilla "
+        parts += [f"{paper_table('stages')} at stage {meta_stage}: the continuations from that checkpoint are "
+                  f"{paper_table('policies')}'s vanilla "
                   f"and rater runs (the main rater is meta-trained there), not repeated.", ""]
     if (root / "transfer.json").exists():
         tr = json.loads((root / "transfer.json").read_text())
-        parts += [f"Stage matching (paper eq. 10) for Table 2: {tr['source']} at step {tr['source_step']} ~ "
+        parts += [f"Stage matching (paper eq. 10) for {paper_table('transfer')}: {tr['source']} at step {tr['source_step']} ~ "
                   f"{tr['target']} at step {tr['matched_step']} ({tr['note']}); continued from its checkpoint at "
                   f"step {tr['used_step']}.", ""]
     main = df[df["table"] == "main"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ..presets import paper_table
 from .reproduce import SET_HELP, study_overrides
 
 DEMO_PRESET = "digits-quick"
@@ -123,7 +124,7 @@ def command(out_dir, preset, seeds, pretrain_steps, continue_steps, sample_steps
         warnings.simplefilter("always")                    # the progress lines: summarised at the end
         result = run_demo(out_dir, preset=preset, sample_steps=sample_steps, log=click.echo, **overrides)
     click.echo("\nSmoke test: a briefly trained rater on 2 seeds; the published studies are linked from the report.")
-    click.echo("\nTable 1 at demo scale (mean ± 95% interval over seeds; 'vs vanilla' paired over seeds):\n")
+    click.echo(f"\n{paper_table('policies')} at demo scale (mean ± 95% interval over seeds; 'vs vanilla' paired over seeds):\n")
     click.echo(format_table(result.rows))
     click.echo(f"\nreport:      {result.report}\nsample grid: {result.grid} (rows = digits 0-9, "
                f"rater-trained model)\ntotal:       {result.wall_s:.0f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..experiments import PRESETS, get_preset, reproduce
+from ..presets import paper_table
 
 
 def study_overrides(preset: str, seeds: int | None = None, continue_steps: int | None = None,
@@ -31,7 +32,19 @@ SET_HELP = ("Override any preset field, repeatable: --set meta_outer_steps=300 -
             "ReproducePreset in noiserater/experiments.py (also written to the study's study.json).")
 
 
-@click.command("reproduce")
+T = paper_table
+REPRODUCE_HELP = f"""Pretrain, meta-train raters, continue with every policy over several seeds, evaluate, report.
+
+    Stages: (i) pretrain a DiT (checkpoints kept at the {T('stages')} stages), (ii) meta-train the main rater,
+    the {T('ablations')} ablations and the {T('stages')} stage raters on frozen checkpoints, (iii) continue
+    training with vanilla, max_norm, min_norm, nearest, rater and rater_soft ({T('policies')}) at each k
+    ({T('k')}), then the ablations, stages and the transfer to a larger backbone at the loss-matched step
+    ({T('transfer')}), and the rater analysis. A stage whose folder holds a finished result with the same
+    settings is skipped.
+    """
+
+
+@click.command("reproduce", help=REPRODUCE_HELP)
 @click.option("--preset", "preset", default="digits-quick", show_default=True,
               help=f"Study scale: {', '.join(PRESETS)} (CPU) or imagenet-dit-s2 (GPUs, latent cache).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
@@ -42,14 +55,7 @@ SET_HELP = ("Override any preset field, repeatable: --set meta_outer_steps=300 -
               help="Override the continuation length in steps.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def command(preset: str, out: str | None, seeds: int | None, continue_steps: int | None, sets: tuple[str, ...]) -> None:
-    """Pretrain, meta-train raters, continue with every policy over several seeds, evaluate, report.
-
-    Stages: (i) pretrain a DiT (checkpoints kept at the Table 5 stages), (ii) meta-train the main rater,
-    the Table 3 ablations and the Table 5 stage raters on frozen checkpoints, (iii) continue training
-    with vanilla, max_norm, min_norm, nearest, rater and rater_soft at each k (Table 1), then the
-    ablations, stages and the transfer to a larger backbone at the loss-matched step (Table 2), and the
-    rater analysis. A stage whose folder holds a finished result with the same settings is skipped.
-    """
+    """`noiserater reproduce`: see :data:`REPRODUCE_HELP` (the table numbers come from presets.PAPER_TABLES)."""
     p = get_preset(preset, **study_overrides(preset, seeds, continue_steps, sets=sets))
     result = reproduce(p, out or f"runs/reproduce-{preset}", log=click.echo)
     click.echo(f"report: {result['report']}")

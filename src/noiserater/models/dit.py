@@ -45,7 +45,7 @@ _SIZES = {
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
     "S": (12, 384, 6),
-    "M": (6, 192, 3),  # CPU: the "larger backbone" of the CPU transfer study (Table 2)
+    "M": (6, 192, 3),  # CPU: the "larger backbone" of the CPU transfer study (Table 4)
     "T": (4, 128, 4),  # CPU demo / tests
     "N": (2, 64, 2),  # "nano": unit tests and float64 meta-gradient checks
 }

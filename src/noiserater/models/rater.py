@@ -178,7 +178,7 @@ class NoiseRater(nn.Module):
         self.spec = spec
         self.arch = arch
         dim = arch.hidden_size
-        # Table 3 ablations: (1) no timestep, (2) no image, (3) no image and class, (4) noise only.
+        # Table 2 ablations: (1) no timestep, (2) no image, (3) no image and class, (4) noise only.
         self.use_image = spec.ablation in ("full", "no_timestep")
         self.use_class = spec.ablation in ("full", "no_timestep", "no_image")
         self.use_timestep = spec.ablation in ("full", "no_image", "no_image_class")
@@ -270,7 +270,7 @@ def build_rater(
 ) -> NoiseRater:
     """Build a registered rater: ``Rater-S/2`` (the paper's, B.1), smaller ``Rater-M/T/N``, ``MMRater-*``
     (per-stream attention projections) and ``FastRater-*`` (shared image stream). ``ablation`` is one of
-    the paper's Table 3 variants: full, no_timestep, no_image, no_image_class, noise_only."""
+    the paper's Table 2 variants: full, no_timestep, no_image, no_image_class, noise_only."""
     return NoiseRater(RaterSpec(name, input_size, in_channels, num_classes, ablation))
 
 
