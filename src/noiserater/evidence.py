@@ -30,29 +30,12 @@ import torch
 
 from .checkpoint import write_json
 from .config import ConfigError, from_dict, require
+from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
+from .evidence_report import write_evidence_report
 from .experiments import copy_checkpoint, finished, fixed_triple_losses, run_stage, sample_metrics
 from .provenance import version_info
 from .report import median_throughput
 from .selection import dit_passes, equal_cost_control
-
-# arm name -> (policy, uses k, TrainConfig overrides, rater kind or None)
-ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
-    "vanilla": ("vanilla", False, {}, None),
-    "max_norm": ("max_norm", True, {}, None),
-    "uniform_soft": ("uniform_soft", True, {}, None),
-    "oracle": ("oracle_alignment", True, {}, None),
-    "oracle_anti": ("oracle_anti", True, {}, None),
-    "oracle_cosine": ("oracle_cosine", True, {}, None),
-    "oracle_amortised": ("oracle_alignment", True, {"oracle_every": 10}, None),
-    "online": ("rater_online", True, {"online_every": 25, "online_steps": 10, "online_batch": 32}, None),
-    "rater": ("rater", True, {}, "bilevel"),
-    "rater_sample": ("rater_sample", True, {"temperature": 1.0}, "bilevel"),
-    "rater_sample_t0.3": ("rater_sample", True, {"temperature": 0.3}, "bilevel"),
-    "rater_soft": ("rater_soft", True, {}, "bilevel"),
-    "distilled": ("rater", True, {}, "distill"),
-    "distilled_sample": ("rater_sample", True, {"temperature": 1.0}, "distill"),
-}
-BANDS = ((0, 100), (100, 400), (400, 1000))  # timestep bands of the held-out loss
 
 
 @dataclass
@@ -144,7 +127,7 @@ def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_frac
     out: dict[str, Any] = {"test_loss": float(losses.mean()), "test_triples": int(losses.numel())}
     for lo, hi in BANDS:
         m = (t >= lo) & (t < hi)
-        out[f"test_loss_t{lo}-{hi}"] = float(losses[m].mean())
+        out[band_key(lo, hi)] = float(losses[m].mean())
     return out
 
 
@@ -248,8 +231,6 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
 
 def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run the study ``p`` under ``out`` (resumable), append every run to results.jsonl, write the report."""
-    from .evidence_report import write_evidence_report
-
     p.validate()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from scipy import stats
 
 from .checkpoint import atomic_write_text
+from .evidence_arms import ARMS, BAND_KEYS
 from .plotting import axis_label, figure, label_axes, savefig
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
-EXTRA = ("precision", "recall", "class_accuracy", "test_loss_t0-100", "test_loss_t100-400", "test_loss_t400-1000")
+EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
 
 
 def load_rows(root: Path) -> list[dict]:
@@ -80,8 +80,6 @@ def _mean(rows: list[dict], arm: str, key: str) -> float | None:
 
 def _ordered_arms(rows: list[dict]) -> list[str]:
     """Arms in the registry's order (controls first), unknown names last."""
-    from .evidence import ARMS
-
     present = set(r["arm"] for r in rows)
     return [a for a in ARMS if a in present] + sorted(present - set(ARMS))
 
@@ -128,8 +126,7 @@ def absolute_table(rows: list[dict], stage: int) -> list[str]:
     lines = ["| arm | FID | precision | recall | class accuracy | test loss | t<100 | 100≤t<400 | t≥400 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
-        vals = [_mean(sub, arm, k) for k in ("fid", "precision", "recall", "class_accuracy", "test_loss",
-                                                "test_loss_t0-100", "test_loss_t100-400", "test_loss_t400-1000")]
+        vals = [_mean(sub, arm, k) for k in ("fid", "precision", "recall", "class_accuracy", "test_loss", *BAND_KEYS)]
         cells = ["—" if v is None else (f"{v:.2f}" if i == 0 else f"{v:.4f}" if i >= 4 else f"{v:.3f}")
                  for i, v in enumerate(vals)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")

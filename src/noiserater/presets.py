@@ -1,25 +1,29 @@
-"""Full-scale presets: the paper's own settings (section 5.1, appendix B), for GPUs and a latent cache.
+"""The study presets of `noiserater reproduce`, and the paper's table numbers.
 
-Each preset is a :class:`FullScalePreset`: the study plan of :class:`noiserater.experiments.ReproducePreset`
-(what `noiserater reproduce` runs) plus four plain dicts that say how each stage is configured:
+- :class:`ReproducePreset`: one scale of the paper's protocol (what :func:`noiserater.experiments.reproduce`
+  runs); the CPU scales are :data:`CPU_PRESETS`.
+- :class:`FullScalePreset`: the paper's own settings (section 5.1, appendix B), for GPUs and a latent cache
+  (:data:`FULL_SCALE_PRESETS`): the study plan plus plain dicts that say how each stage is configured:
 
-- ``cache``: the `noiserater cache-latents` arguments that make ``data`` (the latent cache folder).
-- ``train``: :class:`noiserater.train.TrainConfig` fields for pretraining and continuations (keys are
-  TrainConfig field names; the plan's ``batch_size``/``pretrain_lr``/``continue_lr`` win for those).
-- ``metatrain``: :class:`noiserater.meta.train.MetaTrainConfig` fields for the rater (stage ii).
-- ``eval``: how FID is measured (sampler, steps, samples, guidance, weights, reference, schedule).
-- ``hardware``: what the paper ran on and how long it took (to compare costs, not a setting).
+  - ``cache``: the `noiserater cache-latents` arguments that make ``data`` (the latent cache folder).
+  - ``train``: :class:`noiserater.train.TrainConfig` fields for pretraining and continuations (keys are
+    TrainConfig field names; the plan's ``batch_size``/``pretrain_lr``/``continue_lr`` win for those).
+  - ``metatrain``: :class:`noiserater.meta.train.MetaTrainConfig` fields for the rater (stage ii).
+  - ``eval``: how FID is measured (sampler, steps, samples, guidance, weights, reference, schedule).
+  - ``hardware``: what the paper ran on and how long it took (to compare costs, not a setting).
 
-Where the paper does not give a number we say so next to our choice (its Table 6, the rater's
-hyperparameters, is not in the text we work from).
+:data:`PRESETS` holds both; :func:`get_preset` returns a validated copy with overrides. Where the paper does
+not give a number we say so next to our choice (its Table 6, the rater's hyperparameters, is not in the
+text we work from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .experiments import ReproducePreset
+from .config import from_dict, require
 
 # The paper's tables (section 5) by what they show: the one place their numbers live. Study folders are named
 # by what they hold (runs/main, runs/ablation, runs/stage-<s>, runs/transfer), never by a table number.
@@ -29,6 +33,86 @@ PAPER_TABLES: dict[str, int] = {"policies": 1, "ablations": 2, "k": 3, "transfer
 def paper_table(what: str) -> str:
     """``"Table N"``: the paper's table that shows ``what`` (a key of :data:`PAPER_TABLES`)."""
     return f"Table {PAPER_TABLES[what]}"
+
+
+@dataclass
+class ReproducePreset:
+    """One scale of the paper's protocol. Steps are optimiser steps; k lists are candidate counts."""
+
+    name: str
+    data: str = "digits"
+    model: str = "DiT-T/2"
+    batch_size: int = 64
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 1e-3
+    stage_steps: list[int] = field(default_factory=lambda: [300, 1000, 3000])  # Table 5 checkpoints
+    meta_stage: int = 3000  # checkpoint the main rater is meta-trained on and continuations start from
+    rater: str = "Rater-T/2"
+    meta_outer_steps: int = 200
+    meta_inner_steps: int = 5
+    meta_candidates: int = 8
+    meta_inner_lr: float = 0.0  # 0 = automatic sweep
+    meta_lr: float = 1e-4
+    continue_steps: int = 500
+    continue_lr: float = 1e-4
+    continue_ema: float = 0.99  # short continuations: the EMA must forget the initial weights (0.99^200 = 0.13)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    headline_k: int = 4  # the headline comparison: rater at this k vs vanilla (the paper's main setting)
+    power_seeds: list[int] = field(default_factory=list)  # extra seeds for the headline pair only (power)
+    policies: list[str] = field(default_factory=lambda: ["max_norm", "min_norm", "nearest", "rater", "rater_soft"])
+    ks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    ablations: list[str] = field(default_factory=lambda: ["no_timestep", "no_image", "no_image_class", "noise_only"])
+    ablation_k: int = 4
+    stage_k: int = 2
+    transfer_model: str | None = "DiT-S/4"
+    transfer_steps: int = 3000
+    transfer_k: int = 2
+    eval_samples: int = 1000
+    eval_ddim_steps: int = 25
+    eval_extractors: str = "classifier"  # "classifier" (small data) or "inception" (needs local weights)
+    cfg_scale: float = 1.25
+    heldout_images: int = 180
+    heldout_draws: int = 8
+    analysis_images: int = 64  # images the rater analysis scores (x 16 noises x 11 timesteps)
+
+    def validate(self) -> None:
+        require(self.pretrain_steps >= 1, "pretrain_steps", "must be >= 1")
+        require(all(0 < s <= self.pretrain_steps for s in self.stage_steps), "stage_steps",
+                "each stage must be in [1, pretrain_steps]")
+        require(0 < self.meta_stage <= self.pretrain_steps, "meta_stage", "must be in [1, pretrain_steps]")
+        require(len(self.seeds) >= 1, "seeds", "need at least one seed")
+        require(all(k >= 2 for k in self.ks), "ks", "selection needs k >= 2 (k=1 is vanilla)")
+        require(not set(self.power_seeds) & set(self.seeds), "power_seeds", "must not repeat a seed of `seeds`")
+        require(self.headline_k >= 2, "headline_k", "selection needs k >= 2")
+
+
+CPU_PRESETS: dict[str, ReproducePreset] = {
+    # The demo: minutes on 2 cores. Small everything; the numbers are a smoke test, not evidence.
+    "digits-quick": ReproducePreset(
+        # one stage (Table 5's early-stage rater is left to the studies): the demo stays within 5 minutes
+        name="digits-quick", pretrain_steps=1500, stage_steps=[1500], meta_stage=1500,
+        rater="FastRater-N/2", meta_outer_steps=20, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=1e-3,
+        continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
+        stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
+    ),
+    # The published CPU study (docs/results/digits): 71 min of stage time measured on a shared 2-core machine.
+    "digits": ReproducePreset(
+        name="digits", batch_size=32, pretrain_steps=2000, stage_steps=[300, 2000], meta_stage=2000,
+        rater="Rater-N/2", meta_outer_steps=60, meta_inner_steps=3, meta_candidates=8, continue_steps=200,
+        continue_lr=1e-4, seeds=[0, 1, 2], power_seeds=list(range(3, 60)), ks=[2, 4, 8], transfer_model="DiT-M/2",
+        transfer_steps=4000,
+        transfer_k=2, stage_k=2, ablation_k=4, eval_samples=500, eval_ddim_steps=25, heldout_images=180,
+        heldout_draws=8,
+    ),
+    "fashion-mnist": ReproducePreset(
+        name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=6000,
+        stage_steps=[500, 2000, 6000], meta_stage=6000, rater="Rater-T/4", continue_steps=1000,
+        transfer_model="DiT-M/4", transfer_steps=6000, eval_samples=2000, heldout_images=1000,
+    ),
+}
+
+
+# ---- full scale (GPUs, a latent cache) ----------------------------------------------------------
 
 
 @dataclass
@@ -100,4 +184,16 @@ IMAGENET_DIT_S2 = FullScalePreset(
         "paper_selection_overhead": {"k2": round(5.6 / 4.3, 2), "k4": round(7.0 / 4.3, 2), "k8": round(9.0 / 4.3, 2)}},
 )
 
-PRESETS: dict[str, FullScalePreset] = {"imagenet-dit-s2": IMAGENET_DIT_S2}
+FULL_SCALE_PRESETS: dict[str, FullScalePreset] = {"imagenet-dit-s2": IMAGENET_DIT_S2}
+
+# every preset `noiserater reproduce --preset` accepts
+PRESETS: dict[str, ReproducePreset] = {**CPU_PRESETS, **FULL_SCALE_PRESETS}
+
+
+def get_preset(name: str, **overrides: Any) -> ReproducePreset:
+    """The preset ``name`` (a fresh copy) with ``overrides`` of its fields, type-checked and validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[name]
+    return from_dict(type(base), {**dataclasses.asdict(base), **overrides})
+

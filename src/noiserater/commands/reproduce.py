@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..experiments import PRESETS, get_preset, reproduce
-from ..presets import paper_table
+from ..config import parse_overrides
+from ..experiments import reproduce
+from ..presets import CPU_PRESETS, FULL_SCALE_PRESETS, get_preset, paper_table
 
 
 def study_overrides(preset: str, seeds: int | None = None, continue_steps: int | None = None,
                     pretrain_steps: int | None = None, sets: tuple[str, ...] = ()) -> dict:
     """Preset field overrides from the shortcut options and ``--set KEY=VALUE`` (which wins)."""
-    from ..config import parse_overrides
-
     base = get_preset(preset)
     overrides: dict = {}
     if seeds is not None:
@@ -29,7 +28,7 @@ def study_overrides(preset: str, seeds: int | None = None, continue_steps: int |
 
 
 SET_HELP = ("Override any preset field, repeatable: --set meta_outer_steps=300 --set 'ks=[2, 4]'. Fields: see "
-            "ReproducePreset in noiserater/experiments.py (also written to the study's study.json).")
+            "ReproducePreset in noiserater/presets.py (also written to the study's study.json).")
 
 
 T = paper_table
@@ -46,7 +45,7 @@ REPRODUCE_HELP = f"""Pretrain, meta-train raters, continue with every policy ove
 
 @click.command("reproduce", help=REPRODUCE_HELP)
 @click.option("--preset", "preset", default="digits-quick", show_default=True,
-              help=f"Study scale: {', '.join(PRESETS)} (CPU) or imagenet-dit-s2 (GPUs, latent cache).")
+              help=f"Study scale: {', '.join(CPU_PRESETS)} (CPU) or {', '.join(FULL_SCALE_PRESETS)} (GPUs, latent cache).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Study folder (default runs/reproduce-<preset>). Rerunning skips finished stages.")
 @click.option("--seeds", "seeds", default=None, type=click.IntRange(min=1),

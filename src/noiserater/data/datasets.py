@@ -13,45 +13,16 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .latents import load_latent_cache
+from .types import IMAGE_EXTENSIONS, DatasetError, ImageData  # defined there, still importable from here
+
 # Debian's dataset-fashion-mnist package installs here; NOISERATER_FASHION_MNIST_DIR overrides it.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class DatasetError(ValueError):
-    """A dataset could not be found or read; the message says how to fix it."""
-
-
-@dataclass
-class ImageData:
-    """Images [N,C,H,W] float32 in [-1,1] (or latents), labels [N] int64, and what they are."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-    name: str
-    class_names: list[str] | None = None
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.images.shape[-1]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def subset(self, index: torch.Tensor, suffix: str) -> "ImageData":
-        return ImageData(self.images[index], self.labels[index], self.num_classes, f"{self.name}:{suffix}",
-                         self.class_names)
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -182,8 +153,6 @@ def load_source(source: str) -> ImageData:
         return load_fashion_mnist("test")
     path = Path(source)
     if path.is_dir() and (path / "header.json").exists():
-        from .latents import load_latent_cache
-
         return load_latent_cache(path)
     if path.is_dir():
         return load_image_folder(path)

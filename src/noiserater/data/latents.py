@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .datasets import IMAGE_EXTENSIONS, DatasetError, ImageData
+from .types import IMAGE_EXTENSIONS, DatasetError, ImageData
 
 CACHE_FORMAT = "noiserater-latent-cache"
 CACHE_VERSION = 2  # 2: header and data content hashes; 1: without (still read, with a warning)

@@ -1,0 +1,36 @@
+"""The evidence study's arms and timestep bands: what :mod:`noiserater.evidence` runs and
+:mod:`noiserater.evidence_report` reports, in one place below both (the report orders arms as listed here).
+
+Add an arm with one line in :data:`ARMS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# arm name -> (policy, uses k, TrainConfig overrides, rater kind or None)
+ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
+    "vanilla": ("vanilla", False, {}, None),
+    "max_norm": ("max_norm", True, {}, None),
+    "uniform_soft": ("uniform_soft", True, {}, None),
+    "oracle": ("oracle_alignment", True, {}, None),
+    "oracle_anti": ("oracle_anti", True, {}, None),
+    "oracle_cosine": ("oracle_cosine", True, {}, None),
+    "oracle_amortised": ("oracle_alignment", True, {"oracle_every": 10}, None),
+    "online": ("rater_online", True, {"online_every": 25, "online_steps": 10, "online_batch": 32}, None),
+    "rater": ("rater", True, {}, "bilevel"),
+    "rater_sample": ("rater_sample", True, {"temperature": 1.0}, "bilevel"),
+    "rater_sample_t0.3": ("rater_sample", True, {"temperature": 0.3}, "bilevel"),
+    "rater_soft": ("rater_soft", True, {}, "bilevel"),
+    "distilled": ("rater", True, {}, "distill"),
+    "distilled_sample": ("rater_sample", True, {"temperature": 1.0}, "distill"),
+}
+BANDS = ((0, 100), (100, 400), (400, 1000))  # timestep bands of the held-out loss
+
+
+def band_key(lo: int, hi: int) -> str:
+    """The result key of the test-split loss over timesteps in [lo, hi)."""
+    return f"test_loss_t{lo}-{hi}"
+
+
+BAND_KEYS = tuple(band_key(lo, hi) for lo, hi in BANDS)
