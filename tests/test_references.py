@@ -29,7 +29,8 @@ from noiserater.checkpoint import load_checkpoint, load_diffusion
 from noiserater.diffusion import GaussianDiffusion, ddim_sample, ddim_step, ddim_timesteps
 from noiserater.experiments import fixed_triple_losses
 from noiserater.models import DiTSpec, build_dit, build_dit_from_spec
-from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, drop_labels, load_splits, train
+from noiserater.randomness import drop_labels
+from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, load_splits, train
 
 TINY = dict(data="digits", model="DiT-N/2", batch_size=16, lr=1e-3, ema_decay=0.9, log_every=1, sample_every=1000,
             ckpt_every=1000, sample_steps=2, tensorboard=False, progress=False)

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import RunDirError, load_rater, sha256_file, write_json
+from .randomness import STEP_MIX
 from .diffusion import GaussianDiffusion
 from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
@@ -243,7 +244,8 @@ class AlignmentOracle:
 
     def draw_val_batch(self, index: int) -> Batch:
         """The ``index``-th meta-validation draw: (x0, y, t, eps) on the model's device."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * index + 1)  # apart from the train streams
+        # seeded apart from the training steps' streams (noiserater.randomness) and from OnlineRater's groups
+        g = torch.Generator().manual_seed(self.seed * STEP_MIX + 7 * index + 1)
         n = len(self.val_images)
         idx = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-self.val_batch // n))])[: self.val_batch]
         x0 = self.val_images[idx]
@@ -310,7 +312,8 @@ class OnlineRater:
         self.refreshes = 0
 
     def _group_batch(self, index: int, j: int) -> Batch:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1009 * index + j + 500_000)
+        # refresh ``index``, distillation step j < 1009; offset 500_000 keeps it apart from the oracle's draws
+        g = torch.Generator().manual_seed(self.seed * STEP_MIX + 1009 * index + j + 500_000)
         idx = torch.randint(0, len(self.train_images), (self.batch,), generator=g)
         x0 = self.train_images[idx]
         t = torch.randint(0, self.oracle.diffusion.num_timesteps, (self.batch,), generator=g)

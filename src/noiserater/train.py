@@ -45,7 +45,7 @@ from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
 from .run.folder import truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run
-from .run.randomness import batch_indices, condition_labels, step_generator
+from .randomness import batch_indices, condition_labels, step_generator
 from .sampling import sample_grid_labels, save_grid
 from .selection import (
     ORACLE_POLICIES,
@@ -62,6 +62,8 @@ from .speed import autocast, set_tf32
 
 # the fixed seed of the sample grids written during training (the same noise at every sample step)
 SAMPLE_GRID_SEED_OFFSET = 12345
+# the initial weights of a fresh rater_online rater, apart from the DiT's (seed + 0)
+ONLINE_RATER_SEED_OFFSET = 1
 
 
 @dataclass
@@ -202,7 +204,7 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
         return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, oracle)
     if rater is None:  # a fresh rater of the chosen architecture, seeded apart from the DiT's init
         with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed + 1)
+            torch.manual_seed(cfg.seed + ONLINE_RATER_SEED_OFFSET)
             rater = NoiseRater(RaterSpec(cfg.online_rater, spec.input_size, spec.in_channels, spec.num_classes)).to(device)
     rater.requires_grad_(True)
     scorer = OnlineRater(rater, oracle, train_data.images, train_data.labels, k=cfg.candidates,

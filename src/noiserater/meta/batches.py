@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import ImageData, load_dataset
-from ..run.randomness import EPOCH_MIX, batch_indices, condition_labels, step_generator
+from ..randomness import EPOCH_MIX, batch_indices, condition_labels, step_generator
 
 SWEEP_SEED_OFFSET = 100_003  # the inner-lr sweep's draws
 EVAL_SEED_OFFSET = 200_003  # the held-out evaluation's draws
