@@ -37,6 +37,7 @@ from .meta.batches import MetaBatches, checkpoint_splits, split_heldout
 from .meta.gradient import Reducer
 from .meta.losses import candidate_losses, eval_mode, val_loss
 from .meta.oracle import oracle_at, rank_agreement, within_group_spearman
+from .randomness import condition_labels
 from .stats import mean_se
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -147,9 +148,7 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
     for _ in range(cfg.eval_draws):
         n = len(eval_data)
         t = torch.randint(0, T, (n,), generator=g)
-        y = eval_data.labels.clone()
-        if unconditional:
-            y = torch.full_like(y, spec.num_classes)
+        y = condition_labels(eval_data.labels, spec.num_classes, 0.0, unconditional, g)  # held out: no dropout
         draws.append(tuple(x.to(device) for x in (eval_data.images, y, t,
                                                    torch.randn(eval_data.images.shape, generator=g))))
     base_loss = _heldout_loss(model, draws)
