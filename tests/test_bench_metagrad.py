@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from noiserater.commands.bench_metagrad import goal_lines, markdown_table, run_child
+from noiserater.bench.metagrad import goal_lines, markdown_table, run_child
 
 TINY = {"model": "DiT-N/2", "rater": "Rater-N/2", "image_size": 8, "channels": 1, "batch": 2, "candidates": 2,
         "inner_optimizer": "sgd", "inner_lr": 0.01, "repeats": 1, "threads": 1, "device": "cpu", "seed": 0}
@@ -22,8 +22,8 @@ def _one_thread():
 
 
 class _KnownClock:
-    """Stands in for the ``time`` module inside bench_metagrad: each timed call lasts the next of the given
-    CPU and wall durations."""
+    """Stands in for the ``time`` module of the benchmarks' clock (:func:`noiserater.bench.common.time_call`):
+    each timed call lasts the next of the given CPU and wall durations."""
 
     def __init__(self, cpu, wall):
         self._cpu = iter(x for d in cpu for x in (0.0, d))
@@ -41,11 +41,12 @@ def test_child_record_against_a_known_clock_and_an_independent_meta_gradient(mon
     wall 1, 3, 2 s), per inner step over S=2; its meta-gradient norm is the one plain autograd through the
     unrolled inner steps gives on the same model, rater and batches; its peak memory holds at least the
     meta-gradient it returns (one float32 per rater parameter)."""
-    from noiserater.commands import bench_metagrad as bm
+    from noiserater.bench import common
+    from noiserater.bench import metagrad as bm
     from noiserater.meta import meta_gradient
 
     cfg = {**TINY, "method": "reverse", "inner_steps": 2, "repeats": 3}
-    monkeypatch.setattr(bm, "time", _KnownClock(cpu=[0.5, 0.2, 0.9], wall=[1.0, 3.0, 2.0]))
+    monkeypatch.setattr(common, "time", _KnownClock(cpu=[0.5, 0.2, 0.9], wall=[1.0, 3.0, 2.0]))
     rec = run_child(cfg)
     assert rec["method"] == "reverse" and rec["inner_steps"] == 2
     assert rec["time_s"] == pytest.approx(0.5) and rec["wall_time_s"] == pytest.approx(2.0)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from noiserater.cli import main
-from noiserater.commands import bench_selection as bs
+from noiserater.bench import selection as bs
 from noiserater.models import build_rater
 
 

@@ -4,14 +4,18 @@
 - bf16 autocast: ``TrainConfig.amp`` (:func:`autocast`).
 - ``torch.compile``: ``TrainConfig.compile`` (off by default; never on the meta-gradient path, which
   needs double backward).
-- fused AdamW on CUDA and CPU: chosen by :func:`noiserater.train.train`.
+- fused AdamW on CUDA and CPU: :func:`noiserater.train.make_adamw`.
 - gradient checkpointing: ``DiT.grad_checkpointing`` / ``TrainConfig.grad_checkpointing``
   (:func:`noiserater.models.dit.checkpointed`, exact gradients, also under ``functional_call``).
 - pinned host memory for latent-cache batches: :class:`noiserater.data.latents.MemmapRows`.
+
+:func:`machine_info` describes the machine in every benchmark record (:mod:`noiserater.bench`).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from contextlib import nullcontext
 
 import torch
@@ -32,9 +36,6 @@ def autocast(device: torch.device | str, enabled: bool):
 def machine_info(device: str | torch.device | None = None) -> dict:
     """What a benchmark record needs to be read later: platform, Python, torch, threads, CPU model, the
     GPU name on CUDA, and the load average when the benchmark started (a busy machine reads slower)."""
-    import os
-    import platform
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
