@@ -18,10 +18,13 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_reliability.py", "tests/test_fuzz.py"]
@@ -71,8 +74,6 @@ def main() -> int:
         start = datetime.datetime.now()
         proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout, capture_output=True, text=True)
         seconds = (datetime.datetime.now() - start).total_seconds()
-        import re
-
         outcome = [s for s in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed)", s)]
         tail = outcome[-1].strip(" =") if outcome else ""
         print(proc.stdout[-3000:])
@@ -81,8 +82,6 @@ def main() -> int:
             print(f"tests failed ({tail}); {args.out} not updated", file=sys.stderr)
             return 1
         raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    import torch
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     report = {
         "generated": start.isoformat(timespec="seconds"),

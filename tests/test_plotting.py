@@ -5,6 +5,7 @@ write figures only where told."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ def captured(monkeypatch):
         return out
 
     monkeypatch.setattr(plotting, "savefig", spy)
+    for module in list(sys.modules.values()):  # the modules that imported it by name (from .plotting import savefig)
+        if getattr(module, "__name__", "").startswith("noiserater.") and getattr(module, "savefig", None) is real:
+            monkeypatch.setattr(module, "savefig", spy)
     return figs
 
 

@@ -104,10 +104,10 @@ def test_reproduce_rejects_a_bad_setting_with_a_clear_message(tmp_path):
 def test_a_signal_during_a_stage_stops_the_study_without_recording_the_stage(tmp_path, monkeypatch):
     """train() returns interrupted=True after saving on SIGTERM: the study must stop, not evaluate and
     record a half-trained run as done; the same command then resumes it."""
-    import noiserater.train as train_mod
+    import noiserater.experiments as experiments
     from noiserater.experiments import StudyInterrupted, get_preset, pretrain
 
-    real = train_mod.train
+    real = experiments.train
     calls = {"n": 0}
 
     def stop_once(cfg, resume=False):
@@ -117,7 +117,7 @@ def test_a_signal_during_a_stage_stops_the_study_without_recording_the_stage(tmp
             out = {**out, "interrupted": True, "signal": 15}
         return out
 
-    monkeypatch.setattr(train_mod, "train", stop_once)
+    monkeypatch.setattr(experiments, "train", stop_once)  # where pretrain looks it up
     p = get_preset("digits-quick", model="DiT-N/2", batch_size=8)
     with pytest.raises(StudyInterrupted, match="signal 15"):
         pretrain(p, tmp_path, p.model, 4, [2, 4], log=lambda m: None)

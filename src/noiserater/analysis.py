@@ -30,10 +30,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, load_rater, write_json
-from .config import ConfigError, MissingFileError, require
+from .config import ConfigError, MissingFileError, from_dict, load_yaml, require
 from .data import load_dataset
+from .meta.train import MetaTrainConfig, metatrain
+from .models import DiTSpec
+from .plotting import figure, label_axes, legend, savefig
+from .selection import SelectionPolicy, draw_candidates
 
 NUM_TIMESTEPS = 1000
 
@@ -56,7 +61,7 @@ def integer_timesteps(normalized: list[float], num_timesteps: int = NUM_TIMESTEP
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of ``a`` with the same row of ``b`` ([..., M] -> [...]); average
     ranks for ties; NaN where either row is constant."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # scipy.stats takes ~1 s to import: cli.py loads this module (via experiments) for every command
 
     ra = rankdata(np.asarray(a, np.float64), axis=-1)
     rb = rankdata(np.asarray(b, np.float64), axis=-1)
@@ -91,8 +96,6 @@ def rater_statistics(rater: torch.nn.Module, images: torch.Tensor, labels: torch
     score_mean = np.empty((n, len(ts)))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n * len(ts), desc="scoring", unit="img*t", dynamic_ncols=True, leave=False)
     for i in range(0, n, batch_size):
         x0 = images[i:i + batch_size].to(device)
@@ -125,8 +128,6 @@ def policy_agreement(score_fn: Callable[..., torch.Tensor], images: torch.Tensor
     ``draws`` times with new candidates and a uniform integer timestep. Chance agreement is 1/k; a rater
     that agrees with ``max_norm`` far above chance acts as a norm filter, one near chance with every
     heuristic selects by something else. Returns {policy: fraction, 'chance': 1/k, 'n': picks}."""
-    from .selection import SelectionPolicy, draw_candidates
-
     g = torch.Generator().manual_seed(seed)
     x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
     t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), generator=g)
@@ -193,8 +194,6 @@ def _style_stat_axis(ax, key: str) -> None:
 
 def plot_by_t(stats: dict[str, np.ndarray], out: Path, title: str = "", num_noises: int | None = None) -> list[Path]:
     """mean Spearman vs t, score std vs t (mean and inter-quartile band) and violins per t (paper Fig. 2)."""
-    from .plotting import figure, label_axes, legend, savefig
-
     t = stats["timesteps"]
     paths = []
     context = f" ({title})" if title else ""
@@ -228,8 +227,6 @@ def plot_by_stage(stage_steps: list[int], per_stage: list[dict[str, np.ndarray]]
                   num_noises: int | None = None) -> list[Path]:
     """Violins of the per-(image, t) statistics pooled over t, one per training stage (paper Fig. 3), and
     mean-by-t curves, one line per stage."""
-    from .plotting import figure, label_axes, legend, savefig
-
     n = per_stage[0]["spearman"].shape[0] if per_stage else 0
     stage_note = ("Stage: the diffusion training step of the checkpoint the rater was meta-trained on (and scored "
                   "with). ")
@@ -306,8 +303,6 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
     rstate = load_checkpoint(cfg.rater, kind="rater")
     dcfg, expect, ckpt_step = {}, None, None
     if cfg.checkpoint:
-        from .models import DiTSpec
-
         dstate = load_checkpoint(cfg.checkpoint, kind="diffusion")
         dcfg = dstate.get("config", {}) or {}
         expect = DiTSpec(**dstate["spec"])
@@ -337,8 +332,6 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
         "pooled": {"spearman": summarize(stats["spearman"]), "score_std": summarize(stats["score_std"])},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    from .selection import SelectionPolicy
-
     scorer = SelectionPolicy("rater", 4, rater.to(device))
     summary["agreement_k4"] = policy_agreement(
         lambda x, t, y, c: scorer.scores(x.to(device), t.to(device), y.to(device), c.to(device)),
@@ -376,9 +369,6 @@ def metatrain_rater_factory(outer_steps: int = 50, rater: str = "Rater-T/2", met
     checkpoint, run folder, rater and outer steps given here win. The run resumes if interrupted."""
 
     def factory(checkpoint: str, folder: Path) -> str:
-        from .config import from_dict, load_yaml
-        from .meta.train import MetaTrainConfig, metatrain
-
         given = {"checkpoint": str(checkpoint), "run_dir": str(folder / "metatrain"), "rater": rater,
                  "outer_steps": outer_steps, "progress": progress, **overrides}
         cfg = load_yaml(MetaTrainConfig, meta_config, given) if meta_config else from_dict(MetaTrainConfig, given)
@@ -505,7 +495,7 @@ def read_loss_log(path: str | os.PathLike, key: str = "loss") -> tuple[np.ndarra
 
 def smooth_loss(losses: np.ndarray, window: int) -> np.ndarray:
     """Centred rolling mean over ``window`` logged steps (shorter windows at the ends)."""
-    import pandas as pd
+    import pandas as pd  # ~0.4 s to import: cli.py loads this module (via experiments) for every command
 
     if window < 1:
         raise ConfigError(f"smoothing window must be >= 1, got {window}")

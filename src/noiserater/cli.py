@@ -37,6 +37,7 @@ class _Group(click.Group):
             _exit_one_line(e.format_message(), e.exit_code)
 
     def invoke(self, ctx):
+        # torch and the pipelines load here, not at the top: `noiserater --version` and `--help` stay fast
         from .errors import USER_ERRORS
         from .experiments import StudyInterrupted
 
@@ -52,7 +53,7 @@ class _Group(click.Group):
 
 
 def _exit_one_line(message: object, code: int) -> None:
-    from .errors import one_line
+    from .errors import one_line  # imports torch (via checkpoint): kept off `noiserater --version`'s path
 
     click.echo(f"error: {one_line(message)}", err=True)
     sys.exit(code)

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 from .config import ConfigError
 
 
@@ -120,8 +121,6 @@ def ddim_sample(
     ts = ddim_timesteps(diffusion.num_timesteps, steps)
     iterator = ts
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(ts, desc="DDIM", leave=False)
     try:
         for i, t in enumerate(iterator):

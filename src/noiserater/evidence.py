@@ -28,14 +28,17 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import write_json
+from .checkpoint import atomic_write_text, load_diffusion, write_json
 from .config import ConfigError, from_dict, require
+from .data import load_dataset
 from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
 from .experiments import copy_checkpoint, finished, fixed_triple_losses, run_stage, sample_metrics
+from .meta.train import MetaTrainConfig, metatrain
 from .provenance import version_info
 from .report import median_throughput
 from .selection import dit_passes, equal_cost_control
+from .train import TrainConfig, train
 
 
 @dataclass
@@ -117,9 +120,6 @@ def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_frac
     """Epsilon loss of a checkpoint's EMA weights on fixed (test image, timestep, noise) triples (the same
     for every arm and seed, :func:`noiserater.experiments.fixed_triple_losses`): the mean and the mean
     per timestep band of ``BANDS``."""
-    from .data import load_dataset
-    from .checkpoint import load_diffusion
-
     model, _, _ = load_diffusion(checkpoint)
     model.eval()
     test = load_dataset(data, "test", seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
@@ -144,8 +144,6 @@ def _split_kw(p: EvidencePreset) -> dict[str, Any]:
 
 def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
     """Pretrain the DiT with the study's splits; a checkpoint per stage (segments resume bit-exactly)."""
-    from .train import TrainConfig, train
-
     def fn(folder: Path) -> dict:
         ckpts = {}
         for s in sorted(set(p.stages) | {p.pretrain_steps}):
@@ -168,8 +166,6 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
 def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str, log=print) -> str:
     """Meta-train the ``kind`` ('bilevel' or 'distill') rater on the frozen stage checkpoint; returns the
     best rater by the held-out meta-validation (path relative to the study root)."""
-    from .meta.train import MetaTrainConfig, metatrain
-
     steps = p.bilevel_outer_steps if kind == "bilevel" else p.distill_outer_steps
 
     def fn(folder: Path) -> dict:
@@ -195,8 +191,6 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
 def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed: int, rater: str | None,
             log=print) -> dict:
     """Continue the stage checkpoint with one arm and seed, then evaluate it on the test split."""
-    from .train import TrainConfig, train
-
     policy, uses_k, extra, _ = ARMS[arm]
     k = p.k if uses_k else 1
     folder = root / f"stage-{stage}" / "runs" / arm / f"seed{seed}"
@@ -256,6 +250,4 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
 
 
 def _write_results(root: Path, rows: list[dict]) -> None:
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(root / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))

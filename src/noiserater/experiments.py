@@ -30,10 +30,14 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import RunDirError, write_json
+from .analysis import StagesConfig, analyze_stages, match_stage
+from .checkpoint import RunDirError, load_diffusion, write_json
 from .data import load_dataset
 from .diffusion import GaussianDiffusion, per_sample_loss
+from .evaluate import EvalConfig, evaluate_checkpoint
+from .meta.train import MetaTrainConfig, metatrain
 from .presets import PRESETS, ReproducePreset, get_preset  # defined there, still importable from here
+from .train import TrainConfig, train
 
 
 # ---- stages ------------------------------------------------------------------------------------------
@@ -150,8 +154,6 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
                  split_seed: int = 0, batch: int = 512) -> float:
     """Diffusion loss of a checkpoint's EMA weights on fixed triples of the first ``num_images`` images of
     the validation split (by ``split_seed``), see :func:`fixed_triple_losses`."""
-    from .checkpoint import load_diffusion
-
     model, spec, _ = load_diffusion(checkpoint)
     model.eval()
     val = load_dataset(data_source, "val", seed=split_seed)
@@ -163,8 +165,6 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
 
 def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path) -> dict:
     """Classifier-FID, precision, recall and class accuracy of EMA samples (fixed seed: repeatable)."""
-    from .evaluate import EvalConfig, evaluate_checkpoint
-
     if preset.eval_samples <= 0:
         return {}
     cfg = EvalConfig(checkpoint=checkpoint, num_samples=preset.eval_samples, steps=preset.eval_ddim_steps,
@@ -192,8 +192,6 @@ def _stage_settings(preset: ReproducePreset, key: str) -> dict[str, Any]:
 
 def _train_cfg(preset: ReproducePreset, **kw):
     """A TrainConfig for one stage: the preset's ``train`` settings, then the plan's own values (``kw``) win."""
-    from .train import TrainConfig
-
     # the protocol's runs keep the EMA without warmup they were published with (a preset may say otherwise)
     return TrainConfig(**{"ema_warmup": False, **_stage_settings(preset, "train"), "progress": False,
                           "tensorboard": False, **kw})
@@ -208,8 +206,6 @@ def pretrain_config(preset: ReproducePreset, folder: Path, model: str, steps: in
 
 def metatrain_config(preset: ReproducePreset, folder: Path, checkpoint: str, ablation: str = "full"):
     """The MetaTrainConfig of one rater: the preset's ``metatrain`` settings, the plan's values win."""
-    from .meta.train import MetaTrainConfig
-
     plan = dict(checkpoint=checkpoint, data=preset.data, run_dir=str(folder / "run"), rater=preset.rater,
                 ablation=ablation, outer_steps=preset.meta_outer_steps, inner_steps=preset.meta_inner_steps,
                 candidates=preset.meta_candidates, inner_lr=preset.meta_inner_lr or "auto", lr=preset.meta_lr,
@@ -230,8 +226,6 @@ def under(path: str | Path, root: Path) -> str:
 def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
     """Pretrain ``model`` up to ``steps`` in segments, keeping a checkpoint at each of ``stages``. The
     returned paths are relative to ``root`` (resolve them with :func:`under`)."""
-    from .train import train
-
     def fn(folder: Path) -> dict:
         ckpts = {}
         for s in sorted(set(stages) | {steps}):
@@ -257,8 +251,6 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
 
     Results land in ``root/runs/<table>/<label>/seed<s>/stage.json``; ``variant`` prefixes the label
     (e.g. the rater ablation)."""
-    from .train import train
-
     label = "vanilla" if policy == "vanilla" else f"{policy} k={k}"
     label = f"{variant}: {label}" if variant else label
     folder = root / "runs" / table / label.replace(" ", "_").replace(":", "").replace("=", "") / f"seed{seed}"
@@ -293,8 +285,6 @@ def continuation(preset: ReproducePreset, root: Path, table: str, init: str, pol
 def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint: str, ablation: str = "full",
                      log=print) -> str:
     """Meta-train one rater on a frozen checkpoint (paper stage ii); returns the rater checkpoint path."""
-    from .meta.train import metatrain
-
     def fn(folder: Path) -> dict:
         summary = finished(metatrain(metatrain_config(preset, folder, under(checkpoint, root), ablation), resume=True),
                            str(folder))
@@ -312,8 +302,6 @@ def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], 
     """What the raters learned (paper Fig. 2-3): Spearman(score, noise norm), score spread and agreement with
     the heuristic policies, by timestep and across the pretraining stages; ``raters`` maps diffusion
     checkpoint -> its rater."""
-    from .analysis import StagesConfig, analyze_stages
-
     absolute = {under(c, root): under(r, root) for c, r in raters.items()}
 
     def fn(folder: Path) -> dict:
@@ -330,7 +318,7 @@ def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], 
 
 def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     """Run the whole protocol for ``preset`` under ``out`` (resumable), then write the report."""
-    from .report import write_report
+    from .report import write_report  # pandas + scipy (~1.4 s): cli.py imports this module for every command
 
     preset.validate()
     root = Path(out)
@@ -365,8 +353,6 @@ def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
                 continuation(preset, root, f"stage-{stage}", ckpts[str(stage)], policy, k, seed, rr, log=log)
     analyze_raters(preset, root, {ckpts[str(s)]: r for s, r in stage_raters.items()} | {base: main_rater}, log)
     if preset.transfer_model:  # Table 4: the frozen small-model rater on a larger backbone
-        from .analysis import match_stage
-
         grid = sorted({max(1, preset.transfer_steps * i // 20) for i in range(1, 21)})
         big = pretrain(preset, root, preset.transfer_model, preset.transfer_steps, grid, log)
         # Losses are logged every 10 steps: windows of 20 logged steps = 200 optimiser steps.

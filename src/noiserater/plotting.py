@@ -19,6 +19,9 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__
+from .checkpoint import atomic_write_bytes
+
 __all__ = ["FONT", "LEGEND_FONT", "TITLE_FONT", "CAPTION_FONT", "DPI", "POLICY_COLORS", "axis_label", "figure",
            "label_axes", "legend", "policy_color", "savefig", "wrap"]
 
@@ -51,6 +54,7 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 5.5, height: float = 3
            sharey: bool = False) -> tuple[Any, list]:
     """A Figure on an Agg canvas and its axes (a flat list); ``width``/``height`` are per panel, in inches.
     ``title`` is the figure's full title, wrapped to the figure width."""
+    # matplotlib (~0.5 s) only when a figure is drawn: training processes import this module
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,10 +132,6 @@ def legend(ax, *, outside: bool | None = None, title: str | None = None, **kw):
 def savefig(fig, path: str | Path, caption: str | Sequence[str] | None = None, dpi: int = DPI) -> Path:
     """Write ``fig`` as PNG to ``path`` (parent folders created, written atomically: temp file + rename) with a
     tight bounding box, and an optional caption under the axes (what the points, bars, bands are)."""
-    from .checkpoint import atomic_write_bytes
-
-    from . import __version__
-
     path = Path(path)
     text = "" if not caption else caption if isinstance(caption, str) else " ".join(caption)
     if text:

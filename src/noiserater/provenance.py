@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,6 @@ def _dist_version(name: str) -> str | None:
 def version_info() -> dict[str, Any]:
     """``{"noiserater": "0.1.0", "git_commit": "<sha>[+dirty]" or None, "torch": "2.13.0" or None}``: a
     JSON-serialisable record of the code that produced a result."""
-    import sys
-
     torch_mod = sys.modules.get("torch")
     torch_version = getattr(torch_mod, "__version__", None) if torch_mod is not None else _dist_version("torch")
     return {"noiserater": __version__, "git_commit": git_commit(), "torch": None if torch_version is None else str(torch_version)}

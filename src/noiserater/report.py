@@ -14,6 +14,8 @@ import pandas as pd
 from scipy import stats
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, write_json
+from .config import ConfigError
+from .plotting import figure, label_axes, legend, policy_color, savefig
 from .presets import paper_table
 from .provenance import version_info, version_line
 
@@ -195,8 +197,6 @@ METRIC_AXES = {  # metric -> (what it is, for the title; axis label; unit; lower
 def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str, metric_name: str | None = None) -> None:
     """Mean and 95% t-interval over seeds of ``metric`` per policy/k (points with error bars: the axis need
     not start at 0, which bars would imply), vanilla's mean as a dashed line; the caption says what is shown."""
-    from .plotting import figure, label_axes, policy_color, savefig
-
     if f"{metric}_mean" not in summary:
         return
     name, axis, unit, lower = METRIC_AXES.get(metric, (metric, metric, None, False))
@@ -235,8 +235,6 @@ def plot_summary(summary: pd.DataFrame, metric: str, path: Path, title: str, met
 def plot_loss_curves(df: pd.DataFrame, table: str, path: Path) -> None:
     """Training loss against continuation step, mean over seeds, one line per policy/k. The caption warns that
     the selection policies' training loss is on their selected noise and is not comparable to vanilla's."""
-    from .plotting import figure, label_axes, legend, policy_color, savefig
-
     runs = df[df["table"] == table]
     many = runs["label"].nunique() > 6  # legend to the right of the axes: make room for it
     fig, (ax,) = figure(width=9.5 if many else 6.5, height=3.8, title=(
@@ -335,8 +333,6 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, headline_k
     else:  # an explicit k that the study never ran would silently drop the headline
         ran = sorted({int(k) for k in df.loc[(df["table"] == "main") & (df["policy"] == "rater"), "k"]})
         if ran and headline_k not in ran:
-            from .config import ConfigError
-
             raise ConfigError(f"invalid k (flag --candidates): the study has rater runs at k = {ran}, not {headline_k}")
     parts = [f"# NoiseRater reproduction report: {info.get('preset', root.name)}", "",
              f"Written by {version_line()}.", ""]

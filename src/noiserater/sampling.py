@@ -11,9 +11,11 @@ import os
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, load_diffusion
 from .config import ConfigError
+from .data.latents import LatentDecoder
 from .diffusion import GaussianDiffusion, ddim_sample
 
 
@@ -91,8 +93,6 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
     outs = []
     starts = range(0, num, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True, leave=False)
     for i in starts:
         yy = y[i:i + batch_size].to(device)
@@ -102,7 +102,5 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
                                 cfg_scale=1.0 if uncond else cfg_scale, clip=spec.in_channels in (1, 3)).cpu())
     samples = torch.cat(outs) if outs else noise[:0]
     if latent and decode:
-        from .data.latents import LatentDecoder
-
         samples = LatentDecoder.from_recorded(latent["vae"], vae, device).decode(samples, min(batch_size, 32))
     return samples, y

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 import typing
 from typing import Any, Callable
 
@@ -18,8 +20,6 @@ class FiniteFloat(click.FloatRange):
     name = "finite float"
 
     def convert(self, value, param, ctx):
-        import math
-
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
             self.fail(f"{rv} is not a finite number", param, ctx)
@@ -37,8 +37,6 @@ def _flag_of(name: str, flags: dict[str, str] | None = None) -> str:
 
 def _name_the_flag(message: str, names: list[str], from_file: bool, flags: dict[str, str] | None = None) -> str:
     """A ConfigError message that names a config key, with the command-line flag of that key appended."""
-    import re
-
     m = re.match(r"(?:invalid |unknown config key )'?([A-Za-z_][A-Za-z0-9_]*)'?", message)
     key = m.group(1) if m else next((n for n in names if re.search(rf"\b{n}\b", message)), None)
     if key in names and _flag_of(key, flags) not in message:

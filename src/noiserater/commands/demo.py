@@ -16,7 +16,11 @@ from pathlib import Path
 
 import click
 
+from ..checkpoint import atomic_write_text
+from ..experiments import get_preset, reproduce
 from ..presets import paper_table
+from ..report import format_mean_ci, format_vs_vanilla, load_results
+from ..sampling import sample_from_checkpoint, save_grid
 from .reproduce import SET_HELP, study_overrides
 
 DEMO_PRESET = "digits-quick"
@@ -48,18 +52,12 @@ def run_demo(out_dir: str | Path = "demo", *, preset: str = DEMO_PRESET, sample_
 
     Running it again continues an interrupted demo; finished stages are skipped.
     """
-    from ..experiments import get_preset, reproduce
-    from ..report import format_mean_ci, format_vs_vanilla, load_results
-    from ..sampling import sample_from_checkpoint, save_grid
-
     p = get_preset(preset, **overrides)
     t0 = time.perf_counter()
     result = reproduce(p, out_dir, log=log)
     out = Path(out_dir)
     report = Path(result["report"])
     if preset == DEMO_PRESET and not report.read_text().startswith("> **Smoke test"):
-        from ..checkpoint import atomic_write_text
-
         atomic_write_text(report, SMOKE_TEST_BANNER + report.read_text())
     main = json.loads((out / "report.json").read_text())["tables"].get("main", [])
     runs = load_results(out)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from ..config import MissingFileError
 from ..report import write_report
 from ._options import deprecated_alias
 
@@ -18,10 +21,6 @@ from ._options import deprecated_alias
                    "study's headline_k (4).")
 def command(run_dir: str, out: str | None, k: int | None) -> None:
     """Tables with mean, std and 95% intervals over seeds, paired tests vs vanilla, cost ratios, plots."""
-    from pathlib import Path
-
-    from ..config import MissingFileError
-
     if not any(Path(run_dir).glob("runs/**/stage.json")):
         raise MissingFileError(f"no finished continuation runs under {run_dir}/runs; run `noiserater reproduce` "
                                "first (or pass the folder it wrote)")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
 
 from ..checkpoint import atomic_write_bytes
+from ..run.distributed import resolve_device
 from ..sampling import sample_from_checkpoint, save_grid
 from ._options import SEED, FiniteFloat, deprecated_alias
 
@@ -40,8 +40,6 @@ from ._options import SEED, FiniteFloat, deprecated_alias
               help="Device: auto (CUDA when available), cpu, cuda or cuda:N.")
 def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size, vae, device) -> None:
     """Draw samples with DDIM (eta=0) and classifier-free guidance (latents are decoded with the VAE)."""
-    from ..run.distributed import resolve_device
-
     samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size,
                                         device=resolve_device(device), vae=vae)
     out = Path(out)

@@ -12,11 +12,15 @@ Small datasets live in memory as tensors: a training step indexes them directly,
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .latents import load_latent_cache
 from .types import IMAGE_EXTENSIONS, DatasetError, ImageData  # defined there, still importable from here
@@ -31,15 +35,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     The file is read directly: importing scikit-learn itself takes seconds, which every training process
     (and every torchrun worker) would pay.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("sklearn")
     csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if csv is not None and csv.is_file():
         raw = np.loadtxt(csv, delimiter=",", dtype=np.float64)
         return raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(np.int64)
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # seconds to import: only when the CSV is not found
     except ImportError:
         raise DatasetError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
     d = load_digits()
@@ -53,9 +55,6 @@ def load_digits_data() -> ImageData:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    import math
-    import zlib
-
     try:
         with gzip.open(path, "rb") as f:
             data = f.read()
@@ -100,8 +99,6 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> ImageDa
 
 def load_image_folder(root: str | os.PathLike) -> ImageData:
     """ImageFolder: ``root/<class>/<image>``; classes sorted by name. All images must share one size."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a directory; pass --data PATH to a folder of class subfolders")

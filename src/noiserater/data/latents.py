@@ -30,13 +30,17 @@ import json
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from ..checkpoint import UnverifiedFileWarning, atomic_write_text
 from .types import IMAGE_EXTENSIONS, DatasetError, ImageData
 
 CACHE_FORMAT = "noiserater-latent-cache"
@@ -212,8 +216,6 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
 
 def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     """An RGB image center-cropped to a square and resized to ``resolution`` (bicubic, antialiased): uint8 HWC."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -272,8 +274,6 @@ def data_sha256(path: str | os.PathLike, block_bytes: int = DATA_HASH_BLOCK) -> 
     if len(starts) == 1:
         blocks = [one(0)]
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1, 16)) as pool:
             blocks = list(pool.map(one, starts))
     return {"size": size, "block_bytes": block_bytes, "blocks": blocks}
@@ -324,8 +324,6 @@ def read_header(cache: str | os.PathLike) -> dict:
         if version >= 2:
             raise LatentCacheError(f"{path} is damaged: it has no {HEADER_HASH_KEY}, which every version-{version} "
                                    "header carries; rerun cache-latents into a new folder")
-        from ..checkpoint import UnverifiedFileWarning
-
         warnings.warn(f"latent cache {cache} has no content hashes (written by an older noiserater): damage to it "
                       "cannot be detected; rerun cache-latents into a new folder to add them", UnverifiedFileWarning,
                       stacklevel=2)
@@ -336,8 +334,6 @@ def read_header(cache: str | os.PathLike) -> dict:
 
 
 def _write_header(cache: Path, header: dict) -> None:
-    from ..checkpoint import atomic_write_text
-
     header.pop(HEADER_HASH_KEY, None)
     header["version"] = CACHE_VERSION
     header["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -433,8 +429,6 @@ def cache_latents(
         if out.exists() and any(out.iterdir()):
             raise LatentCacheError(f"--out {out} exists and is not a latent cache; choose an empty or new folder")
         out.mkdir(parents=True, exist_ok=True)
-        from ..checkpoint import atomic_write_text
-
         atomic_write_text(out / FILES_NAME, "".join(f + "\n" for f in files))
         mm = np.lib.format.open_memmap(data_path, mode="w+", dtype=rdt, shape=(len(files) * copies,))
         mm.flush()
@@ -465,8 +459,6 @@ def cache_latents(
                                          persistent_workers=False)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(files), initial=start, unit="img", desc="cache-latents", dynamic_ncols=True)
     done, last_header = start, time.perf_counter()
     labels_np = np.asarray(labels, dtype=np.int64)

@@ -7,6 +7,7 @@ classifier-free guidance in :mod:`noiserater.diffusion` is applied to all channe
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +15,8 @@ import torch.nn as nn
 import torch.func
 import torch.utils.checkpoint
 
+from ..checkpoint import CheckpointError, load_state_dict_checked, safe_torch_load
+from ..config import ConfigError
 from .layers import (
     Attention,
     LabelEmbedder,
@@ -25,7 +28,6 @@ from .layers import (
     modulate,
     sincos_pos_embed_2d,
 )
-from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -245,10 +247,6 @@ def load_reference_dit(path: str, name: str = "DiT-XL/2", *, image_size: int = 2
     ``image_size`` is the pixel resolution; the latent input size is image_size // 8 with 4 channels.
     Loading uses ``weights_only=True``: no code in the file is executed.
     """
-    from ..checkpoint import CheckpointError, safe_torch_load
-
-    import argparse
-
     # DiT's own training checkpoints also hold ``args`` (an argparse.Namespace): allow just that class.
     state = safe_torch_load(path, "DiT checkpoint", allowed_globals=(argparse.Namespace,))
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
@@ -257,8 +255,6 @@ def load_reference_dit(path: str, name: str = "DiT-XL/2", *, image_size: int = 2
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a DiT state dict (a mapping of parameter names to tensors)")
-    from ..checkpoint import load_state_dict_checked
-
     model = build_dit(name, input_size=image_size // 8, in_channels=4, num_classes=num_classes, learn_sigma=True)
     load_state_dict_checked(model, state, f"{path} (loaded as {name} at {image_size}px; check the model name and image size)")
     return model
