@@ -34,13 +34,6 @@ class GaussianDiffusion:
         a = self._coef(self.alphas_cumprod, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
-
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a = self._coef(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
 
 def epsilon_prediction(output: torch.Tensor, channels: int) -> torch.Tensor:
     """The epsilon part of a model output (first C channels when sigma is learned)."""

@@ -172,7 +172,7 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        check_model_inputs(x, t, y, self.in_channels, self.input_size, self.num_classes, "DiT")
+        check_model_inputs(x, t, y, self.in_channels, self.input_size, "DiT")
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:

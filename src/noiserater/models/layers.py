@@ -161,7 +161,7 @@ class LabelEmbedder(nn.Module):
 
 
 def check_model_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, channels: int, size: int,
-                       num_classes: int, name: str) -> None:
+                       name: str) -> None:
     """Shape checks with messages that say what was expected (cheap; avoids deep torch errors)."""
     if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != size or x.shape[3] != size:
         raise ValueError(f"{name} expects images [B,{channels},{size},{size}], got {list(x.shape)}")

@@ -248,7 +248,7 @@ class NoiseRater(nn.Module):
 
     def forward(self, eps: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        check_model_inputs(eps, t, y, s.in_channels, s.input_size, s.num_classes, f"rater {s.name} (eps)")
+        check_model_inputs(eps, t, y, s.in_channels, s.input_size, f"rater {s.name} (eps)")
         if x0.shape != eps.shape:
             raise ValueError(f"rater expects x0 and eps of the same shape, got {list(x0.shape)} and {list(eps.shape)}")
         return self._score(eps, t, x0, y, 1)
@@ -256,7 +256,7 @@ class NoiseRater(nn.Module):
     def score_candidates(self, eps: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """eps [B,K,C,H,W] -> scores [B,K] (one batched forward)."""
         s = self.spec
-        check_model_inputs(x0, t, y, s.in_channels, s.input_size, s.num_classes, f"rater {s.name} (x0)")
+        check_model_inputs(x0, t, y, s.in_channels, s.input_size, f"rater {s.name} (x0)")
         if eps.dim() != 5 or eps.shape[0] != x0.shape[0] or eps.shape[2:] != x0.shape[1:]:
             raise ValueError(
                 f"score_candidates expects eps [B,K,C,H,W] matching x0 {list(x0.shape)}, got {list(eps.shape)}"
