@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from ..evaluate import EvalConfig, _run_dir_of, evaluate_checkpoint, summary_table
+from ..evaluate import EvalConfig, evaluate_checkpoint, summary_table
 from ._options import config_options, deprecated_alias
 
 EVAL_HELP = {
@@ -70,5 +69,4 @@ def command(cfg: EvalConfig, as_json: bool) -> None:
     if acc is not None:
         click.echo(f"classifier test accuracy: {acc:.4f}")
     if cfg.record:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else _run_dir_of(cfg.checkpoint)
-        click.echo(f"appended {len(records)} record(s) to {run_dir / 'eval.jsonl'}")
+        click.echo(f"appended {len(records)} record(s) to {cfg.record_dir() / 'eval.jsonl'}")
