@@ -161,3 +161,19 @@ def test_table_titles_use_the_papers_numbers_for_the_study_folders():
     assert table_title("transfer").startswith("Table 4: the frozen rater transferred")
     assert table_title("stage-300").startswith("Table 5: rater meta-trained at pretraining step 300")
     assert table_title("something-else") == "something-else"
+
+
+def test_run_metrics_keeps_step_records_with_a_loss(tmp_path):
+    """The report reads a run's metrics.jsonl through run.folder.read_metrics: events, evaluations without a
+    loss and a line cut by a crash are left out; a missing log gives no records."""
+    from noiserater.report import median_throughput, run_metrics
+
+    ckpt = tmp_path / "run" / "checkpoints" / "latest.pt"
+    ckpt.parent.mkdir(parents=True)
+    lines = [{"step": 10, "loss": 0.5, "images_per_s": 100.0}, {"step": 10, "event": "resume", "loss": 0.1},
+             {"step": 20, "eval": {"x": 1}}, {"step": 20, "loss": 0.4, "images_per_s": 300.0},
+             {"step": 30, "loss": 0.3, "images_per_s": 200.0}]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4')
+    assert [r["step"] for r in run_metrics(ckpt)] == [10, 20, 30]
+    assert median_throughput(ckpt) == 250.0  # first window dropped
+    assert run_metrics(tmp_path / "nowhere" / "checkpoints" / "latest.pt") == []

@@ -38,6 +38,7 @@ from .data import load_dataset
 from .meta.train import MetaTrainConfig, metatrain
 from .models import DiTSpec
 from .plotting import figure, label_axes, legend, savefig
+from .run.folder import read_metrics
 from .selection import SelectionPolicy, draw_candidates
 
 NUM_TIMESTEPS = 1000
@@ -474,12 +475,8 @@ def read_loss_log(path: str | os.PathLike, key: str = "loss") -> tuple[np.ndarra
     if not path.is_file():
         raise MissingFileError(f"training log {path} not found; pass a run's metrics.jsonl")
     rows: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or "event" in rec or "step" not in rec or key not in rec:
+    for rec in read_metrics(path):
+        if "event" in rec or "step" not in rec or key not in rec:
             continue
         try:
             value = float(rec[key])

@@ -33,7 +33,7 @@ from .config import ConfigError, from_dict, require
 from .data import load_dataset
 from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
-from .experiments import copy_checkpoint, finished, fixed_triple_losses, run_stage, sample_metrics
+from .experiments import copy_checkpoint, finished, fixed_triple_losses, pretrain_segments, run_stage, sample_metrics
 from .meta.train import MetaTrainConfig, metatrain
 from .provenance import version_info
 from .report import median_throughput
@@ -145,18 +145,13 @@ def _split_kw(p: EvidencePreset) -> dict[str, Any]:
 def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
     """Pretrain the DiT with the study's splits; a checkpoint per stage (segments resume bit-exactly)."""
     def fn(folder: Path) -> dict:
-        ckpts = {}
-        for s in sorted(set(p.stages) | {p.pretrain_steps}):
-            dst = folder / f"step_{s:07d}.pt"
-            if not dst.exists():
-                cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
-                                  lr=p.pretrain_lr, seed=1000, log_every=10, sample_every=max(s, 1),
-                                  ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
-                                  **_split_kw(p))
-                finished(train(cfg, resume=True), str(folder))
-                copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
-            ckpts[str(s)] = str(dst.relative_to(root))
-        return {"checkpoints": ckpts}
+        def config_at(s: int) -> TrainConfig:
+            return TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
+                               lr=p.pretrain_lr, seed=1000, log_every=10, sample_every=max(s, 1),
+                               ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
+                               **_split_kw(p))
+
+        return {"checkpoints": pretrain_segments(folder, root, p.stages, p.pretrain_steps, config_at)}
 
     cfg = {"model": p.model, "steps": p.pretrain_steps, "stages": sorted(p.stages), "batch_size": p.batch_size,
            "lr": p.pretrain_lr, **_split_kw(p)}

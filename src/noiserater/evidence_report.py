@@ -18,6 +18,7 @@ from scipy import stats
 from .checkpoint import atomic_write_text
 from .evidence_arms import ARMS, BAND_KEYS
 from .plotting import axis_label, figure, label_axes, savefig
+from .run.folder import METRICS as METRICS_FILE, eval_records
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
@@ -196,8 +197,7 @@ def write_evidence_report(root: str | Path) -> Path:
                     line += (f", best held-out {best.get('metric')} {best.get('value'):.3g} ± {best.get('se'):.2g} "
                              f"at step {best.get('step')}")
                     if best.get("metric") == "rater_advantage":  # its scale: what uniform inner steps gain
-                        evals = [json.loads(x)["eval"] for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()
-                                 if '"eval"' in x] if (folder / "run" / "metrics.jsonl").exists() else []
+                        evals = [r["eval"] for r in eval_records(folder / "run" / METRICS_FILE)]
                         gain = next((e.get("uniform_gain") for e in evals if e.get("uniform_gain")), None)
                         if gain:
                             line += f" (the uniform inner gain is {gain:.3g}: {100 * best['value'] / gain:+.1f}% of it)"

@@ -223,18 +223,27 @@ def under(path: str | Path, root: Path) -> str:
     return str(path) if os.path.isabs(path) else str(Path(root) / path)
 
 
+def pretrain_segments(folder: Path, root: Path, stages: list[int], steps: int,
+                      config_at: Callable[[int], TrainConfig]) -> dict[str, str]:
+    """Train in ``folder/run`` segment by segment up to each of ``stages`` and ``steps`` (``config_at(s)``: the
+    TrainConfig of the segment ending at step s), keeping a copy ``folder/step_XXXXXXX.pt`` of each end
+    checkpoint; a segment whose copy exists is skipped. Segment by segment is bit-exact (tested). Returns
+    {step: copy path relative to ``root``}."""
+    ckpts = {}
+    for s in sorted(set(stages) | {steps}):
+        dst = folder / f"step_{s:07d}.pt"
+        if not dst.exists():
+            finished(train(config_at(s), resume=True), str(folder))
+            copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
+        ckpts[str(s)] = rel_to(dst, root)
+    return ckpts
+
+
 def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
     """Pretrain ``model`` up to ``steps`` in segments, keeping a checkpoint at each of ``stages``. The
     returned paths are relative to ``root`` (resolve them with :func:`under`)."""
     def fn(folder: Path) -> dict:
-        ckpts = {}
-        for s in sorted(set(stages) | {steps}):
-            dst = folder / f"step_{s:07d}.pt"
-            if not dst.exists():
-                cfg = pretrain_config(preset, folder, model, s)
-                finished(train(cfg, resume=True), str(folder))  # segment by segment is bit-exact (tested)
-                copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
-            ckpts[str(s)] = rel_to(dst, root)
+        ckpts = pretrain_segments(folder, root, stages, steps, lambda s: pretrain_config(preset, folder, model, s))
         return {"checkpoints": ckpts, "metrics": rel_to(folder / "run" / "metrics.jsonl", root)}
 
     cfg = {"data": preset.data, "model": model, "steps": steps, "stages": sorted(stages),

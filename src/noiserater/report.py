@@ -18,24 +18,14 @@ from .config import ConfigError
 from .plotting import figure, label_axes, legend, policy_color, savefig
 from .presets import paper_table
 from .provenance import version_info, version_line
+from .run.folder import METRICS as METRICS_FILE, read_metrics
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
 
 
 def run_metrics(checkpoint: str | Path) -> list[dict]:
     """The step records (no events) of the run that wrote ``checkpoint`` (RUN/checkpoints/latest.pt)."""
-    path = Path(checkpoint).parent.parent / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "event" not in rec and "loss" in rec:
-            recs.append(rec)
-    return recs
+    return [r for r in read_metrics(Path(checkpoint).parent.parent / METRICS_FILE) if "event" not in r and "loss" in r]
 
 
 def median_throughput(checkpoint: str | Path) -> float:
