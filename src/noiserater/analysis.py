@@ -42,6 +42,9 @@ from .run.folder import read_metrics
 from .selection import SelectionPolicy, draw_candidates
 
 NUM_TIMESTEPS = 1000
+# An odd prime that mixes (seed, image index) into one generator seed for the candidate noises an analysis
+# scores: neighbouring seeds do not share a stream (for fewer than 1_000_003 images).
+NOISE_SEED_MIX = 1_000_003
 
 
 def normalized_timesteps(count: int = 11) -> list[float]:
@@ -102,7 +105,7 @@ def rater_statistics(rater: torch.nn.Module, images: torch.Tensor, labels: torch
         x0 = images[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(device)
         eps = torch.stack([torch.randn((num_noises, *x0.shape[1:]),
-                                       generator=torch.Generator().manual_seed(seed * 1_000_003 + i + j))
+                                       generator=torch.Generator().manual_seed(seed * NOISE_SEED_MIX + i + j))
                            for j in range(x0.shape[0])]).to(device)
         norms = eps.flatten(2).double().norm(dim=-1).cpu().numpy()
         for ti, t in enumerate(ts):

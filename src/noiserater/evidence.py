@@ -33,7 +33,8 @@ from .config import ConfigError, from_dict, require
 from .data import load_dataset
 from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
-from .experiments import copy_checkpoint, finished, fixed_triple_losses, pretrain_segments, run_stage, sample_metrics
+from .experiments import (PRETRAIN_SEED, copy_checkpoint, finished, fixed_triple_losses, pretrain_segments, run_stage,
+                          sample_metrics)
 from .meta.train import MetaTrainConfig, metatrain
 from .provenance import version_info
 from .report import median_throughput
@@ -147,7 +148,7 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
     def fn(folder: Path) -> dict:
         def config_at(s: int) -> TrainConfig:
             return TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
-                               lr=p.pretrain_lr, seed=1000, log_every=10, sample_every=max(s, 1),
+                               lr=p.pretrain_lr, seed=PRETRAIN_SEED, log_every=10, sample_every=max(s, 1),
                                ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
                                **_split_kw(p))
 

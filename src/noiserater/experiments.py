@@ -39,6 +39,14 @@ from .meta.train import MetaTrainConfig, metatrain
 from .presets import PRESETS, ReproducePreset, get_preset  # defined there, still importable from here
 from .train import TrainConfig, train
 
+# Pretraining's seed: far from the continuation seeds (0, 1, 2, ...), so no continuation replays the data
+# order, timesteps or noise of the pretraining it starts from.
+PRETRAIN_SEED = 1000
+# Offset of the generator seed of the fixed held-out (image, timestep, noise) triples: a prime, so they are not
+# drawn from the stream of anything seeded directly with a small seed (0, 1, 2, ...). Changing it changes
+# every published held-out loss.
+HELDOUT_SEED_OFFSET = 10_007
+
 
 # ---- stages ------------------------------------------------------------------------------------------
 
@@ -140,7 +148,7 @@ def fixed_triple_losses(model, images: torch.Tensor, labels: torch.Tensor, draws
     """Per-triple epsilon losses [N*draws] (float64) and their timesteps on FIXED (image, timestep, noise)
     triples: the images repeated ``draws`` times, timesteps and noise from a generator seeded by ``seed``
     alone, so every policy and continuation seed is scored on exactly the same triples."""
-    g = torch.Generator().manual_seed(10_007 + seed)
+    g = torch.Generator().manual_seed(HELDOUT_SEED_OFFSET + seed)
     x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
     diffusion = GaussianDiffusion()
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
@@ -200,7 +208,7 @@ def _train_cfg(preset: ReproducePreset, **kw):
 def pretrain_config(preset: ReproducePreset, folder: Path, model: str, steps: int):
     """The TrainConfig of one pretraining segment (up to ``steps``) of ``model`` in ``folder``."""
     return _train_cfg(preset, data=preset.data, model=model, run_dir=str(folder / "run"), steps=steps,
-                      batch_size=preset.batch_size, lr=preset.pretrain_lr, seed=1000,
+                      batch_size=preset.batch_size, lr=preset.pretrain_lr, seed=PRETRAIN_SEED,
                       log_every=10, sample_every=max(steps, 1), ckpt_every=max(100, steps // 10))
 
 

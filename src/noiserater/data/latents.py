@@ -343,10 +343,14 @@ def _write_header(cache: Path, header: dict) -> None:
     atomic_write_text(cache / HEADER_NAME, json.dumps({**header, HEADER_HASH_KEY: header_sha256(header)}, indent=2) + "\n")
 
 
+# A prime larger than any cache's row count: (seed, row) -> one generator seed, distinct for every pair.
+ROW_SEED_MIX = 1_000_000_007
+
+
 def _row_noise(seed: int, row: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The posterior-sampling noise of one record: a function of (seed, row) only, so batching, resuming
     and the device never change a cached latent."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_000_007 + row))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * ROW_SEED_MIX + row))
 
 
 @dataclass
