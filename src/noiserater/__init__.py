@@ -15,7 +15,7 @@ _EXPORTS = {
     "meta_gradient": "meta.gradient",
     "NoiseSelector": "selection",
     "build_dit": "models.dit", "build_rater": "models.rater",
-    "load_diffusion": "checkpoint", "load_rater": "checkpoint",
+    "load_diffusion": "models.loading", "load_rater": "models.loading",
     "evaluate_checkpoint": "evaluate",
     "reproduce": "experiments", "run_evidence": "evidence",
     "sample_from_checkpoint": "sampling",

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, load_rater, write_json
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, write_json
 from .config import ConfigError, MissingFileError, from_dict, load_yaml, require
 from .data import load_dataset
 from .meta.train import MetaTrainConfig, metatrain
 from .models import DiTSpec
+from .models.loading import load_rater
 from .plotting import figure, label_axes, legend, savefig
 from .run.folder import read_metrics
 from .selection import SelectionPolicy, draw_candidates
@@ -65,7 +66,9 @@ def integer_timesteps(normalized: list[float], num_timesteps: int = NUM_TIMESTEP
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of ``a`` with the same row of ``b`` ([..., M] -> [...]); average
     ranks for ties; NaN where either row is constant."""
-    from scipy.stats import rankdata  # scipy.stats takes ~1 s to import: cli.py loads this module (via experiments) for every command
+    from scipy.stats import (
+        rankdata,  # scipy.stats takes ~1 s to import: cli.py loads this module (via experiments) for every command
+    )
 
     ra = rankdata(np.asarray(a, np.float64), axis=-1)
     rb = rankdata(np.asarray(b, np.float64), axis=-1)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+
 from .config import ConfigError
 
 

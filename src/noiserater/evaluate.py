@@ -72,7 +72,6 @@ from .eval.reference import (
 from .run.distributed import resolve_device
 from .sampling import sample_from_checkpoint
 
-
 # Samples generated (and, for latent checkpoints, decoded) and held at once: 50,000 decoded 256x256 images
 # would be 39 GB of float32. Chunks are shards of the same N samples, so the chunking changes no sample.
 SAMPLE_CHUNK = 5000

@@ -28,14 +28,22 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_text, load_diffusion, write_json
+from .checkpoint import atomic_write_text, write_json
 from .config import ConfigError, from_dict, require
 from .data import load_dataset
 from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
-from .experiments import (PRETRAIN_SEED, copy_checkpoint, finished, fixed_triple_losses, pretrain_segments, run_stage,
-                          sample_metrics)
+from .experiments import (
+    PRETRAIN_SEED,
+    copy_checkpoint,
+    finished,
+    fixed_triple_losses,
+    pretrain_segments,
+    run_stage,
+    sample_metrics,
+)
 from .meta.train import MetaTrainConfig, metatrain
+from .models.loading import load_diffusion
 from .provenance import version_info
 from .report import median_throughput
 from .selection import dit_passes, equal_cost_control

@@ -18,7 +18,8 @@ from scipy import stats
 from .checkpoint import atomic_write_text
 from .evidence_arms import ARMS, BAND_KEYS
 from .plotting import axis_label, figure, label_axes, savefig
-from .run.folder import METRICS as METRICS_FILE, eval_records
+from .run.folder import METRICS as METRICS_FILE
+from .run.folder import eval_records
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)

@@ -31,12 +31,13 @@ from typing import Any, Callable
 import torch
 
 from .analysis import StagesConfig, analyze_stages, match_stage
-from .checkpoint import RunDirError, load_diffusion, write_json
+from .checkpoint import RunDirError, write_json
 from .data import load_dataset
 from .diffusion import GaussianDiffusion, per_sample_loss
 from .evaluate import EvalConfig, evaluate_checkpoint
 from .meta.train import MetaTrainConfig, metatrain
-from .presets import PRESETS, ReproducePreset, get_preset  # defined there, still importable from here
+from .models.loading import load_diffusion
+from .presets import PRESETS, ReproducePreset, get_preset  # noqa: F401  (defined there, still importable from here)
 from .train import TrainConfig, train
 
 # Pretraining's seed: far from the continuation seeds (0, 1, 2, ...), so no continuation replays the data

@@ -18,7 +18,8 @@ from .config import ConfigError
 from .plotting import figure, label_axes, legend, policy_color, savefig
 from .presets import paper_table
 from .provenance import version_info, version_line
-from .run.folder import METRICS as METRICS_FILE, read_metrics
+from .run.folder import METRICS as METRICS_FILE
+from .run.folder import read_metrics
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
 

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes, load_diffusion
+from .checkpoint import atomic_write_bytes
 from .config import ConfigError
 from .data.latents import LatentDecoder
 from .diffusion import GaussianDiffusion, ddim_sample
+from .models.loading import load_diffusion
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:

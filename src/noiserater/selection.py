@@ -38,8 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import RunDirError, load_rater, sha256_file, write_json
-from .randomness import STEP_MIX
+from .checkpoint import RunDirError, sha256_file, write_json
 from .diffusion import GaussianDiffusion
 from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
@@ -49,7 +48,10 @@ from .meta.oracle import (
     oracle_scores,
     validation_gradient,
 )
+from .models.loading import load_rater
 from .models.rater import NoiseRater, group_weights
+from .randomness import STEP_MIX
+
 
 class NonFiniteError(FloatingPointError):
     """Rater scores (or another quantity a step depends on) are NaN/inf; the training loop skips the step."""

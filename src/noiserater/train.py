@@ -30,22 +30,19 @@ from .checkpoint import (
     atomic_write_text,
     check_run_config,
     get_rng_state,
-    load_checkpoint,
-    load_diffusion,
-    load_rater,
     load_state_dict_checked,
     save_checkpoint,
-    set_rng_state,
 )
-from .config import require, to_dict, dump_yaml
+from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
-from .errors import NumericsError
+from .errors import NumericsError  # noqa: F401  (re-exported: ``from noiserater.train import NumericsError``)
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
+from .models.loading import load_diffusion, load_rater
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
-from .run.folder import truncate_metrics
-from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run
 from .randomness import batch_indices, condition_labels, step_generator
+from .run.folder import truncate_metrics
+from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
 from .sampling import sample_grid_labels, save_grid
 from .selection import (
     ORACLE_POLICIES,
@@ -323,13 +320,8 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     step = 0
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, kind="diffusion")
-        if state.get("spec") != spec.to_dict():
-            raise CheckpointError(f"{ckpt_path} was trained with model {state.get('spec')}, this config builds {spec.to_dict()}")
-        load_state_dict_checked(model, state["model"], str(ckpt_path))
+        state = resume_from(ckpt_path, "diffusion", spec.to_dict(), model, "model", opt, "model")
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         policy.load_state_dict(state.get("selection_state") or {})
         step = int(state["step"])
     if is_main:

@@ -12,7 +12,7 @@ METATRAIN_HELP = {
     "checkpoint": "Frozen diffusion checkpoint to meta-train on (a `noiserater train` run's checkpoints/latest.pt). Required.",
     "run_dir": "Run folder: config.yaml, metrics.jsonl, inner_lr_sweep.json, rater.pt, checkpoints/.",
     "rater": "Rater architecture: Rater-{S,B,M,T,N}/{2,4,8} (S is the paper's; N is cheap on CPU) or FastRater-*.",
-    "ablation": "Rater inputs (paper Table 3): full, no_timestep, no_image, no_image_class, noise_only.",
+    "ablation": "Rater inputs (paper Table 2): full, no_timestep, no_image, no_image_class, noise_only.",
     "objective": "bilevel: meta-gradient through S inner steps (the paper); distill: fit the rater's within-group "
                  "softmax to the alignment oracle <grad L_val, grad l_k> at the frozen checkpoint (no inner steps).",
     "outer_steps": "Number of rater updates (a resumed run continues up to this number).",

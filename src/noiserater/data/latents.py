@@ -225,7 +225,10 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
         raise LatentCacheError(f"{path} is not a readable image ({e}); remove or fix it, then rerun to continue") from None
 
 
-class _Images(torch.utils.data.Dataset):
+class ImageFolderFiles(torch.utils.data.Dataset):
+    """The images ``files`` (paths relative to ``root``) as [3,R,R] uint8 tensors, resized and
+    centre-cropped to ``resolution`` (for a DataLoader over an image folder)."""
+
     def __init__(self, root: Path, files: list[str], resolution: int):
         self.root, self.files, self.resolution = root, files, resolution
 
@@ -458,7 +461,7 @@ def cache_latents(
             _write_header(out, header)
             result.complete = True
         return result
-    loader = torch.utils.data.DataLoader(_Images(root, files[start:stop], resolution), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageFolderFiles(root, files[start:stop], resolution), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
     bar = None

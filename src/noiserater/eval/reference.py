@@ -25,7 +25,7 @@ from ..checkpoint import atomic_write_bytes
 from ..config import ConfigError
 from ..data import load_dataset
 from ..data.datasets import DatasetError
-from ..data.latents import HEADER_NAME, LatentCacheError, _Images, list_images, read_header
+from ..data.latents import HEADER_NAME, ImageFolderFiles, LatentCacheError, list_images, read_header
 from .cache import cache_dir, source_slug
 from .classifier import dataset_family
 from .extractors import Extractor
@@ -201,7 +201,7 @@ def folder_reference_features(root: str | os.PathLike, resolution: int, extracto
     path = cache_dir(cache) / "ref" / f"{source_slug(str(root))}-r{resolution}-n{len(files)}-{digest}-{extractor.key}.npz"
 
     def prepare():
-        loader = torch.utils.data.DataLoader(_Images(root, files, resolution), batch_size=batch_size, shuffle=False,
+        loader = torch.utils.data.DataLoader(ImageFolderFiles(root, files, resolution), batch_size=batch_size, shuffle=False,
                                              num_workers=workers)
         # uint8 [B,3,R,R] -> [-1, 1], as cache-latents feeds the VAE
         return len(files), (pixels.float().div_(127.5).sub_(1.0) for pixels in loader)

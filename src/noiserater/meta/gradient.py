@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.func import grad, jvp
 
+from ..config import ConfigError
 from ..diffusion import GaussianDiffusion
 from ..models.rater import group_weights
 from .inner_optim import InnerOptimizer
@@ -66,7 +67,6 @@ from .losses import (
     val_loss,
     weighted_loss,
 )
-from ..config import ConfigError
 
 METHODS = ("unrolled", "reverse", "reverse_fwd", "alignment")
 

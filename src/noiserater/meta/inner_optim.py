@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ..config import ConfigError
 
 INNER_OPTIMIZERS = ("sgd", "adam")

@@ -46,7 +46,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
@@ -54,19 +53,15 @@ from ..checkpoint import (
     atomic_write_text,
     check_run_config,
     get_rng_state,
-    load_checkpoint,
-    load_diffusion,
-    load_state_dict_checked,
-    save_rater,
-    set_rng_state,
     write_json,
 )
 from ..config import ConfigError, dump_yaml, require, to_dict
 from ..diffusion import GaussianDiffusion
+from ..models.loading import load_diffusion, save_rater
 from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
 from ..plotting import figure, label_axes, legend, savefig
 from ..run.folder import eval_records, truncate_metrics
-from ..run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run
+from ..run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
 from ..stats import mean_se
 from .batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
 from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
@@ -347,7 +342,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
     dcfg = dstate.get("config", {}) or {}
     source = cfg.data or dcfg.get("data", "digits")
     train_data, val_all, split_info = checkpoint_splits(dcfg, source)
-    split_seed, val_fraction = split_info["split_seed"], split_info["val_fraction"]
+    split_seed = split_info["split_seed"]
     if (train_data.channels, train_data.image_size, train_data.num_classes) != (spec.in_channels, spec.input_size, spec.num_classes):
         raise CheckpointError(
             f"dataset {source!r} has {train_data.channels}x{train_data.image_size}px images in {train_data.num_classes} classes, "
@@ -378,12 +373,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
                          "lower --inner-lr or --lr, or use --grad-clip", unit="outer steps")
     heldout: dict = {"best": None, "since_best": 0}
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, kind="rater")
-        if state.get("spec") != rater.spec.to_dict():
-            raise CheckpointError(f"{ckpt_path} holds rater {state.get('spec')}, this config builds {rater.spec.to_dict()}")
-        load_state_dict_checked(rater, state["rater"], str(ckpt_path))
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        state = resume_from(ckpt_path, "rater", rater.spec.to_dict(), rater, "rater", opt, "rater")
         step, sweep = int(state["step"]), state.get("sweep")
         inner_lr = None if state.get("inner_lr") is None else float(state["inner_lr"])
         guard.in_row = int(state.get("bad_in_row", 0))

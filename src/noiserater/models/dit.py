@@ -11,8 +11,8 @@ import argparse
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.func
+import torch.nn as nn
 import torch.utils.checkpoint
 
 from ..checkpoint import CheckpointError, load_state_dict_checked, safe_torch_load

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, check_model_inputs, modulate, sincos_pos_embed_2d
 from ..config import ConfigError
+from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, check_model_inputs, modulate, sincos_pos_embed_2d
 
 ABLATIONS = ("full", "no_timestep", "no_image", "no_image_class", "noise_only")
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import RunLock
+from ..checkpoint import CheckpointError, RunLock, load_checkpoint, load_state_dict_checked, set_rng_state
 from ..errors import NumericsError
 from .distributed import close_distributed, init_distributed, require_divisible
 from .folder import log_metrics, remove_if_only_lock
@@ -110,6 +110,21 @@ def open_run(run_dir: str | Path, device: str, batch_sizes: dict[str, int]) -> I
                 lock.release()
     finally:
         close_distributed()
+
+
+def resume_from(ckpt_path: Path, kind: str, spec: dict, module: torch.nn.Module, key: str,
+                opt: torch.optim.Optimizer, what: str) -> dict:
+    """Load a run's last checkpoint (``kind`` "diffusion" or "rater") into ``module`` (from ``state[key]``),
+    ``opt`` and the RNGs, after checking it was written for the same ``spec``; returns the whole state for
+    the loop's own keys (step, EMA, selection state, ...)."""
+    state = load_checkpoint(ckpt_path, kind=kind)
+    if state.get("spec") != spec:
+        raise CheckpointError(f"{ckpt_path} holds {what} {state.get('spec')}, this config builds {spec}; "
+                              "use another --run-dir")
+    load_state_dict_checked(module, state[key], str(ckpt_path))
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state
 
 
 class BadStepGuard:
