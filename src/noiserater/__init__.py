@@ -6,6 +6,8 @@ The objects a user scripts with are exported here, loaded lazily (``import noise
     train(TrainConfig(steps=100))
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first use)
@@ -32,8 +34,6 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str):
     """Lazy top-level exports: ``from noiserater import NoiseSelector``."""
     if name in _EXPORTS:
-        import importlib
-
         module = importlib.import_module(f"noiserater.{_EXPORTS[name]}")
         return module if name == "train" else getattr(module, _ALIASES.get(name, name))
     raise AttributeError(f"module 'noiserater' has no attribute {name!r}")
