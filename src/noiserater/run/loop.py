@@ -119,7 +119,7 @@ def resume_from(ckpt_path: Path, kind: str, spec: dict, module: torch.nn.Module,
     the loop's own keys (step, EMA, selection state, ...)."""
     state = load_checkpoint(ckpt_path, kind=kind)
     if state.get("spec") != spec:
-        raise CheckpointError(f"{ckpt_path} holds {what} {state.get('spec')}, this config builds {spec}; "
+        raise CheckpointError(f"{ckpt_path} was trained with {what} {state.get('spec')}, this config builds {spec}; "
                               "use another --run-dir")
     load_state_dict_checked(module, state[key], str(ckpt_path))
     opt.load_state_dict(state["optimizer"])
