@@ -31,14 +31,16 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def drop_labels(y: torch.Tensor, null_class: int, prob: float, generator: torch.Generator,
+def drop_labels(y: torch.Tensor, null_class: int, prob: float, generator: torch.Generator | None,
                 draw_at_zero: bool = False) -> torch.Tensor:
     """Labels [B] with each replaced by ``null_class`` with probability ``prob`` (classifier-free guidance
     training). At ``prob <= 0`` the mask is not drawn (the generator is not advanced) unless
-    ``draw_at_zero``: meta-training always draws it, and its recorded batches depend on that."""
+    ``draw_at_zero``: meta-training always draws it, and its recorded batches depend on that. Without a
+    ``generator`` the mask is drawn from the global RNG on y's device (the DiT's own label dropout)."""
     if prob <= 0 and not draw_at_zero:
         return y
-    drop = torch.rand(y.shape[0], generator=generator) < prob
+    device = generator.device if generator is not None else y.device
+    drop = torch.rand(y.shape[0], generator=generator, device=device) < prob
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 

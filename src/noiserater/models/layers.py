@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..randomness import drop_labels
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,7 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels: torch.Tensor) -> torch.Tensor:
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return drop_labels(labels, self.num_classes, self.dropout_prob, None)
 
     def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.dropout_prob > 0:
