@@ -26,7 +26,7 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
     tree = ast.parse(path.read_text())
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = list(ast.walk(tree))
     if top_level_only:  # also imports under module-level if/try blocks
         nodes = [n for top in tree.body for n in ast.walk(top)
                  if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]

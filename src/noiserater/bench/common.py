@@ -36,6 +36,7 @@ from ..checkpoint import write_json
 from ..diffusion import GaussianDiffusion
 from ..models import DiTSpec, build_dit_from_spec
 from ..randomness import batch_indices, step_generator
+from ..run.distributed import resolve_device
 from ..selection import SelectionPolicy
 from ..speed import machine_info, set_tf32
 from ..train import (
@@ -62,10 +63,9 @@ __all__ = [
 
 
 def default_device(name: str | torch.device | None = None) -> torch.device:
-    """``name``, or (None / ``"auto"``) CUDA when available, else CPU."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``name``, or (None / ``"auto"``) CUDA when available, else CPU: :func:`~noiserater.run.distributed.resolve_device`
+    (a CUDA device on a machine without one is a ConfigError naming --device)."""
+    return resolve_device("auto" if name is None else str(name))
 
 
 # ---- the training step --------------------------------------------------------------------------------
