@@ -43,10 +43,12 @@ def epsilon_prediction(output: torch.Tensor, channels: int) -> torch.Tensor:
 
 def per_sample_loss(
     model: Callable, diffusion: GaussianDiffusion, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor, input_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Epsilon loss per sample, mean over C,H,W: [B]. The SAME ``noise`` builds x_t and is the target."""
-    x_t = diffusion.q_sample(x0, t, noise)
+    """Epsilon loss per sample, mean over C,H,W: [B]. The SAME ``noise`` builds x_t and is the target,
+    unless ``input_noise`` is given: then x_t is built from it and ``noise`` stays the target (input
+    perturbation, DDPM-IP: ``input_noise = noise + gamma * xi``)."""
+    x_t = diffusion.q_sample(x0, t, noise if input_noise is None else input_noise)
     err = epsilon_prediction(model(x_t, t, y), x0.shape[1]) - noise
     if err.dtype not in (torch.float32, torch.float64):  # bf16/fp16 under autocast: reduce in float32
         err = err.float()

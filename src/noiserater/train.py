@@ -51,6 +51,7 @@ from .selection import (
     AlignmentOracle,
     NonFiniteError,
     OnlineRater,
+    NoiseNormStats,
     SelectionPolicy,
     record_selection,
     soft_selection_loss,
@@ -90,6 +91,8 @@ class TrainConfig:
     candidates: int = 1
     rater: str | None = None
     temperature: float = 1.0
+    noise_scale: float = 1.0  # every chosen noise times C (the k=1 control of a norm-changing policy)
+    input_perturbation: float = 0.0  # DDPM-IP gamma: x_t from eps + gamma * xi, the target stays eps
     oracle_val_batch: int = 256  # meta-validation triples behind the oracle's validation gradient
     oracle_every: int = 1  # refresh the oracle's validation gradient every N steps (amortised oracle: N > 1)
     online_every: int = 50  # rater_online: re-distil the rater onto the oracle every N steps
@@ -140,6 +143,10 @@ class TrainConfig:
         require(math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
                 "must be a finite number > 0")
         require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
+        require(math.isfinite(self.noise_scale) and 0.25 <= self.noise_scale <= 4.0, "noise_scale",
+                "must be in [0.25, 4] (1 = plain N(0, I) noise; max_norm's k=1 control is about 1.09 at d=64, k=4)")
+        require(math.isfinite(self.input_perturbation) and 0 <= self.input_perturbation <= 1, "input_perturbation",
+                "must be in [0, 1] (0 = off; DDPM-IP uses 0.1)")
         for key in ("log_every", "sample_every", "ckpt_every", "sample_steps", "max_bad_steps"):
             require(getattr(self, key) >= 1, key, "must be >= 1")
         require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", "must be a finite number >= 0")
@@ -152,7 +159,7 @@ class TrainConfig:
 # a run folder from before a key existed resumes when the config asks for exactly that value.
 LEGACY_VALUES = {"ema_warmup": False, "test_fraction": 0.0, "split_seed": None, "oracle_val_batch": 256,
                  "oracle_every": 1, "online_every": 50, "online_steps": 10, "online_batch": 32, "online_lr": 1e-3,
-                 "online_rater": "Rater-N/2", "distill_temperature": 0.5}
+                 "online_rater": "Rater-N/2", "distill_temperature": 0.5, "noise_scale": 1.0, "input_perturbation": 0.0}
 
 
 def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
@@ -165,13 +172,26 @@ def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
 
 def draw_step_randomness(cfg: TrainConfig, step: int, y: torch.Tensor, num_classes: int, shape: tuple,
                          num_timesteps: int):
-    """(t [B], y after dropout [B], candidates [B,k,C,H,W]) for the global batch of ``step``."""
+    """(t [B], y after dropout [B], candidates [B,k,C,H,W]) for the global batch of ``step``.
+
+    Candidates are drawn candidate-major ([k,B,...], then viewed [B,k,...]): candidate j of every image is
+    the same whatever k is, so vanilla (k=1) trains on exactly candidate 0 of every k>1 arm of the same
+    seed, and arms of a study share their noises, not only their data order and timesteps."""
     g = step_generator(cfg.seed, step)
     B = y.shape[0]
     t = torch.randint(0, num_timesteps, (B,), generator=g)
     y = condition_labels(y, num_classes, cfg.label_dropout, cfg.unconditional, g)
-    candidates = torch.randn((B, cfg.candidates, *shape), generator=g)
+    candidates = torch.randn((cfg.candidates, B, *shape), generator=g).transpose(0, 1)
     return t, y, candidates
+
+
+def draw_input_perturbation(cfg: TrainConfig, step: int, shape: tuple, batch: int) -> torch.Tensor | None:
+    """gamma * xi [B,C,H,W] of DDPM-IP for the global batch of ``step`` (its own stream, so the candidates
+    stay paired with the other arms), or None when ``input_perturbation`` is 0."""
+    if cfg.input_perturbation <= 0:
+        return None
+    g = step_generator(cfg.seed, step, stream=2)
+    return cfg.input_perturbation * torch.randn((batch, *shape), generator=g)
 
 
 def load_splits(cfg: TrainConfig, split: str) -> ImageData:
@@ -241,12 +261,17 @@ class StepResult:
 
 def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusion, policy: SelectionPolicy,
                opt: torch.optim.Optimizer, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               candidates: torch.Tensor, generator: torch.Generator, grad_clip: float, amp: bool) -> StepResult:
+               candidates: torch.Tensor, generator: torch.Generator, grad_clip: float, amp: bool,
+               noise_scale: float = 1.0, perturbation: torch.Tensor | None = None,
+               noise_stats: NoiseNormStats | None = None) -> StepResult:
     """The loss of one step and its gradient in ``model``'s ``.grad``, clipped (``grad_clip`` 0: not clipped).
 
     x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]; ``fwd`` is ``model`` or its DDP / compiled
     wrapper. A hard policy picks one noise per image (``generator`` for its random draws) and the loss is
-    the mean epsilon loss; ``rater_soft`` / ``uniform_soft`` weigh all k losses. Non-finite rater scores
+    the mean epsilon loss; ``rater_soft`` / ``uniform_soft`` weigh all k losses. The chosen noise (every
+    candidate, for the soft policies) is multiplied by ``noise_scale`` after selection; ``perturbation``
+    ([B,C,H,W], DDPM-IP's gamma * xi) is added to the noise that builds x_t, not to the target;
+    ``noise_stats`` records the norms of the noise the model trains on. Non-finite rater scores
     still run a forward/backward (on the first candidate), so DDP ranks stay in step; the step is then
     marked to be skipped. The optimiser update is :func:`apply_update`, once every process agrees.
     """
@@ -256,12 +281,19 @@ def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusi
             if policy.soft:
                 w = policy.weights(x0, t, y, candidates)
                 k = candidates.shape[1]
+                noises = candidates * noise_scale if noise_scale != 1.0 else candidates
+                perturb = None if perturbation is None else perturbation.repeat_interleave(k, 0)
                 loss = soft_selection_loss(
                     lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
-                                              y.repeat_interleave(k, 0), n), candidates, w)
+                                              y.repeat_interleave(k, 0), n,
+                                              None if perturb is None else n + perturb), noises, w)
             else:
                 noise, _ = policy.select(x0, t, y, candidates, generator)
-                loss = per_sample_loss(fwd, diffusion, x0, t, y, noise).mean()
+                noises = noise * noise_scale if noise_scale != 1.0 else noise
+                loss = per_sample_loss(fwd, diffusion, x0, t, y, noises,
+                                       None if perturbation is None else noises + perturbation).mean()
+            if noise_stats is not None:
+                noise_stats.update(noises)
         except NonFiniteError as e:
             cause = str(e)
             loss = per_sample_loss(fwd, diffusion, x0, t, y, candidates[:, 0]).mean()
@@ -318,12 +350,14 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     opt = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, device)
     policy = build_policy(cfg, spec, device, model, data)
     step = 0
+    resumed_noise_stats = None
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     if resume and ckpt_path.exists():
         state = resume_from(ckpt_path, "diffusion", spec.to_dict(), model, "model", opt, "model")
         ema.load_state_dict(state["ema"])
         policy.load_state_dict(state.get("selection_state") or {})
         step = int(state["step"])
+        resumed_noise_stats = state.get("noise_stats")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -341,6 +375,9 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     guard = BadStepGuard(cfg.max_bad_steps, "loss, gradient or rater scores",
                          "lower --lr, enable --grad-clip or check the data")
     last_loss, t_last, seen = float("nan"), time.perf_counter(), 0
+    noise_stats = NoiseNormStats()  # the norms of the noise trained on since the last log record
+    if resumed_noise_stats:
+        noise_stats.load_state_dict(resumed_noise_stats)
     summary: dict = {"run_dir": str(run_dir), "start_step": step}
     model.train()
     with StopFlag() as stopper:
@@ -350,9 +387,11 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
             sl = slice(run.rank * local_bs, (run.rank + 1) * local_bs)
             x0 = data.images[idx[sl]].to(device, non_blocking=True)
             t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
+            perturb = draw_input_perturbation(cfg, step, shape, cfg.batch_size)
+            perturb = None if perturb is None else perturb[sl].to(device)
             policy.before_step(step)  # state-dependent scorers refresh at the weights of this step
             res = train_step(fwd, model, diffusion, policy, opt, x0, t, y, cand, step_generator(cfg.seed, step, stream=1),
-                             cfg.grad_clip, cfg.amp)
+                             cfg.grad_clip, cfg.amp, cfg.noise_scale, perturb, noise_stats)
             # read the stop flag once (the handler may flip it at any time); every rank must agree to skip
             # and to stop, or DDP ranks diverge
             apply, stop_now = run.agree(res.finite, stopper.stop)
@@ -372,8 +411,10 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 rec = {"step": step, "loss": last_loss, "grad_norm": float(res.grad_norm),
-                       "images_per_s": seen / (now - t_last), "lr": cfg.lr, "time": time.time()}
+                       "images_per_s": seen / (now - t_last), "lr": cfg.lr, "time": time.time(),
+                       **noise_stats.summary()}  # this process's share of the batch
                 t_last, seen = now, 0
+                noise_stats.reset()
                 run.log(rec)
                 if writer is not None:
                     writer.add_scalar("train/loss", last_loss, step)
@@ -389,6 +430,7 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
                     state = diffusion_state(step, spec, model, ema, opt, cfg, data)
                     if policy.scorer is not None:  # the oracle's cached gradient / the online rater: exact resume
                         state["selection_state"] = policy.state_dict()
+                    state["noise_stats"] = noise_stats.state_dict()
                     save_checkpoint(ckpt_path, state, kind="diffusion")
                 if stop_now:
                     summary["interrupted"] = True

@@ -39,6 +39,12 @@ TRAIN_HELP = {
     "rater": "Rater checkpoint (from `noiserater metatrain`) for rater, rater_sample and rater_soft; the "
              "initial rater for rater_online (optional).",
     "temperature": "Softmax temperature of the rater's scores: rater_soft's weights, rater_sample's draw.",
+    "noise_scale": "Multiply every chosen noise (input and target) by C, in [0.25, 4]: the k=1 control of a "
+                   "policy that changes the noise's norm (max_norm at k=4 is a scale of about 1.09 at d=64, "
+                   "1.02 at d=1024; `noiserater.selection.max_norm_scale(d, k)`). 1 = plain N(0, I) noise.",
+    "input_perturbation": "DDPM-IP (Ning et al. 2023, arXiv 2301.11706): build x_t from eps + GAMMA * xi with a "
+                          "fresh xi ~ N(0, I) while the target stays eps; GAMMA in [0, 1], the paper uses 0.1, "
+                          "0 = off.",
     "oracle_val_batch": "Oracle policies: meta-validation (image, timestep, noise) triples per validation gradient.",
     "oracle_every": "Oracle policies: recompute the validation gradient every N steps (N > 1: the amortised oracle).",
     "online_every": "rater_online: re-distil the rater onto the oracle at the current weights every N steps.",
