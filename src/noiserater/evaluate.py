@@ -114,7 +114,8 @@ class EvalConfig:
         names = self.extractor_list()
         require(bool(names) and all(n in EXTRACTORS for n in names), "extractors",
                 f"comma-separated names from {', '.join(EXTRACTORS)}, got {self.extractors!r}")
-        require(self.reference_split in (None, "all", "train", "val"), "reference_split", "use all, train or val")
+        require(self.reference_split in (None, "all", "train", "val", "test"), "reference_split",
+                "use all, or train / val / test (the checkpoint's own split of its data)")
 
     def extractor_list(self) -> list[str]:
         return [s.strip() for s in self.extractors.split(",") if s.strip()]
@@ -154,6 +155,17 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
         ref_source, ref_split = default_reference(data_source)
         ref = {"source": cfg.reference or ref_source, "split": cfg.reference_split or ref_split, "folder": False,
                "resolution": None}
+        if ref["split"] in ("train", "val", "test"):  # the checkpoint's own split of its data
+            if ref["source"] != data_source:
+                raise ConfigError(f"--reference-split {ref['split']} is a split of the checkpoint's own data "
+                                  f"({data_source}), not of --reference {ref['source']}; drop one of them")
+            seed = config.get("split_seed")
+            ref["split_args"] = {"seed": int(config.get("seed", 0) if seed is None else seed),
+                                 "val_fraction": float(config.get("val_fraction", 0.1)),
+                                 "test_fraction": float(config.get("test_fraction", 0.0))}
+            if ref["split"] == "test" and ref["split_args"]["test_fraction"] <= 0:
+                raise ConfigError(f"{cfg.checkpoint} was trained without a test split (test_fraction 0): "
+                                  "--reference-split test has no images; train with --test-fraction > 0")
     elif not latent:
         raise ConfigError(f"{cfg.checkpoint} generates {spec.get('in_channels')}-channel data and records no latent "
                          "cache (no VAE to decode with); FID needs pixel images")
@@ -197,7 +209,8 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
         class_acc = float((torch.cat(preds) == labels).double().mean())
     if ref["folder"] and ref["resolution"] is None:
         ref["resolution"] = int(image_size)  # a cache that does not record it: the decoded samples' size
-    reference = {"source": ref["source"], "split": ref["split"]}
+    reference = {"source": ref["source"], "split": ref["split"], **({"split_args": ref["split_args"]}
+                                                                    if ref.get("split_args") else {})}
     if ref["folder"]:
         reference.update(resolution=ref["resolution"], max_images=cfg.reference_max_images)
     records = []
@@ -219,7 +232,7 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
                                            workers=cfg.reference_workers)
         else:
             rf = reference_features(ref["source"], ref["split"], ex, cfg.cache_dir, cfg.batch_size, device,
-                                    cfg.progress)
+                                    cfg.progress, split_args=ref.get("split_args"))
         fx = np.concatenate(feats[name])
         fid = frechet_distance(*feature_stats(fx), rf["mu"], rf["sigma"])
         pr = precision_recall(rf["pr_features"], fx, cfg.pr_k)

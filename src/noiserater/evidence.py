@@ -31,6 +31,9 @@ import torch
 from .checkpoint import atomic_write_text, write_json
 from .config import ConfigError, from_dict, require
 from .data import load_dataset
+from .eval.extractors import build_extractor
+from .eval.frechet import feature_stats, frechet_distance
+from .eval.reference import default_reference, reference_features
 from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
 from .experiments import (
@@ -43,10 +46,12 @@ from .experiments import (
     sample_metrics,
 )
 from .meta.train import MetaTrainConfig, metatrain
-from .models.loading import load_diffusion
+from .models.loading import load_diffusion, save_rater
+from .models.rater import NoiseRater, RaterSpec
 from .provenance import version_info
 from .report import median_throughput
-from .selection import dit_passes, equal_cost_control
+from .run.folder import read_metrics
+from .selection import dit_passes, equal_cost_control, max_norm_scale
 from .train import TrainConfig, train
 
 
@@ -69,7 +74,10 @@ class EvidencePreset:
     seeds: list[int] = field(default_factory=lambda: list(range(12)))
     continue_steps: int = 150
     continue_lr: float = 1e-4
-    continue_ema: float = 0.95  # 0.95^150 = 5e-4: a 150-step run's EMA forgets its start
+    continue_ema: float = 0.99
+    # EMA warmup (decay min(continue_ema, (1+n)/(10+n))): the continuation's EMA forgets the pretrained EMA it
+    # starts from (it keeps prod_n (1+n)/(10+n) ~ 1e-15 of it after 150 steps; without warmup 0.99^150 = 22%)
+    continue_ema_warmup: bool = True
     online_rater: str = "Rater-N/2"
     oracle_val_batch: int = 256
     rater: str = "Rater-N/2"
@@ -87,6 +95,11 @@ class EvidencePreset:
     eval_extractors: str = "classifier"
     cfg_scale: float = 1.25
     test_draws: int = 8
+    eval_reference_split: str = "test"  # FID against images no run trained on (the study's test split)
+    fid_large_samples: int = 2000  # a second FID at this many samples for ``fid_large_arms`` (sample-size bias)
+    fid_large_arms: list[str] = field(default_factory=list)
+    random_raters: int = 5  # fresh, never-trained rater initialisations: the null of every rater arm
+    random_rater_seeds: list[int] = field(default_factory=list)  # seeds the random raters run (empty: all)
     run_stages: list[int] = field(default_factory=list)  # the stages this invocation continues (empty: all)
 
     def validate(self) -> None:
@@ -97,20 +110,35 @@ class EvidencePreset:
         require(len(self.seeds) >= 2, "seeds", "a paired interval needs at least 2 seeds")
         require(self.test_fraction > 0, "test_fraction", "the evidence study evaluates on a test split: set it > 0")
         require(set(self.run_stages) <= set(self.stages), "run_stages", f"each must be one of stages {self.stages}")
+        require(self.eval_reference_split in ("all", "test"), "eval_reference_split",
+                "use test (held-out images) or all")
+        require(set(self.fid_large_arms) <= set(self.arms), "fid_large_arms", "each must be one of the study's arms")
+        require(self.random_raters >= 2 or not any(ARMS[a][3] == "random" for a in self.arms), "random_raters",
+                "a null distribution needs at least 2 random initialisations")
+        require(set(self.random_rater_seeds) <= set(self.seeds), "random_rater_seeds", "each must be one of seeds")
 
 
+# A study is its preset: every setting and the seed plan are fixed here before its runs start, and the shipped
+# preset reruns the published study (`noiserater evidence --preset NAME --out DIR`). Seeds: the paired FID spread
+# of the earlier digits runs was about 2.6% per seed, so 8 seeds give a +-2.2% interval (t quantile).
+CONTROL_ARMS = ["vanilla", "max_norm", "noise_scale", "noise_scale_down", "input_perturbation", "uniform_soft"]
+RATER_ARMS = ["rater", "rater_sample", "rater_soft", "rater_random", "rater_random_sample"]
+NOISE_SCALE_SWEEP = ["noise_scale_x0.95", "noise_scale_x1.05", "noise_scale_x1.15", "noise_scale_x1.25"]
 EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
-    # digits: DiT-T/2 on 8x8, the demo's scale; 12 seeds from the power analysis (docs/results/evidence-digits)
-    "digits": EvidencePreset(name="digits", continue_ema=0.99, arms=[
-        "vanilla", "uniform_soft", "max_norm", "rater", "rater_sample", "rater_sample_t0.3", "rater_soft",
-        "distilled", "distilled_sample", "online", "oracle_amortised", "oracle", "oracle_anti", "oracle_cosine"]),
-    # Fashion-MNIST 32x32: DiT-T/4 (64 tokens, as the digits model), fewer arms to fit a session
+    # digits 8x8 (d=64), DiT-T/2; a 25% test split (449 images) is the FID reference nobody trained on
+    "digits": EvidencePreset(
+        name="digits", test_fraction=0.25, seeds=list(range(8)), stages=[1500, 300],
+        arms=CONTROL_ARMS + RATER_ARMS + NOISE_SCALE_SWEEP, random_raters=5, random_rater_seeds=[0, 1, 2, 3],
+        fid_large_arms=["vanilla", "max_norm", "noise_scale", "rater"], bilevel_outer_steps=60,
+        meta_eval_every=20, meta_patience=3, test_draws=8),
+    # Fashion-MNIST 32x32 (d=1024), DiT-T/8 (16 tokens) and Rater-N/8: the sizes the 2-core CPU affords; FID
+    # against the official test file (10k images nobody trained on)
     "fashion-mnist": EvidencePreset(
-        name="fashion-mnist", data="fashion-mnist", model="DiT-T/4", batch_size=64, pretrain_steps=2000,
-        stages=[2000], seeds=list(range(8)), rater="Rater-N/4", online_rater="Rater-N/4", continue_ema=0.99,
-        arms=["vanilla", "uniform_soft", "max_norm", "rater", "rater_sample", "rater_soft", "distilled",
-              "distilled_sample", "oracle_amortised"],
-    ),
+        name="fashion-mnist", data="fashion-mnist", model="DiT-T/8", rater="Rater-N/8", online_rater="Rater-N/8",
+        pretrain_steps=2000, stages=[2000], seeds=list(range(6)), eval_reference_split="all",
+        arms=CONTROL_ARMS + RATER_ARMS, random_raters=5, random_rater_seeds=[0, 1, 2],
+        fid_large_arms=["vanilla", "max_norm", "noise_scale", "rater"], bilevel_outer_steps=40,
+        meta_eval_every=20, meta_patience=2, test_draws=1),
 }
 
 
@@ -192,12 +220,86 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
     return run_stage(root / f"stage-{stage}" / f"rater-{kind}", cfg, fn, log)["rater"]
 
 
+# the initial weights of the never-trained raters of the random-rater null (init i: seed + i)
+RANDOM_RATER_SEED = 20_000
+
+
+def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log=print) -> list[str]:
+    """``p.random_raters`` raters of the study's architecture at fresh seeded initialisations, never
+    trained: the null distribution of a rater's argmax / sample (paths relative to the study root)."""
+    def fn(folder: Path) -> dict:
+        _, spec, _ = load_diffusion(root / ckpt)
+        paths = []
+        for i in range(p.random_raters):
+            with torch.random.fork_rng():
+                torch.manual_seed(RANDOM_RATER_SEED + i)
+                rater = NoiseRater(RaterSpec(p.rater, spec.input_size, spec.in_channels, spec.num_classes))
+            path = folder / f"init{i}.pt"
+            save_rater(path, rater, {"init_seed": RANDOM_RATER_SEED + i, "trained": False})
+            paths.append(str(path.relative_to(root)))
+        return {"raters": paths}
+
+    cfg = {"checkpoint": ckpt, "kind": "random", "rater": p.rater, "inits": p.random_raters,
+           "init_seed": RANDOM_RATER_SEED}
+    return run_stage(root / f"stage-{stage}" / "rater-random", cfg, fn, log)["raters"]
+
+
+def data_dimension(p: EvidencePreset) -> int:
+    """d = C*H*W of one training image of the study."""
+    x = load_dataset(p.data, "val", seed=p.split_seed, val_fraction=p.val_fraction,
+                     test_fraction=p.test_fraction).images[:1]
+    return int(x[0].numel())
+
+
+def resolve_overrides(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:
+    """An arm's TrainConfig overrides with the symbolic noise scales made numbers (see ``ARMS``)."""
+    out = dict(extra)
+    if isinstance(out.get("noise_scale"), str):
+        c = max_norm_scale(data_dimension(p), p.k)
+        out["noise_scale"] = {"max_norm": c, "1/max_norm": 1.0 / c}[out["noise_scale"]]
+    return out
+
+
+def noise_norm_summary(run_dir: Path) -> dict[str, float]:
+    """The run's mean ||eps||^2/d and mean KS distance of the noise norms from chi_d, over its log records."""
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "noise_sq_norm_per_dim" in r]
+    if not recs:
+        return {}
+    return {key: sum(r[key] for r in recs) / len(recs) for key in ("noise_sq_norm_per_dim", "noise_norm_ks")}
+
+
+def reference_floor(p: EvidencePreset, root: Path, log=print) -> dict[str, Any]:
+    """FID of REAL images against the study's FID reference: ``eval_samples`` training-split images (and, if
+    there are enough, ``fid_large_samples``) vs the reference split. The lowest FID a perfect generator could
+    reach at that sample size: it shows how much of an arm's FID is the estimator's own bias and noise."""
+    def fn(folder: Path) -> dict:
+        split = p.eval_reference_split
+        ex = build_extractor(p.eval_extractors.split(",")[0], p.data, progress=False)
+        args = {"seed": p.split_seed, "val_fraction": p.val_fraction, "test_fraction": p.test_fraction}
+        source, ref_split = (p.data, split) if split != "all" else default_reference(p.data)
+        ref = reference_features(source, ref_split, ex, progress=False, split_args=args if split != "all" else None)
+        train_imgs = load_dataset(p.data, "train", **args).images
+        out = {"reference_split": split, "reference_images": int(ref["n"]), "train_images": len(train_imgs)}
+        for n in sorted({p.eval_samples, p.fid_large_samples}):
+            if 0 < n <= len(train_imgs):
+                g = torch.Generator().manual_seed(n)
+                idx = torch.randperm(len(train_imgs), generator=g)[:n]
+                out[f"real_train_fid_{n}"] = frechet_distance(*feature_stats(ex(train_imgs[idx])), ref["mu"], ref["sigma"])
+        return out
+
+    cfg = {"split": p.eval_reference_split, "samples": sorted({p.eval_samples, p.fid_large_samples}),
+           "extractor": p.eval_extractors, **_split_kw(p)}
+    return run_stage(root / "reference-floor", cfg, fn, log)
+
+
 def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed: int, rater: str | None,
-            log=print) -> dict:
-    """Continue the stage checkpoint with one arm and seed, then evaluate it on the test split."""
+            log=print, init: int | None = None) -> dict:
+    """Continue the stage checkpoint with one arm and seed (for a random-rater arm: with random rater
+    ``init``), then evaluate it: test-split loss, FID against held-out references."""
     policy, uses_k, extra, _ = ARMS[arm]
+    extra = resolve_overrides(p, extra)
     k = p.k if uses_k else 1
-    folder = root / f"stage-{stage}" / "runs" / arm / f"seed{seed}"
+    folder = root / f"stage-{stage}" / "runs" / arm / (f"init{init}" if init is not None else "") / f"seed{seed}"
     overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy.startswith(
         ("oracle", "rater_online")) else {}
 
@@ -206,24 +308,31 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
                           lr=p.continue_lr, ema_decay=p.continue_ema, seed=seed, init_checkpoint=str(root / ckpt),
                           policy=policy, candidates=k, rater=str(root / rater) if rater else None, log_every=10,
                           sample_every=p.continue_steps, ckpt_every=max(50, p.continue_steps // 3), progress=False,
-                          tensorboard=False, ema_warmup=False, **_split_kw(p), **overrides, **extra)
+                          tensorboard=False, ema_warmup=p.continue_ema_warmup, **_split_kw(p), **overrides, **extra)
         t0 = time.perf_counter()
         summary = finished(train(cfg, resume=True), str(folder))
         train_s = time.perf_counter() - t0
         ckpt_out = Path(summary["checkpoint"])
         control = equal_cost_control(policy, k)
         result = {"stage": stage, "arm": arm, "policy": policy, "k": k, "seed": seed, "rater": rater,
+                  "rater_init": init, "noise_scale": cfg.noise_scale, "input_perturbation": cfg.input_perturbation,
                   "dit_passes": dit_passes(policy, k), "control": "uniform_soft" if control[0] == "uniform_soft" else "vanilla",
                   "train_wall_s": train_s, "images_per_s": _finite_or_none(median_throughput(ckpt_out)),
                   "checkpoint": str(ckpt_out.relative_to(root)), "commit": version_info().get("git_commit")}
         result.update(test_split_loss(ckpt_out, p.data, p.split_seed, p.val_fraction, p.test_fraction, p.test_draws))
+        result.update(noise_norm_summary(folder / "run"))
         result.update(sample_metrics(p, str(ckpt_out), folder))  # reads eval_samples, eval_ddim_steps, cfg_scale
+        if arm in p.fid_large_arms and p.fid_large_samples > 0:
+            big = sample_metrics(p, str(ckpt_out), folder, num_samples=p.fid_large_samples)
+            result.update({f"{key}_{p.fid_large_samples}": big[key] for key in ("fid", "precision", "recall")})
         return result
 
     cfg = {"init": ckpt, "arm": arm, "policy": policy, "k": k, "extra": extra, "overrides": overrides, "seed": seed,
            "rater": rater, "steps": p.continue_steps, "lr": p.continue_lr, "ema": p.continue_ema,
+           "ema_warmup": p.continue_ema_warmup,
            "batch_size": p.batch_size, "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps,
-           "cfg_scale": p.cfg_scale, "test_draws": p.test_draws, **_split_kw(p)}
+           "cfg_scale": p.cfg_scale, "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
+           "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p)}
     return run_stage(folder, cfg, fn, log)
 
 
@@ -232,22 +341,29 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
     p.validate()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    study = root / "study.json"  # every invocation is recorded: a study extended later names each commit
+    study = root / "study.json"  # every invocation is recorded with its full settings and commit
     runs = json.loads(study.read_text()).get("invocations", []) if study.exists() else []
     prov = version_info()
     write_json(study, {"preset": p.name, "settings": dataclasses.asdict(p), "provenance": prov,
-                       "invocations": runs + [{"time": time.time(), **prov, "arms": p.arms, "seeds": p.seeds}]})
+                       "invocations": runs + [{"time": time.time(), **prov, "settings": dataclasses.asdict(p)}]})
     ckpts = pretrain_stage(p, root, log)
+    if p.eval_samples > 0:
+        reference_floor(p, root, log)
     rows = []
     for stage in p.run_stages or p.stages:
         ckpt = ckpts[str(stage)]
-        kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3]})
+        kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3] and ARMS[a][3] != "random"})
         raters = {kind: rater_stage(p, root, stage, ckpt, kind, log) for kind in kinds}
+        if any(ARMS[a][3] == "random" for a in p.arms):
+            raters["random"] = random_rater_stage(p, root, stage, ckpt, log)
         for seed in p.seeds:
             for arm in p.arms:
                 kind = ARMS[arm][3]
-                res = arm_run(p, root, stage, ckpt, arm, seed, raters[kind] if kind else None, log)
-                rows.append(res)
+                if kind != "random":
+                    rows.append(arm_run(p, root, stage, ckpt, arm, seed, raters[kind] if kind else None, log))
+                elif seed in (p.random_rater_seeds or p.seeds):
+                    rows += [arm_run(p, root, stage, ckpt, arm, seed, path, log, init=i)
+                             for i, path in enumerate(raters["random"])]
                 _write_results(root, rows)
     _write_results(root, rows)
     return write_evidence_report(root)

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-# arm name -> (policy, uses k, TrainConfig overrides, rater kind or None)
+# arm name -> (policy, uses k, TrainConfig overrides, rater kind or None). A ``noise_scale`` of "max_norm"
+# is the study's E[max-of-k chi_d] / E[chi_d] for the data's dimension d (max_norm's k=1 control), and
+# "1/max_norm" its inverse; rater kind "random" runs once per fresh, never-trained rater initialisation.
 ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "vanilla": ("vanilla", False, {}, None),
     "max_norm": ("max_norm", True, {}, None),
+    "min_norm": ("min_norm", True, {}, None),
+    "noise_scale": ("vanilla", False, {"noise_scale": "max_norm"}, None),
+    "noise_scale_down": ("vanilla", False, {"noise_scale": "1/max_norm"}, None),
+    "noise_scale_x0.95": ("vanilla", False, {"noise_scale": 0.95}, None),
+    "noise_scale_x1.05": ("vanilla", False, {"noise_scale": 1.05}, None),
+    "noise_scale_x1.15": ("vanilla", False, {"noise_scale": 1.15}, None),
+    "noise_scale_x1.25": ("vanilla", False, {"noise_scale": 1.25}, None),
+    "input_perturbation": ("vanilla", False, {"input_perturbation": 0.1}, None),
     "uniform_soft": ("uniform_soft", True, {}, None),
     "oracle": ("oracle_alignment", True, {}, None),
     "oracle_anti": ("oracle_anti", True, {}, None),
@@ -24,7 +34,14 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "rater_soft": ("rater_soft", True, {}, "bilevel"),
     "distilled": ("rater", True, {}, "distill"),
     "distilled_sample": ("rater_sample", True, {"temperature": 1.0}, "distill"),
+    "rater_random": ("rater", True, {}, "random"),
+    "rater_random_sample": ("rater_sample", True, {"temperature": 1.0}, "random"),
 }
+# policies that change the norm of the noise: also judged against the k=1 noise-scale control
+NORM_CHANGING = ("max_norm", "min_norm", "nearest")
+# each trained-rater arm and the random-rater arm that is its null distribution
+RANDOM_NULL = {"rater": "rater_random", "rater_sample": "rater_random_sample", "distilled": "rater_random",
+               "distilled_sample": "rater_random_sample"}
 BANDS = ((0, 100), (100, 400), (400, 1000))  # timestep bands of the held-out loss
 
 

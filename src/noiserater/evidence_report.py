@@ -16,7 +16,7 @@ from pathlib import Path
 from scipy import stats
 
 from .checkpoint import atomic_write_text
-from .evidence_arms import ARMS, BAND_KEYS
+from .evidence_arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL
 from .plotting import axis_label, figure, label_axes, savefig
 from .run.folder import METRICS as METRICS_FILE
 from .run.folder import eval_records
@@ -26,11 +26,21 @@ EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
 
 
 def load_rows(root: Path) -> list[dict]:
-    """Every finished run of the study (from each run's stage.json, so a partial study reports too)."""
+    """Every finished run of the study (from each run's stage.json, so a partial study reports too). A
+    random-rater run is its own arm per initialisation: ``<arm>/init<i>``."""
     rows = []
-    for marker in sorted(root.glob("stage-*/runs/*/seed*/stage.json")):
-        rows.append(json.loads(marker.read_text())["result"])
+    markers = [*root.glob("stage-*/runs/*/seed*/stage.json"), *root.glob("stage-*/runs/*/init*/seed*/stage.json")]
+    for marker in sorted(markers):
+        r = json.loads(marker.read_text())["result"]
+        if r.get("rater_init") is not None:
+            r["arm"] = f"{r['arm']}/init{r['rater_init']}"
+        rows.append(r)
     return rows
+
+
+def base_arm(arm: str) -> str:
+    """The registry name of a report arm (``rater_random/init2`` -> ``rater_random``)."""
+    return arm.split("/init")[0]
 
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> dict[str, float]:
@@ -83,17 +93,29 @@ def _mean(rows: list[dict], arm: str, key: str) -> float | None:
 def _ordered_arms(rows: list[dict]) -> list[str]:
     """Arms in the registry's order (controls first), unknown names last."""
     present = set(r["arm"] for r in rows)
-    return [a for a in ARMS if a in present] + sorted(present - set(ARMS))
+    order = {a: i for i, a in enumerate(ARMS)}
+    known = sorted((a for a in present if base_arm(a) in order), key=lambda a: (order[base_arm(a)], a))
+    return known + sorted(a for a in present if base_arm(a) not in order)
 
 
-def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
+def planned_seeds(settings: dict, arm: str) -> int | None:
+    """How many seeds the preset planned for ``arm`` before the runs started (None: no plan recorded)."""
+    if "seeds" not in settings:
+        return None
+    if ARMS.get(base_arm(arm), (None, None, None, None))[3] == "random":
+        return len(settings.get("random_rater_seeds") or settings["seeds"])
+    return len(settings["seeds"])
+
+
+def stage_table(rows: list[dict], stage: int, settings: dict | None = None) -> tuple[list[str], list[dict]]:
     """Markdown lines and the per-arm comparison records of one stage."""
+    settings = settings or {}
     sub = [r for r in rows if r["stage"] == stage]
     arms = _ordered_arms(sub)
     van_rate = _mean(sub, "vanilla", "images_per_s")
     lines = [
-        "| arm | DiT passes / image | control | seeds | FID vs control (95% CI) | test loss vs control (95% CI) "
-        "| FID vs vanilla | wall-clock cost vs vanilla |",
+        "| arm | DiT passes / image | control | seeds: planned, ran | FID vs control (95% CI) "
+        "| test loss vs control (95% CI) | FID vs vanilla | wall-clock cost vs vanilla |",
         "|---|---|---|---|---|---|---|---|",
     ]
     recs = []
@@ -103,7 +125,8 @@ def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
         rate = _mean(sub, arm, "images_per_s")
         cost = van_rate / rate if van_rate and rate else None
         rec = {"stage": stage, "arm": arm, "policy": arm_rows[0]["policy"], "k": arm_rows[0]["k"], "control": control,
-               "dit_passes": arm_rows[0]["dit_passes"], "seeds": len(arm_rows), "cost_vs_vanilla": cost}
+               "dit_passes": arm_rows[0]["dit_passes"], "seeds": len(arm_rows), "cost_vs_vanilla": cost,
+               "seeds_planned": planned_seeds(settings, arm)}
         for key, _ in METRICS:
             rec[f"{key}_vs_control"] = compare(sub, arm, control, key) if arm != control else None
             rec[f"{key}_vs_vanilla"] = compare(sub, arm, "vanilla", key) if arm != "vanilla" else None
@@ -116,7 +139,8 @@ def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
         else:
             ctrl_txt = control
         lines.append(
-            f"| {arm} | {rec['dit_passes']:g} | {ctrl_txt} | {len(arm_rows)} | {fmt(rec['fid_vs_control'])} | "
+            f"| {arm} | {rec['dit_passes']:g} | {ctrl_txt} | "
+            f"{'—' if rec['seeds_planned'] is None else rec['seeds_planned']}, {len(arm_rows)} | {fmt(rec['fid_vs_control'])} | "
             f"{fmt(rec['test_loss_vs_control'])} | {fmt(rec['fid_vs_vanilla'])} | "
             f"{'—' if cost is None else f'{cost:.2f}x'} |")
     return lines, recs
@@ -125,13 +149,88 @@ def stage_table(rows: list[dict], stage: int) -> tuple[list[str], list[dict]]:
 def absolute_table(rows: list[dict], stage: int) -> list[str]:
     sub = [r for r in rows if r["stage"] == stage]
     arms = _ordered_arms(sub)
-    lines = ["| arm | FID | precision | recall | class accuracy | test loss | t<100 | 100≤t<400 | t≥400 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | FID | precision | recall | class accuracy | test loss | t<100 | 100≤t<400 | t≥400 "
+             "| noise scale | E‖ε‖²/d trained on | KS distance of ‖ε‖ from χ_d |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
-        vals = [_mean(sub, arm, k) for k in ("fid", "precision", "recall", "class_accuracy", "test_loss", *BAND_KEYS)]
+        keys = ("fid", "precision", "recall", "class_accuracy", "test_loss", *BAND_KEYS)
+        vals = [_mean(sub, arm, k) for k in keys]
         cells = ["—" if v is None else (f"{v:.2f}" if i == 0 else f"{v:.4f}" if i >= 4 else f"{v:.3f}")
                  for i, v in enumerate(vals)]
+        extra = [_mean(sub, arm, k) for k in ("noise_scale", "noise_sq_norm_per_dim", "noise_norm_ks")]
+        cells += ["—" if v is None else f"{v:.4f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(extra)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def norm_control_lines(rows: list[dict], stage: int) -> list[str]:
+    """Each norm-changing policy against the k=1 noise-scale control of the same mean norm: a gain the
+    control also gets is a noise-scale effect, not the policy's."""
+    sub = [r for r in rows if r["stage"] == stage]
+    present = {r["arm"] for r in sub}
+    pairs = [(a, "noise_scale") for a in NORM_CHANGING if a in present and "noise_scale" in present]
+    if not pairs:
+        return []
+    lines = ["| arm | vs k=1 noise-scale control: FID | test loss |", "|---|---|---|"]
+    for arm, ctrl in pairs:
+        lines.append(f"| {arm} vs {ctrl} | {fmt(compare(sub, arm, ctrl, 'fid'))} | "
+                     f"{fmt(compare(sub, arm, ctrl, 'test_loss'))} |")
+    return lines
+
+
+def random_null(rows: list[dict], stage: int, trained: str, metric: str) -> dict | None:
+    """The random-rater null of ``trained``: each never-trained initialisation's mean paired effect vs
+    vanilla (%), their mean, SD and range, the trained arm's effect, and whether it beats the null (lower
+    than the null mean by more than the null SD)."""
+    sub = [r for r in rows if r["stage"] == stage]
+    null_arm = RANDOM_NULL.get(trained)
+    inits = sorted({r["arm"] for r in sub if base_arm(r["arm"]) == null_arm})
+    mine = compare(sub, trained, "vanilla", metric)
+    effects = [c["mean"] for c in (compare(sub, a, "vanilla", metric) for a in inits) if c is not None]
+    if mine is None or len(effects) < 2:
+        return None
+    m = sum(effects) / len(effects)
+    sd = math.sqrt(sum((e - m) ** 2 for e in effects) / (len(effects) - 1))
+    return {"arm": trained, "null": null_arm, "metric": metric, "inits": len(effects), "null_mean": m, "null_sd": sd,
+            "null_min": min(effects), "null_max": max(effects), "effect": mine["mean"],
+            "beats_null": mine["mean"] < m - sd}
+
+
+def random_null_lines(rows: list[dict], stage: int) -> list[str]:
+    present = {r["arm"] for r in rows if r["stage"] == stage}
+    lines = []
+    for trained in RANDOM_NULL:
+        if trained not in present:
+            continue
+        for metric, name in METRICS:
+            nr = random_null(rows, stage, trained, metric)
+            if nr is None:
+                continue
+            if not lines:
+                lines = ["| trained arm | metric | its change vs vanilla | random-rater null: mean ± SD [min, max] "
+                         "over initialisations | beats the null? |", "|---|---|---|---|---|"]
+            lines.append(f"| {trained} | {name} | {nr['effect']:+.2f}% | {nr['null_mean']:+.2f}% ± "
+                         f"{nr['null_sd']:.2f} [{nr['null_min']:+.2f}, {nr['null_max']:+.2f}] ({nr['inits']} "
+                         f"{nr['null']}) | {'yes' if nr['beats_null'] else 'no'} |")
+    return lines
+
+
+def large_fid_lines(rows: list[dict], stage: int, n: int | None) -> list[str]:
+    """FID at the eval sample count and at ``n`` samples, each arm vs vanilla: does the order survive the
+    sample-size bias of FID?"""
+    sub = [r for r in rows if r["stage"] == stage]
+    key = f"fid_{n}"
+    arms = [a for a in _ordered_arms(sub) if any(r.get(key) is not None for r in sub if r["arm"] == a)]
+    if not n or "vanilla" not in arms:
+        return []
+    lines = [f"| arm | FID, eval samples | FID, {n} samples | vs vanilla, eval samples | vs vanilla, {n} samples |",
+             "|---|---|---|---|---|"]
+    for arm in arms:
+        seeds = {r["seed"] for r in sub if r["arm"] == arm and r.get(key) is not None}
+        both = [r for r in sub if r["seed"] in seeds]
+        small, large = _mean(both, arm, "fid"), _mean(both, arm, key)
+        vs = [compare(both, arm, "vanilla", k) if arm != "vanilla" else None for k in ("fid", key)]
+        lines.append(f"| {arm} | {small:.2f} | {large:.2f} | {fmt(vs[0])} | {fmt(vs[1])} |")
     return lines
 
 
@@ -165,11 +264,13 @@ def write_evidence_report(root: str | Path) -> Path:
     out = [f"# Evidence study: {study.get('preset', root.name)} — does any rater beat its equal-cost control?", ""]
     out.append(f"Data `{settings.get('data')}`, DiT `{settings.get('model')}`, k = {settings.get('k')}, "
                f"{settings.get('continue_steps')} continuation steps at lr {settings.get('continue_lr')} "
-               f"(EMA {settings.get('continue_ema')}), batch {settings.get('batch_size')}. Splits by seed "
+               f"(EMA {settings.get('continue_ema')}{' with warmup' if settings.get('continue_ema_warmup') else ''}), "
+               f"batch {settings.get('batch_size')}. Splits by seed "
                f"{settings.get('split_seed')}: train / meta-validation {settings.get('val_fraction')} / test "
                f"{settings.get('test_fraction')}; the test split is never trained, selected or meta-learned on. "
                f"FID: {settings.get('eval_samples')} samples, {settings.get('eval_ddim_steps')} DDIM steps, CFG "
-               f"{settings.get('cfg_scale')}, EMA weights, classifier features. noiserater "
+               f"{settings.get('cfg_scale')}, EMA weights, classifier features, reference: "
+               f"{'the test split' if settings.get('eval_reference_split') == 'test' else 'all images of the reference source'}. noiserater "
                f"{prov.get('noiserater')} at commit {prov.get('git_commit')}.")
     out.append("")
     out.append("Each cell: mean over paired seeds of 100·(arm − control)/control, ± the 95% t half-width; "
@@ -178,9 +279,21 @@ def write_evidence_report(root: str | Path) -> Path:
                "throughput over the arm's, measured on a shared 2-core CPU (indicative only).")
     records = []
     for stage in stages:
-        lines, recs = stage_table(rows, stage)
+        lines, recs = stage_table(rows, stage, settings)
         records += recs
         out += ["", f"## Pretraining stage {stage}", ""] + lines + ["", "Absolute means:", ""] + absolute_table(rows, stage)
+        norm = norm_control_lines(rows, stage)
+        if norm:
+            out += ["", "Norm-changing policies against the k=1 noise-scale control of the same mean norm "
+                        "(a gain the control also gets is a change of the noise's scale, not a selection):", ""] + norm
+        null = random_null_lines(rows, stage)
+        if null:
+            out += ["", "Trained raters against the null of never-trained raters of the same architecture (each "
+                        "initialisation's mean paired change vs vanilla; lower is better; a trained rater beats the "
+                        "null when its change is below the null mean by more than the null SD):", ""] + null
+        big = large_fid_lines(rows, stage, settings.get("fid_large_samples"))
+        if big:
+            out += ["", "FID's sample-size bias: the same checkpoints at two sample counts (same seeds):", ""] + big
         van = next((r for r in recs if r["arm"] != "vanilla" and r["control"] == "vanilla" and r["fid_vs_control"]), None)
         sds = [r["fid_vs_control"]["sd"] for r in recs if r["fid_vs_control"] and math.isfinite(r["fid_vs_control"]["sd"])]
         if van is not None and sds:
@@ -213,6 +326,18 @@ def write_evidence_report(root: str | Path) -> Path:
         if recs:
             fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png")
             out += ["", f"![stage {stage}]({fig.name})"]
+    n_int = sum(1 for r in records for key, _ in METRICS if r.get(f"{key}_vs_control"))
+    if n_int:
+        out += ["", f"Multiplicity: this report shows {n_int} arm-vs-control intervals at 95% each; about "
+                    f"{n_int / 20:.1f} of them would exclude 0 by chance alone if no arm had any effect, so a "
+                    "single interval that barely excludes 0 is weak evidence."]
+    floor = root / "reference-floor" / "stage.json"
+    if floor.exists():
+        f = json.loads(floor.read_text())["result"]
+        vals = ", ".join(f"{v:.2f} at {k.rsplit('_', 1)[1]} images" for k, v in f.items() if k.startswith("real_train_fid_"))
+        out += ["", f"FID reference: the `{f['reference_split']}` split, {f['reference_images']} images that no run "
+                    f"trained on. Real training-split images score {vals} against it: the floor a perfect "
+                    "generator would reach at that sample size."]
     atomic_write_text(root / "summary.json", json.dumps(records, indent=1, default=str))
     atomic_write_text(root / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
     path = root / "report.md"

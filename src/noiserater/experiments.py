@@ -172,15 +172,19 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
     return float(sum(float(losses[i:i + batch].float().sum()) for i in range(0, len(losses), batch))) / len(losses)
 
 
-def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path) -> dict:
-    """Classifier-FID, precision, recall and class accuracy of EMA samples (fixed seed: repeatable)."""
-    if preset.eval_samples <= 0:
+def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path, num_samples: int | None = None) -> dict:
+    """Classifier-FID, precision, recall and class accuracy of EMA samples (fixed seed: repeatable), against
+    the preset's reference split (``eval_reference_split``: 'test' = images the model never trained on;
+    default all images of the source); ``num_samples`` overrides the preset's ``eval_samples``."""
+    n = preset.eval_samples if num_samples is None else num_samples
+    if n <= 0:
         return {}
-    cfg = EvalConfig(checkpoint=checkpoint, num_samples=preset.eval_samples, steps=preset.eval_ddim_steps,
+    cfg = EvalConfig(checkpoint=checkpoint, num_samples=n, steps=preset.eval_ddim_steps,
                      cfg_scale=preset.cfg_scale, seed=0, extractors=preset.eval_extractors, run_dir=str(folder),
-                     progress=False)
+                     progress=False, reference_split=getattr(preset, "eval_reference_split", None))
     rec = evaluate_checkpoint(cfg)[0]
-    return {k: rec.get(k) for k in ("fid", "precision", "recall", "class_accuracy")}
+    return {**{k: rec.get(k) for k in ("fid", "precision", "recall", "class_accuracy")},
+            "fid_reference_images": rec["reference"]["num_images"]}
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

@@ -30,8 +30,9 @@ EVAL_HELP = {
                  "otherwise the checkpoint's training data. Latent-cache checkpoints: an image folder, read "
                  "like cache-latents reads it at the cache's resolution (default: the folder the cache was "
                  "made from, as its header records).",
-    "reference_split": "Split of the reference: all, train or val (default: all; image-folder references of "
-                       "latent checkpoints always use all images).",
+    "reference_split": "Split of the reference: all, or train / val / test: the checkpoint's own split of its "
+                       "data (its --split-seed and fractions); test = images the model never trained on "
+                       "(default: all; image-folder references of latent checkpoints always use all images).",
     "reference_max_images": "Image-folder references of latent checkpoints: use at most this many images "
                             "(a seeded subset of a larger folder, e.g. ImageNet's 1.28M), streamed in batches.",
     "reference_workers": "Image-folder references: DataLoader worker processes decoding the images "

@@ -160,14 +160,19 @@ def _reference_stats(path: Path, prepare, extractor: Extractor, batch_size: int,
 
 def reference_features(source: str, split: str, extractor: Extractor, cache: str | os.PathLike | None = None,
                        batch_size: int = 250, device: str | torch.device = "cpu", progress: bool = True,
-                       max_pr: int = 10000) -> dict[str, Any]:
+                       max_pr: int = 10000, split_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """{'mu', 'sigma', 'n', 'pr_features' (at most ``max_pr`` rows, seeded subset), 'cached'} of the
-    reference images of a dataset source (loaded with ``load_dataset``); cached under CACHE/ref/ keyed by
-    (source, split, extractor key)."""
-    path = cache_dir(cache) / "ref" / f"{source_slug(source)}-{split}-{extractor.key}.npz"
+    reference images of a dataset source (loaded with ``load_dataset``; ``split_args``: its ``seed``,
+    ``val_fraction``, ``test_fraction``, e.g. a run's own split so that 'test' is the split it never saw);
+    cached under CACHE/ref/ keyed by (source, split, split_args, extractor key)."""
+    split_args = dict(split_args or {})
+    tag = "" if not split_args or split == "all" else "-" + "-".join(
+        f"{k[0]}{split_args[k]:g}" if isinstance(split_args[k], float) else f"{k[0]}{split_args[k]}"
+        for k in sorted(split_args))
+    path = cache_dir(cache) / "ref" / f"{source_slug(source)}-{split}{tag}-{extractor.key}.npz"
 
     def prepare():
-        data = load_dataset(source, split)
+        data = load_dataset(source, split, **(split_args if split != "all" else {}))
         return len(data), (data.images[i:i + batch_size] for i in range(0, len(data), batch_size))
 
     return _reference_stats(path, prepare, extractor, batch_size, device, progress, f"reference {source}:{split}",
