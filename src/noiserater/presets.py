@@ -95,7 +95,7 @@ CPU_PRESETS: dict[str, ReproducePreset] = {
         continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
         stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
     ),
-    # The published CPU study (docs/results/digits): 71 min of stage time measured on a shared 2-core machine.
+    # The paper's protocol on digits (its first run is archived: docs/results/archive/digits).
     "digits": ReproducePreset(
         name="digits", batch_size=32, pretrain_steps=2000, stage_steps=[300, 2000], meta_stage=2000,
         rater="Rater-N/2", meta_outer_steps=60, meta_inner_steps=3, meta_candidates=8, continue_steps=200,

@@ -29,7 +29,7 @@ SMOKE_TEST_BANNER = (
     "only a few outer steps, two seeds. Its numbers show that the pipeline runs end to end. For the evidence "
     "(every arm against its equal-cost control, on a test split nobody selects with) see the published "
     "studies: [docs/results/evidence-digits/report.md](../docs/results/evidence-digits/report.md) and "
-    "[docs/results/digits/report.md](../docs/results/digits/report.md) (the paper's protocol).\n\n"
+    "[docs/results/evidence-fashion-mnist/report.md](../docs/results/evidence-fashion-mnist/report.md).\n\n"
 )
 
 
