@@ -7,10 +7,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from click.testing import CliRunner
 from scipy import stats
 
 from noiserater.cli import main
+from noiserater.config import from_dict
+from noiserater.data import load_dataset
+from noiserater.train import TrainConfig, load_splits
 from noiserater.evidence_report import compare, paired_interval, seeds_for_half_width
 
 
@@ -48,14 +53,23 @@ def test_evidence_study_end_to_end_tiny(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 2 and {r["seed"] for r in rows} == {0, 1}
-    assert all(r["test_triples"] == 180 for r in rows)  # the digits test split: 10% of 1797, never trained on
+    n_test = len(load_dataset("digits", "test", seed=0, val_fraction=0.1, test_fraction=0.25))
+    assert n_test == 449
+    assert all(r["test_triples"] == n_test for r in rows)  # the digits test split, never trained on
+    # FID against the held-out test split, not all digits; every run logged the norm of its noise
+    assert all(r["fid_reference_images"] == n_test for r in rows)
+    assert all(abs(r["noise_sq_norm_per_dim"] - 1.0) < 0.2 and r["noise_scale"] == 1.0 for r in rows)
     summary = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())}
     assert summary["rater_soft"]["control"] == "uniform_soft" and summary["rater_sample"]["control"] == "vanilla"
     assert summary["uniform_soft"]["dit_passes"] == 4 and summary["rater_sample"]["dit_passes"] == 1
     report = (out / "report.md").read_text()
-    assert "| rater_soft | 4 | uniform_soft | 2 |" in report and "(forest-stage6.png)" in report
-    # the pretraining never saw the test split: its run records the split
-    cfg = (out / "pretrain" / "run" / "config.yaml").read_text()
-    assert "test_fraction: 0.1" in cfg and "split_seed: 0" in cfg
+    assert "| rater_soft | 4 | uniform_soft | 2, 2 |" in report and "(forest-stage6.png)" in report
+    assert "FID reference: the `test` split, 449 images" in report
+    # the pretraining never saw the test split: the images of the split its config names are disjoint from
+    # the test images every arm is evaluated on
+    cfg = yaml.safe_load((out / "pretrain" / "run" / "config.yaml").read_text())
+    train_imgs = load_splits(from_dict(TrainConfig, cfg), "train").images.flatten(1)
+    test_imgs = load_dataset("digits", "test", seed=0, val_fraction=0.1, test_fraction=0.25).images.flatten(1)
+    assert not (torch.cdist(train_imgs, test_imgs) == 0).any()
     again = CliRunner().invoke(main, args)  # a rerun skips everything
     assert again.exit_code == 0 and "[run ]" not in again.output

@@ -99,7 +99,7 @@ class EvidencePreset:
     fid_large_samples: int = 2000  # a second FID at this many samples for ``fid_large_arms`` (sample-size bias)
     fid_large_arms: list[str] = field(default_factory=list)
     random_raters: int = 5  # fresh, never-trained rater initialisations: the null of every rater arm
-    random_rater_seeds: list[int] = field(default_factory=list)  # seeds the random raters run (empty: all)
+    random_rater_seeds: list[int] = field(default_factory=list)  # of ``seeds``, those the random raters run (empty: all)
     run_stages: list[int] = field(default_factory=list)  # the stages this invocation continues (empty: all)
 
     def validate(self) -> None:
@@ -112,10 +112,9 @@ class EvidencePreset:
         require(set(self.run_stages) <= set(self.stages), "run_stages", f"each must be one of stages {self.stages}")
         require(self.eval_reference_split in ("all", "test"), "eval_reference_split",
                 "use test (held-out images) or all")
-        require(set(self.fid_large_arms) <= set(self.arms), "fid_large_arms", "each must be one of the study's arms")
+        require(set(self.fid_large_arms) <= set(ARMS), "fid_large_arms", f"each must be an arm: {', '.join(ARMS)}")
         require(self.random_raters >= 2 or not any(ARMS[a][3] == "random" for a in self.arms), "random_raters",
                 "a null distribution needs at least 2 random initialisations")
-        require(set(self.random_rater_seeds) <= set(self.seeds), "random_rater_seeds", "each must be one of seeds")
 
 
 # A study is its preset: every setting and the seed plan are fixed here before its runs start, and the shipped
@@ -361,12 +360,44 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
                 kind = ARMS[arm][3]
                 if kind != "random":
                     rows.append(arm_run(p, root, stage, ckpt, arm, seed, raters[kind] if kind else None, log))
-                elif seed in (p.random_rater_seeds or p.seeds):
+                elif seed in random_seeds(p):
                     rows += [arm_run(p, root, stage, ckpt, arm, seed, path, log, init=i)
                              for i, path in enumerate(raters["random"])]
                 _write_results(root, rows)
     _write_results(root, rows)
     return write_evidence_report(root)
+
+
+# What a published study keeps (relative to the study root): everything the report reads, the trained raters,
+# and no DiT checkpoint. The layout is the study's own, so `evidence --report-only` on the published copy
+# writes the same report. Random raters are not kept: they are rebuilt exactly from RANDOM_RATER_SEED.
+PUBLISHED_FILES = ("study.json", "results.jsonl", "summary.json", "report.md", "forest-stage*.png",
+                   "pretrain/stage.json", "reference-floor/stage.json", "stage-*/rater-*/stage.json",
+                   "stage-*/rater-bilevel/rater.pt", "stage-*/rater-distill/rater.pt", "stage-*/rater-*/run/metrics.jsonl",
+                   "stage-*/rater-*/run/config.yaml", "stage-*/rater-*/run/heldout_curve.png",
+                   "stage-*/rater-*/analysis/analysis.json", "stage-*/runs/*/seed*/stage.json",
+                   "stage-*/runs/*/init*/seed*/stage.json")
+
+
+def publish_study(root: str | Path, dest: str | Path) -> list[Path]:
+    """Copy a study's small artefacts (``PUBLISHED_FILES``) from ``root`` to ``dest`` (e.g. docs/results/NAME),
+    each via a temporary file and a rename; returns the files written."""
+    root, dest = Path(root), Path(dest)
+    if not (root / "study.json").exists():
+        raise ConfigError(f"{root} holds no evidence study (no study.json): run `noiserater evidence --out {root}` first")
+    written = []
+    for pattern in PUBLISHED_FILES:
+        for src in sorted(root.glob(pattern)):
+            out = dest / src.relative_to(root)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            copy_checkpoint(src, out)  # temp name + rename: never half-written
+            written.append(out)
+    return written
+
+
+def random_seeds(p: EvidencePreset) -> list[int]:
+    """The seeds the random-rater arms run: ``random_rater_seeds`` among ``seeds`` (all seeds when empty)."""
+    return [s for s in p.seeds if not p.random_rater_seeds or s in p.random_rater_seeds]
 
 
 def _write_results(root: Path, rows: list[dict]) -> None:

@@ -103,7 +103,8 @@ def planned_seeds(settings: dict, arm: str) -> int | None:
     if "seeds" not in settings:
         return None
     if ARMS.get(base_arm(arm), (None, None, None, None))[3] == "random":
-        return len(settings.get("random_rater_seeds") or settings["seeds"])
+        chosen = settings.get("random_rater_seeds") or settings["seeds"]
+        return len([s for s in settings["seeds"] if s in chosen])
     return len(settings["seeds"])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import parse_overrides
-from ..evidence import EVIDENCE_PRESETS, EvidencePreset, evidence, get_evidence_preset
+from ..evidence import EVIDENCE_PRESETS, EvidencePreset, evidence, get_evidence_preset, publish_study
 from ..evidence_report import write_evidence_report
 
 
@@ -20,7 +20,11 @@ from ..evidence_report import write_evidence_report
               help="Override a preset field, repeatable: --set 'seeds=[0, 1]' --set 'arms=[vanilla, oracle]'. "
                    "Fields: EvidencePreset in noiserater/evidence.py (also in the study's study.json).")
 @click.option("--report-only", is_flag=True, help="Only (re)write report.md from the finished runs in --out.")
-def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bool) -> None:
+@click.option("--publish", "publish", default=None, type=click.Path(file_okay=False),
+              help="After the report, copy the study's small artefacts (records, report, plots, trained raters; no "
+                   "DiT checkpoints) to this folder, e.g. docs/results/evidence-digits; `--report-only` on the copy "
+                   "rewrites the same report.")
+def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bool, publish: str | None) -> None:
     """Pretrain with train / meta-validation / test splits, meta-train the bilevel and distilled raters,
     continue every arm over paired seeds, evaluate on the test split, and compare each arm with the
     control of equal cost (rater_soft vs uniform_soft, one-pass policies vs vanilla)."""
@@ -29,6 +33,8 @@ def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bo
         if not (folder / "study.json").exists():
             raise click.UsageError(f"--out {folder} holds no evidence study (no study.json); run it first")
         click.echo(f"report: {write_evidence_report(folder)}")
-        return
-    p = get_evidence_preset(preset, **parse_overrides(EvidencePreset, sets))
-    click.echo(f"report: {evidence(p, folder, log=click.echo)}")
+    else:
+        p = get_evidence_preset(preset, **parse_overrides(EvidencePreset, sets))
+        click.echo(f"report: {evidence(p, folder, log=click.echo)}")
+    if publish:
+        click.echo(f"published {len(publish_study(folder, publish))} files to {publish}")
