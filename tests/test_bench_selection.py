@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from click.testing import CliRunner
 
-from noiserater.cli import main
 from noiserater.bench import selection as bs
+from noiserater.cli import main
 from noiserater.models import build_rater
 
 

@@ -7,8 +7,8 @@ import json
 import torch
 from click.testing import CliRunner
 
-from noiserater.cli import main
 from noiserater.bench.train import CONFIGS, PlainDiT, _memory_child, _Ours, _Plain
+from noiserater.cli import main
 from noiserater.models import build_dit
 
 

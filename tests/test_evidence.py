@@ -15,7 +15,7 @@ from scipy import stats
 from noiserater.cli import main
 from noiserater.config import from_dict
 from noiserater.data import load_dataset
-from noiserater.evidence_report import compare, paired_interval, seeds_for_half_width
+from noiserater.study.evidence_report import compare, paired_interval, seeds_for_half_width
 from noiserater.train import TrainConfig, load_splits
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import math
 import os
 import random
 import struct
@@ -33,10 +32,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from noiserater.checkpoint import CheckpointError, load_checkpoint, load_rater, save_checkpoint, save_rater
+from noiserater.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from noiserater.cli import main
 from noiserater.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
 from noiserater.data.datasets import DatasetError, _read_idx, load_fashion_mnist, load_image_folder, load_source
+from noiserater.models.loading import load_rater, save_rater
 
 EXAMPLES = int(os.environ.get("NOISERATER_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
@@ -678,7 +678,6 @@ def test_every_bit_flip_of_a_latent_cache_is_harmless_or_refused(tmp_path, monke
 
 
 def test_latent_cache_damage_fuzz(tmp_path):
-    from noiserater.data import latents as L
 
     cache, originals = _cache(tmp_path)
     expected = {m: _load_cache_view(cache, m) for m in (True, False)}

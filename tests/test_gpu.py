@@ -92,8 +92,7 @@ def test_cuda_training_fp32_bf16_tf32_fused_adamw(tmp_path):
 
 def test_cuda_grad_checkpointing_same_gradients():
     from noiserater.models import build_dit
-
-    from noiserater.speed import set_tf32
+    from noiserater.run.speed import set_tf32
 
     set_tf32(False)
     torch.manual_seed(0)

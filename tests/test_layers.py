@@ -77,11 +77,12 @@ def _resolve(mod: str, modules: dict[str, Path]) -> str | None:
     return mod or None
 
 
-def test_module_level_imports_have_no_cycle():
+def test_imports_have_no_cycle():
+    """No cycle, counting the imports inside functions too (a lazy import hides a cycle, it does not remove it)."""
     modules = _modules()
     graph = {}
     for name, path in modules.items():
-        deps = {_resolve(m, modules) for m in _imports(path, top_level_only=True)}
+        deps = {_resolve(m, modules) for m in _imports(path, top_level_only=False)}
         # importing a submodule imports its package __init__ first: parents are not a cycle of their own
         graph[name] = {d for d in deps if d and d != name and not name.startswith(d + ".")}
     # a package's __init__ that re-exports its submodules depends on them: fine, unless they import back
@@ -110,9 +111,9 @@ def test_the_core_does_not_import_the_pipelines():
     core = ("noiserater.models", "noiserater.meta.losses", "noiserater.meta.gradient", "noiserater.meta.inner_optim",
             "noiserater.meta.oracle", "noiserater.diffusion", "noiserater.randomness", "noiserater.selection",
             "noiserater.config", "noiserater.data")
-    pipelines = ("noiserater.train", "noiserater.meta.train", "noiserater.evaluate", "noiserater.experiments",
-                 "noiserater.evidence", "noiserater.report", "noiserater.analysis", "noiserater.bench",
-                 "noiserater.signal_check", "noiserater.run")
+    pipelines = ("noiserater.train", "noiserater.metatrain", "noiserater.evaluate", "noiserater.study.reproduce",
+                 "noiserater.study.evidence", "noiserater.study.reproduce_report", "noiserater.analysis.rater_stats", "noiserater.bench",
+                 "noiserater.analysis.candidate_signal", "noiserater.run")
     offenders = []
     for name, path in _modules().items():
         if not name.startswith(core):
@@ -122,6 +123,24 @@ def test_the_core_does_not_import_the_pipelines():
         if bad:
             offenders.append(f"{name} -> {', '.join(bad)}")
     assert not offenders, "core modules import pipelines / run infrastructure:\n" + "\n".join(offenders)
+
+
+def _importers(target: str) -> set[str]:
+    """Modules outside ``target`` (a package) that import it or anything in it, anywhere in their code."""
+    out = set()
+    for name, path in _modules().items():
+        if name == target or name.startswith(target + "."):
+            continue
+        if any(m == target or m.startswith(target + ".") for m in _imports(path, top_level_only=False)):
+            out.add(name)
+    return out
+
+
+def test_studies_are_imported_only_by_the_cli_and_analyses_only_by_studies_and_the_cli():
+    cli = lambda n: n.startswith("noiserater.commands") or n in ("noiserater.cli", "noiserater.__main__")  # noqa: E731
+    assert {n for n in _importers("noiserater.study") if not cli(n)} <= {"noiserater"}  # the lazy top-level exports
+    assert {n for n in _importers("noiserater.analysis")
+            if not cli(n) and not n.startswith("noiserater.study")} == set()
 
 
 def test_the_checker_sees_a_planted_violation():
@@ -146,7 +165,7 @@ def test_the_cycle_check_sees_a_planted_cycle():
     b.write_text("from ._planted_cycle_a import x\n")
     try:
         try:
-            test_module_level_imports_have_no_cycle()
+            test_imports_have_no_cycle()
         except AssertionError as e:
             assert "_planted_cycle_a" in str(e) and "_planted_cycle_b" in str(e)
         else:

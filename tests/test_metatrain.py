@@ -12,10 +12,11 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from noiserater.checkpoint import load_checkpoint, load_rater, save_checkpoint
+from noiserater.checkpoint import load_checkpoint, save_checkpoint
 from noiserater.meta import Reducer, meta_gradient_info
-from noiserater.meta.train import MetaTrainConfig, metatrain
+from noiserater.metatrain import MetaTrainConfig, metatrain
 from noiserater.models import DiTSpec, build_dit_from_spec, build_rater
+from noiserater.models.loading import load_rater
 
 SPEC = DiTSpec("DiT-N/2", 8, 1, 10, learn_sigma=False, class_dropout_prob=0.1)
 
@@ -90,9 +91,9 @@ def test_metatrain_logs_and_writes_a_loadable_rater(tiny_checkpoint, tmp_path):
 def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoint, tmp_path, eval_every):
     """L_val after uniform SGD steps, recomputed with torch.optim.SGD on the same batches. With the held-out
     check on, the outer loss uses the meta half of the validation split only."""
-    from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.meta.batches import MetaBatches
     from noiserater.data import load_dataset
+    from noiserater.meta.batches import MetaBatches
+    from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.train import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1, eval_every=eval_every)
@@ -149,9 +150,9 @@ def _uniform_gains_by_hand(ckpt: str, cfg: MetaTrainConfig, grid) -> dict:
     out in a loop; None where the result is not finite."""
     import math
 
-    from noiserater.checkpoint import load_diffusion
     from noiserater.diffusion import GaussianDiffusion, per_sample_loss
     from noiserater.meta.batches import MetaBatches, checkpoint_splits
+    from noiserater.models.loading import load_diffusion
 
     model, spec, state = load_diffusion(ckpt, use_ema=cfg.use_ema)
     model.eval()
@@ -434,8 +435,8 @@ def test_bilevel_heldout_eval_matches_an_independent_inner_loop(tiny_checkpoint,
     """The step-0 held-out rater advantage, recomputed with torch.optim.SGD on the held-out draws (the
     held-out half of the val split, the eval seed stream): mean and SE over the 2 fixed batches."""
     from noiserater.data import load_dataset
-    from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.meta.batches import EVAL_SEED_OFFSET, MetaBatches
+    from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.train import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=0, eval_every=1, eval_batches=2)

@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 import noiserater
-from noiserater.provenance import git_commit, version_info, version_line
+from noiserater.run.provenance import git_commit, version_info, version_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,12 +124,16 @@ def test_train_without_tensorboard_warns_once_and_logs_metrics(tmp_path, monkeyp
 def test_top_level_namespace_exports_the_scripting_api():
     import noiserater
     from noiserater.selection import NoiseSelector
+    from noiserater.study.evidence import evidence
     from noiserater.train import train
 
-    for name in ("TrainConfig", "train_model", "MetaTrainConfig", "metatrain", "meta_gradient", "NoiseSelector",
-                 "build_dit", "build_rater", "load_diffusion", "load_rater", "evaluate_checkpoint", "reproduce"):
+    for name in ("TrainConfig", "MetaTrainConfig", "meta_gradient", "NoiseSelector", "build_dit", "build_rater",
+                 "load_diffusion", "load_rater", "evaluate_checkpoint", "reproduce", "evidence"):
         assert callable(getattr(noiserater, name)), name
-    assert noiserater.NoiseSelector is NoiseSelector and noiserater.train_model is train
+    assert noiserater.NoiseSelector is NoiseSelector and noiserater.evidence is evidence
+    import noiserater.train as train_module
+
+    assert train_module.train is train and not callable(train_module)  # a plain module, no shim
     import pytest
 
     with pytest.raises(AttributeError):

@@ -20,13 +20,14 @@ import json
 import pytest
 import torch
 
-import noiserater.meta.train as mt
-from noiserater.checkpoint import load_rater, save_checkpoint
+import noiserater.metatrain as mt
+from noiserater.checkpoint import save_checkpoint
 from noiserater.data import load_dataset
 from noiserater.meta.batches import MetaBatches, checkpoint_splits
 from noiserater.meta.gradient import Reducer, inner_steps
 from noiserater.meta.losses import val_loss
 from noiserater.models import DiTSpec, build_dit_from_spec, build_rater
+from noiserater.models.loading import load_rater
 
 SPEC = DiTSpec("DiT-N/2", 8, 1, 10, learn_sigma=False, class_dropout_prob=0.1)
 K = 4

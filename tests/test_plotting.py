@@ -134,7 +134,7 @@ def _summary():
 
 
 def test_report_summary_plot(tmp_path, captured):
-    from noiserater.report import plot_summary, table_title
+    from noiserater.study.reproduce_report import plot_summary, table_title
 
     plot_summary(_summary(), "fid", tmp_path / "main_fid.png", table_title("main"))
     (fig, path), = captured
@@ -155,7 +155,7 @@ def test_report_summary_plot(tmp_path, captured):
 
 
 def test_report_summary_plot_without_vanilla_long_labels(tmp_path, captured):
-    from noiserater.report import plot_summary
+    from noiserater.study.reproduce_report import plot_summary
 
     s = _summary().iloc[:2].copy()
     s["label"] = ["no_image_class: rater k=4", "noise_only: rater k=4"]
@@ -172,7 +172,7 @@ def test_report_summary_plot_without_vanilla_long_labels(tmp_path, captured):
 
 
 def test_report_loss_curves_say_not_comparable(tmp_path, captured):
-    from noiserater.report import plot_loss_curves
+    from noiserater.study.reproduce_report import plot_loss_curves
 
     rows = []
     for i, (label, policy, k) in enumerate([("vanilla", "vanilla", 1), ("rater k=4", "rater", 4),
@@ -212,7 +212,7 @@ def _stats(n=12, shift=0.5, seed=0):
 
 
 def test_analysis_figures_have_captions_units_and_legends(tmp_path, captured):
-    from noiserater.analysis import plot_by_stage, plot_by_t
+    from noiserater.analysis.rater_stats.rater_stats import plot_by_stage, plot_by_t
 
     plot_by_t(_stats(), tmp_path, title="stage 300", num_noises=16)
     plot_by_stage([300, 2000], [_stats(), _stats(shift=0.1, seed=1)], tmp_path, num_noises=16)

@@ -7,7 +7,7 @@ import pytest
 from noiserater.config import from_dict
 from noiserater.models import DIT_CONFIGS
 from noiserater.models.rater import RATER_CONFIGS
-from noiserater.presets import PRESETS
+from noiserater.study.presets import PRESETS
 from noiserater.train import TrainConfig
 
 
@@ -23,14 +23,14 @@ def test_imagenet_dit_s2_preset_is_the_papers_setting_and_builds_configs():
     assert p.cache["scaling_factor"] == 0.18215 and p.cache["resolution"] == 256
     assert p.hardware["paper_selection_overhead"] == {"k2": 1.3, "k4": 1.63, "k8": 2.09}
     try:
-        from noiserater.meta.train import MetaTrainConfig
+        from noiserater.metatrain import MetaTrainConfig
     except ImportError:
         pytest.skip("meta-training not in this checkout")
     MetaTrainConfig(checkpoint="x.pt", **p.metatrain).validate()
 
 
 def test_preset_reachable_through_get_preset_with_overrides():
-    from noiserater.experiments import get_preset
+    from noiserater.study.reproduce import get_preset
 
     p = get_preset("imagenet-dit-s2", data="/data/cache")
     assert p.data == "/data/cache" and p.train["batch_size"] == 256
@@ -38,7 +38,7 @@ def test_preset_reachable_through_get_preset_with_overrides():
 
 def test_full_scale_stage_settings_reach_the_stage_configs(tmp_path):
     """The imagenet preset's `train` / `metatrain` dicts are applied (they were silently dropped before)."""
-    from noiserater.experiments import get_preset, metatrain_config, pretrain_config
+    from noiserater.study.reproduce import get_preset, metatrain_config, pretrain_config
 
     p = get_preset("imagenet-dit-s2")
     cfg = pretrain_config(p, tmp_path, p.model, 100_000)

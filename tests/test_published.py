@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from noiserater.evidence import publish_study
-from noiserater.evidence_report import write_evidence_report
+from noiserater.study.evidence import publish_study
+from noiserater.study.evidence_report import write_evidence_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.parent for p in (ROOT / "docs" / "results").glob("**/study.json"))

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from noiserater.checkpoint import CheckpointError, load_rater, save_rater
+from noiserater.checkpoint import CheckpointError
 from noiserater.models import ABLATIONS, RATER_CONFIGS, DiTSpec, build_dit, build_rater, group_weights
+from noiserater.models.loading import load_rater, save_rater
 
 SMALL = dict(input_size=8, in_channels=2, num_classes=5)
 

@@ -18,18 +18,18 @@ import json
 import math
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import binomtest
 
-from noiserater.checkpoint import load_checkpoint, load_diffusion
+from noiserater.checkpoint import load_checkpoint
 from noiserater.diffusion import GaussianDiffusion, ddim_sample, ddim_step, ddim_timesteps
-from noiserater.experiments import fixed_triple_losses
 from noiserater.models import DiTSpec, build_dit, build_dit_from_spec
+from noiserater.models.loading import load_diffusion
 from noiserater.randomness import drop_labels
+from noiserater.study.reproduce import fixed_triple_losses
 from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, load_splits, train
 
 TINY = dict(data="digits", model="DiT-N/2", batch_size=16, lr=1e-3, ema_decay=0.9, log_every=1, sample_every=1000,

@@ -47,7 +47,6 @@ from noiserater.models import build_rater
 from noiserater.models.dit import load_reference_dit
 from noiserater.train import NumericsError, TrainConfig, batch_indices, train
 
-
 # A tiny run: DiT-N/2 on the bundled 8x8 digits, one metrics line per step, no periodic samples.
 TINY = dict(data="digits", model="DiT-N/2", batch_size=8, lr=1e-3, ema_decay=0.9, log_every=1,
             sample_every=100_000, sample_steps=2, tensorboard=False, progress=False, seed=3)
@@ -860,7 +859,7 @@ def test_weights_that_overflow_are_never_checkpointed(tmp_path, monkeypatch, cle
 
 
 def _meta_cfg(run, ckpt, **kw):
-    from noiserater.meta.train import MetaTrainConfig
+    from noiserater.metatrain import MetaTrainConfig
 
     return MetaTrainConfig(**{**META, "checkpoint": str(ckpt), "run_dir": str(run), **kw})
 
@@ -868,8 +867,8 @@ def _meta_cfg(run, ckpt, **kw):
 def test_metatrain_nonfinite_meta_gradients_are_skipped_then_stop(tmp_path, monkeypatch, diffusion_ckpt):
     """A NaN meta-gradient (injected on chosen outer steps) is skipped and logged; three in a row stop the
     run naming the step; the last good checkpoint (equal to a clean run's) stays loadable."""
-    import noiserater.meta.train as mt
-    from noiserater.meta.train import metatrain
+    import noiserater.metatrain as mt
+    from noiserater.metatrain import metatrain
 
     clean = tmp_path / "clean"
     metatrain(_meta_cfg(clean, diffusion_ckpt, outer_steps=3, ckpt_every=1000))
@@ -901,7 +900,7 @@ def test_metatrain_nonfinite_meta_gradients_are_skipped_then_stop(tmp_path, monk
 
 
 def test_metatrain_never_checkpoints_nonfinite_rater_weights(tmp_path, monkeypatch, diffusion_ckpt):
-    from noiserater.meta.train import metatrain
+    from noiserater.metatrain import metatrain
 
     real_step, calls = torch.optim.Adam.step, {"n": -1}
 

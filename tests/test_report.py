@@ -9,8 +9,15 @@ import pytest
 from scipy import stats
 
 from noiserater.checkpoint import RunDirError
-from noiserater.experiments import run_stage
-from noiserater.report import mean_ci, paired_power, paired_test, seeds_for_spread, seeds_needed, summarize
+from noiserater.study.reproduce import run_stage
+from noiserater.study.reproduce_report import (
+    mean_ci,
+    paired_power,
+    paired_test,
+    seeds_for_spread,
+    seeds_needed,
+    summarize,
+)
 
 
 def test_mean_ci_matches_scipy_t_interval():
@@ -128,7 +135,7 @@ def test_run_stage_skips_done_and_refuses_changed_config(tmp_path):
 
 
 def test_load_results_reads_throughput_from_each_runs_metrics(tmp_path):
-    from noiserater.report import load_results
+    from noiserater.study.reproduce_report import load_results
 
     speeds = {"vanilla": [5.0, 100.0, 104.0, 98.0], "rater k=4": [1.0, 50.0, 49.0, 52.0, 51.0]}
     for i, (label, sp) in enumerate(speeds.items()):
@@ -152,8 +159,8 @@ def test_load_results_reads_throughput_from_each_runs_metrics(tmp_path):
 def test_table_titles_use_the_papers_numbers_for_the_study_folders():
     """Headings follow the paper (1 policies, 2 ablations, 3 k, 4 transfer, 5 stages) from one mapping; the
     study folders (runs/main, ablation, stage-<s>, transfer) carry no number, so older studies read the same."""
-    from noiserater.presets import PAPER_TABLES
-    from noiserater.report import table_title
+    from noiserater.study.presets import PAPER_TABLES
+    from noiserater.study.reproduce_report import table_title
 
     assert PAPER_TABLES == {"policies": 1, "ablations": 2, "k": 3, "transfer": 4, "stages": 5}
     assert table_title("main").startswith("Table 1 (policies) and Table 3 (effect of k)")
@@ -166,7 +173,7 @@ def test_table_titles_use_the_papers_numbers_for_the_study_folders():
 def test_run_metrics_keeps_step_records_with_a_loss(tmp_path):
     """The report reads a run's metrics.jsonl through run.folder.read_metrics: events, evaluations without a
     loss and a line cut by a crash are left out; a missing log gives no records."""
-    from noiserater.report import median_throughput, run_metrics
+    from noiserater.study.reproduce_report import median_throughput, run_metrics
 
     ckpt = tmp_path / "run" / "checkpoints" / "latest.pt"
     ckpt.parent.mkdir(parents=True)

@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from noiserater.checkpoint import RunDirError, RunLock
 from noiserater.config import ConfigError
 from noiserater.errors import NumericsError
+from noiserater.randomness import batch_indices, condition_labels, drop_labels, step_generator
 from noiserater.run.folder import eval_records, log_metrics, read_metrics, truncate_metrics
 from noiserater.run.loop import BadStepGuard, Run, check_finite_weights, open_run
-from noiserater.randomness import batch_indices, condition_labels, drop_labels, step_generator
 
 
 def test_open_run_locks_the_folder_and_releases_it(tmp_path):

@@ -13,10 +13,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from noiserater.checkpoint import CheckpointError, RunDirError, save_rater
+from noiserater.checkpoint import CheckpointError, RunDirError
 from noiserater.cli import main
 from noiserater.data import load_dataset
 from noiserater.models import build_dit, build_rater
+from noiserater.models.loading import save_rater
 from noiserater.selection import POLICIES, NoiseSelector, SelectionPolicy
 from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, train
 
@@ -249,7 +250,7 @@ def test_continuation_uses_the_chosen_noise_for_input_and_target(policy, k, pret
     cand = cand.double()
     abar = torch.from_numpy(_schedule_abar()[t.numpy()])[:, None, None, None]
     if uses_rater:
-        from noiserater.checkpoint import load_rater
+        from noiserater.models.loading import load_rater
 
         rater = load_rater(rater_path).eval()
         with torch.no_grad():

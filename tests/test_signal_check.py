@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from noiserater.analysis.rater_stats.candidate_signal import SignalCheckConfig, signal_check
 from scipy.stats import spearmanr
 
 from noiserater.checkpoint import save_checkpoint
 from noiserater.data import load_dataset
 from noiserater.models import DiTSpec, build_dit_from_spec
-from noiserater.signal_check import SignalCheckConfig, signal_check
 
 SPEC = DiTSpec("DiT-N/2", 8, 1, 10, learn_sigma=False, class_dropout_prob=0.1)
 
@@ -48,8 +48,8 @@ def _ref_alignments(model, batch, val):
 
 
 def test_signal_check_matches_independent_references(tmp_path):
-    from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.meta.batches import MetaBatches, split_heldout
+    from noiserater.meta.losses import candidate_losses, val_loss
     from noiserater.train import load_diffusion
 
     ckpt = _ckpt(tmp_path / "dit.pt", 0.0)

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from noiserater.models import build_dit
-from noiserater.speed import autocast, set_tf32
+from noiserater.run.speed import autocast, set_tf32
 
 
 def _model_and_batch(seed: int = 0):

@@ -7,11 +7,12 @@ import torch
 from click.testing import CliRunner
 from scipy import stats
 
-from noiserater.checkpoint import load_checkpoint, save_rater
+from noiserater.checkpoint import load_checkpoint
 from noiserater.cli import main
 from noiserater.data import load_dataset
 from noiserater.diffusion import GaussianDiffusion
 from noiserater.models import build_dit, build_rater
+from noiserater.models.loading import save_rater
 from noiserater.selection import (
     NoiseSelector,
     SelectionPolicy,

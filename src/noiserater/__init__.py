@@ -2,8 +2,13 @@
 
 The objects a user scripts with are exported here, loaded lazily (``import noiserater`` stays cheap)::
 
-    from noiserater import TrainConfig, train, NoiseSelector, build_dit, load_diffusion
+    from noiserater import TrainConfig, NoiseSelector, build_dit, load_diffusion
+    from noiserater.train import train
     train(TrainConfig(steps=100))
+
+The paper's three stages are modules of their own: :mod:`noiserater.train` (stages i and iii) and
+:mod:`noiserater.metatrain` (stage ii); their functions ``train`` / ``metatrain`` are imported from there
+(a package attribute cannot have the name of one of its submodules).
 """
 
 import importlib
@@ -12,21 +17,16 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first use)
 _EXPORTS = {
-    "TrainConfig": "train", "train": "train", "train_model": "train",
-    "MetaTrainConfig": "meta.train", "metatrain": "meta.train",
+    "TrainConfig": "train", "MetaTrainConfig": "metatrain",
     "meta_gradient": "meta.gradient",
     "NoiseSelector": "selection",
+    "get_objective": "objectives",
     "build_dit": "models.dit", "build_rater": "models.rater",
     "load_diffusion": "models.loading", "load_rater": "models.loading",
     "evaluate_checkpoint": "evaluate",
-    "reproduce": "experiments", "run_evidence": "evidence",
+    "reproduce": "study.reproduce", "evidence": "study.evidence",
     "sample_from_checkpoint": "sampling",
 }
-
-# ``evidence`` is also a submodule: an attribute of that name would be replaced by the module as soon as it
-# is imported, so the function is exported as ``run_evidence``. ``train`` is the module itself, which is
-# callable (``train(cfg)`` runs :func:`noiserater.train.train`); ``train_model`` is the plain function.
-_ALIASES = {"train_model": "train", "run_evidence": "evidence"}
 
 __all__ = ["__version__", *_EXPORTS]
 
@@ -34,6 +34,5 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str):
     """Lazy top-level exports: ``from noiserater import NoiseSelector``."""
     if name in _EXPORTS:
-        module = importlib.import_module(f"noiserater.{_EXPORTS[name]}")
-        return module if name == "train" else getattr(module, _ALIASES.get(name, name))
+        return getattr(importlib.import_module(f"noiserater.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'noiserater' has no attribute {name!r}")

@@ -379,16 +379,3 @@ def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, leg
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-# ---- moved -------------------------------------------------------------------------------------------
-
-
-def __getattr__(name: str):
-    """``save_rater``, ``load_rater`` and ``load_diffusion`` moved to :mod:`noiserater.models.loading`
-    (they build models, and the models import this module); the old import path keeps working."""
-    if name in ("save_rater", "load_rater", "load_diffusion"):
-        from .models import loading  # lazy: models import this module
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         # torch and the pipelines load here, not at the top: `noiserater --version` and `--help` stay fast
         from .errors import USER_ERRORS
-        from .experiments import StudyInterrupted
+        from .study.reproduce import StudyInterrupted
 
         try:
             return super().invoke(ctx)

@@ -8,8 +8,6 @@ lock, signals, bad-step guard and DDP agreement are the shared scaffold (:mod:`n
 Randomness is a pure function of (seed, step) (:mod:`noiserater.run.randomness`): each step draws
 timesteps, label-dropout masks and k candidate noises for the GLOBAL batch; each DDP rank takes its slice.
 So a resumed run and a 2-process run see exactly the noise a straight 1-process run sees.
-
-``noiserater.train`` is both this module and, called, :func:`train` (see the bottom of the file).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +40,7 @@ from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
 from .randomness import batch_indices, condition_labels, step_generator
 from .run.folder import truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
+from .run.speed import autocast, set_tf32
 from .sampling import sample_grid_labels, save_grid
 from .selection import (
     ORACLE_POLICIES,
@@ -56,7 +54,6 @@ from .selection import (
     record_selection,
     soft_selection_loss,
 )
-from .speed import autocast, set_tf32
 
 # the fixed seed of the sample grids written during training (the same noise at every sample step)
 SAMPLE_GRID_SEED_OFFSET = 12345
@@ -464,15 +461,3 @@ def _sample_to_disk(ema, diffusion, data: ImageData, cfg: TrainConfig, path: Pat
     scale = 1.0 if cfg.unconditional else cfg.cfg_scale
     x = ddim_sample(ema, diffusion, noise, y, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
     save_grid(x, path, nrow=data.num_classes if not cfg.unconditional else None)
-
-
-class _CallableModule(types.ModuleType):
-    """``noiserater.train`` is this module (``from noiserater.train import TrainConfig``) and, called, the
-    function (``from noiserater import train; train(cfg)``): a package attribute named like a submodule is
-    replaced by the module when the submodule is imported, so the two could not otherwise coexist."""
-
-    def __call__(self, cfg: TrainConfig, resume: bool = False) -> dict:
-        return train(cfg, resume)
-
-
-sys.modules[__name__].__class__ = _CallableModule

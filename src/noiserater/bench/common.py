@@ -13,7 +13,7 @@
   :func:`peak_rss_bytes` / :class:`PeakRssGrowth` (the resident set: ``VmHWM``, ``ru_maxrss`` off Linux).
 - :func:`in_fresh_process`: call a function of the library in a fresh Python process (memory that one
   configuration freed but the allocator kept must not hide another's growth).
-- :func:`machine_info` (from :mod:`noiserater.speed`) and :func:`write_result` (atomic JSON).
+- :func:`machine_info` (from :mod:`noiserater.run.speed`) and :func:`write_result` (atomic JSON).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from ..diffusion import GaussianDiffusion
 from ..models import DiTSpec, build_dit_from_spec
 from ..randomness import batch_indices, step_generator
 from ..run.distributed import resolve_device
+from ..run.speed import machine_info, set_tf32
 from ..selection import SelectionPolicy
-from ..speed import machine_info, set_tf32
 from ..train import (
     StepResult,
     TrainConfig,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..analysis import AnalyzeConfig, StagesConfig, analyze_rater, analyze_stages, match_stage
+from ..analysis.rater_stats import AnalyzeConfig, StagesConfig, analyze_rater, analyze_stages, match_stage
 from ._options import config_options, deprecated_alias
 
 COMMON_HELP = {

@@ -17,10 +17,10 @@ from pathlib import Path
 import click
 
 from ..checkpoint import atomic_write_text
-from ..experiments import get_preset, reproduce
-from ..presets import paper_table
-from ..report import format_mean_ci, format_vs_vanilla, load_results
 from ..sampling import sample_from_checkpoint, save_grid
+from ..study.presets import paper_table
+from ..study.reproduce import get_preset, reproduce
+from ..study.reproduce_report import format_mean_ci, format_vs_vanilla, load_results
 from .reproduce import SET_HELP, study_overrides
 
 DEMO_PRESET = "digits-quick"

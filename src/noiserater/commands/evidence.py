@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import parse_overrides
-from ..evidence import EVIDENCE_PRESETS, EvidencePreset, evidence, get_evidence_preset, publish_study
-from ..evidence_report import write_evidence_report
+from ..study.evidence import EVIDENCE_PRESETS, EvidencePreset, evidence, get_evidence_preset, publish_study
+from ..study.evidence_report import write_evidence_report
 
 
 @click.command("evidence")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..meta.train import MetaTrainConfig, metatrain
+from ..metatrain import MetaTrainConfig, metatrain
 from ._options import config_options, deprecated_alias
 from ._summary import echo_run_summary
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import MissingFileError
-from ..report import write_report
+from ..study.reproduce_report import write_report
 from ._options import deprecated_alias
 
 

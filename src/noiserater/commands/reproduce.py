@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import parse_overrides
-from ..experiments import reproduce
-from ..presets import CPU_PRESETS, FULL_SCALE_PRESETS, get_preset, paper_table
+from ..study.presets import CPU_PRESETS, FULL_SCALE_PRESETS, get_preset, paper_table
+from ..study.reproduce import reproduce
 
 
 def study_overrides(preset: str, seeds: int | None = None, continue_steps: int | None = None,

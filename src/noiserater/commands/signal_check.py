@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..analysis.candidate_signal import SignalCheckConfig, format_summary, signal_check
 from ..checkpoint import write_json
 from ..run.distributed import resolve_device
-from ..signal_check import SignalCheckConfig, format_summary, signal_check
 from ._options import config_options, deprecated_alias
 
 SIGNAL_HELP = {

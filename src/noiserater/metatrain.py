@@ -48,26 +48,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import (
+from .checkpoint import (
     CheckpointError,
     atomic_write_text,
     check_run_config,
     get_rng_state,
     write_json,
 )
-from ..config import ConfigError, dump_yaml, require, to_dict
-from ..diffusion import GaussianDiffusion
-from ..models.loading import load_diffusion, save_rater
-from ..models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
-from ..plotting import figure, label_axes, legend, savefig
-from ..run.folder import eval_records, truncate_metrics
-from ..run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
-from ..stats import mean_se
-from .batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
-from .gradient import METHODS, Reducer, inner_steps, meta_gradient_info
-from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
-from .losses import candidate_weights, eval_mode, uniform_weights, val_loss
-from .oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
+from .config import ConfigError, dump_yaml, require, to_dict
+from .diffusion import GaussianDiffusion
+from .meta.batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
+from .meta.gradient import METHODS, Reducer, inner_steps, meta_gradient_info
+from .meta.inner_optim import INNER_OPTIMIZERS, InnerOptimizer
+from .meta.losses import candidate_weights, eval_mode, uniform_weights, val_loss
+from .meta.oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
+from .models.loading import load_diffusion, save_rater
+from .models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
+from .plotting import figure, label_axes, legend, savefig
+from .run.folder import eval_records, truncate_metrics
+from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
+from .stats import mean_se
 
 SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 OBJECTIVES = ("bilevel", "distill")

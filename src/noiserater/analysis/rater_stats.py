@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, write_json
-from .config import ConfigError, MissingFileError, from_dict, load_yaml, require
-from .data import load_dataset
-from .meta.train import MetaTrainConfig, metatrain
-from .models import DiTSpec
-from .models.loading import load_rater
-from .plotting import figure, label_axes, legend, savefig
-from .run.folder import read_metrics
-from .selection import SelectionPolicy, draw_candidates
+from ..checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, write_json
+from ..config import ConfigError, MissingFileError, from_dict, load_yaml, require
+from ..data import load_dataset
+from ..metatrain import MetaTrainConfig, metatrain
+from ..models import DiTSpec
+from ..models.loading import load_rater
+from ..plotting import figure, label_axes, legend, savefig
+from ..run.folder import read_metrics
+from ..selection import SelectionPolicy, draw_candidates
 
 NUM_TIMESTEPS = 1000
 # An odd prime that mixes (seed, image index) into one generator seed for the candidate noises an analysis

@@ -1,5 +1,5 @@
-"""The evidence study's arms and timestep bands: what :mod:`noiserater.evidence` runs and
-:mod:`noiserater.evidence_report` reports, in one place below both (the report orders arms as listed here).
+"""The evidence study's arms and timestep bands: what :mod:`noiserater.study.evidence` runs and
+:mod:`noiserater.study.evidence_report` reports, in one place below both (the report orders arms as listed here).
 
 Add an arm with one line in :data:`ARMS`.
 """

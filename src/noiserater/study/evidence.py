@@ -28,15 +28,22 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_text, write_json
-from .config import ConfigError, from_dict, require
-from .data import load_dataset
-from .eval.extractors import build_extractor
-from .eval.frechet import feature_stats, frechet_distance
-from .eval.reference import default_reference, reference_features
-from .evidence_arms import ARMS, BANDS, band_key  # defined there, still importable from here
+from ..checkpoint import atomic_write_text, write_json
+from ..config import ConfigError, from_dict, require
+from ..data import load_dataset
+from ..eval.extractors import build_extractor
+from ..eval.frechet import feature_stats, frechet_distance
+from ..eval.reference import default_reference, reference_features
+from ..metatrain import MetaTrainConfig, metatrain
+from ..models.loading import load_diffusion, save_rater
+from ..models.rater import NoiseRater, RaterSpec
+from ..run.folder import read_metrics
+from ..run.provenance import version_info
+from ..selection import dit_passes, equal_cost_control, max_norm_scale
+from ..train import TrainConfig, train
+from .arms import ARMS, BANDS, band_key  # defined there, still importable from here
 from .evidence_report import write_evidence_report
-from .experiments import (
+from .reproduce import (
     PRETRAIN_SEED,
     copy_checkpoint,
     finished,
@@ -45,14 +52,7 @@ from .experiments import (
     run_stage,
     sample_metrics,
 )
-from .meta.train import MetaTrainConfig, metatrain
-from .models.loading import load_diffusion, save_rater
-from .models.rater import NoiseRater, RaterSpec
-from .provenance import version_info
-from .report import median_throughput
-from .run.folder import read_metrics
-from .selection import dit_passes, equal_cost_control, max_norm_scale
-from .train import TrainConfig, train
+from .reproduce_report import median_throughput
 
 
 @dataclass
@@ -154,7 +154,7 @@ def get_evidence_preset(name: str, **overrides: Any) -> EvidencePreset:
 def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_fraction: float, test_fraction: float,
                     draws: int, seed: int = 0, batch: int = 512) -> dict[str, Any]:
     """Epsilon loss of a checkpoint's EMA weights on fixed (test image, timestep, noise) triples (the same
-    for every arm and seed, :func:`noiserater.experiments.fixed_triple_losses`): the mean and the mean
+    for every arm and seed, :func:`noiserater.study.reproduce.fixed_triple_losses`): the mean and the mean
     per timestep band of ``BANDS``."""
     model, _, _ = load_diffusion(checkpoint)
     model.eval()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from scipy import stats
 
-from .checkpoint import atomic_write_text
-from .evidence_arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL
-from .plotting import axis_label, figure, label_axes, savefig
-from .run.folder import METRICS as METRICS_FILE
-from .run.folder import eval_records
+from ..checkpoint import atomic_write_text
+from ..plotting import axis_label, figure, label_axes, savefig
+from ..run.folder import METRICS as METRICS_FILE
+from ..run.folder import eval_records
+from .arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)

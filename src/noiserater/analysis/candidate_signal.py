@@ -30,15 +30,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import require
-from .data import load_dataset
-from .meta.batches import MetaBatches, checkpoint_splits, split_heldout
-from .meta.gradient import Reducer
-from .meta.losses import candidate_losses, eval_mode, val_loss
-from .meta.oracle import oracle_at, rank_agreement, within_group_spearman
-from .models.loading import load_diffusion
-from .randomness import condition_labels
-from .stats import mean_se
+from ..config import require
+from ..data import load_dataset
+from ..meta.batches import MetaBatches, checkpoint_splits, split_heldout
+from ..meta.gradient import Reducer
+from ..meta.losses import candidate_losses, eval_mode, val_loss
+from ..meta.oracle import oracle_at, rank_agreement, within_group_spearman
+from ..models.loading import load_diffusion
+from ..randomness import condition_labels
+from ..stats import mean_se
 
 OPTIMIZERS = ("adamw", "sgd")
 HELDOUT_DRAW_SEED_OFFSET = 4242  # the fixed held-out (t, noise) draws: a stream no training step uses

@@ -13,7 +13,7 @@ config (and resumed from its checkpoint when it was interrupted):
 5. ``transfer``: a larger backbone, the step matched by the training-loss curve (paper eq. 10), and a
    continuation with the frozen small-model rater (Table 4).
 
-Table numbers are the paper's (:data:`noiserater.presets.PAPER_TABLES`); report headings come from there.
+Table numbers are the paper's (:data:`noiserater.study.presets.PAPER_TABLES`); report headings come from there.
 
 The report (`noiserater report`) reads ``results.jsonl`` and writes ``report.md`` and plots.
 """
@@ -30,15 +30,15 @@ from typing import Any, Callable
 
 import torch
 
-from .analysis import StagesConfig, analyze_stages, match_stage
-from .checkpoint import RunDirError, write_json
-from .data import load_dataset
-from .diffusion import GaussianDiffusion, per_sample_loss
-from .evaluate import EvalConfig, evaluate_checkpoint
-from .meta.train import MetaTrainConfig, metatrain
-from .models.loading import load_diffusion
+from ..analysis.rater_stats import StagesConfig, analyze_stages, match_stage
+from ..checkpoint import RunDirError, write_json
+from ..data import load_dataset
+from ..diffusion import GaussianDiffusion, per_sample_loss
+from ..evaluate import EvalConfig, evaluate_checkpoint
+from ..metatrain import MetaTrainConfig, metatrain
+from ..models.loading import load_diffusion
+from ..train import TrainConfig, train
 from .presets import PRESETS, ReproducePreset, get_preset  # noqa: F401  (defined there, still importable from here)
-from .train import TrainConfig, train
 
 # Pretraining's seed: far from the continuation seeds (0, 1, 2, ...), so no continuation replays the data
 # order, timesteps or noise of the pretraining it starts from.
@@ -199,7 +199,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 def _stage_settings(preset: ReproducePreset, key: str) -> dict[str, Any]:
     """The per-stage settings of a full-scale preset (``train`` / ``metatrain`` dicts of
-    :class:`noiserater.presets.FullScalePreset`); empty for the CPU presets."""
+    :class:`noiserater.study.presets.FullScalePreset`); empty for the CPU presets."""
     return dict(getattr(preset, key, None) or {})
 
 
@@ -340,7 +340,7 @@ def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], 
 
 def reproduce(preset: ReproducePreset, out: str | Path, log=print) -> dict:
     """Run the whole protocol for ``preset`` under ``out`` (resumable), then write the report."""
-    from .report import write_report  # pandas + scipy (~1.4 s): cli.py imports this module for every command
+    from .reproduce_report import write_report  # pandas + scipy (~1.4 s): cli.py imports this module for every command
 
     preset.validate()
     root = Path(out)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["git_commit", "version_info", "version_line"]
 

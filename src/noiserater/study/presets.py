@@ -1,6 +1,6 @@
 """The study presets of `noiserater reproduce`, and the paper's table numbers.
 
-- :class:`ReproducePreset`: one scale of the paper's protocol (what :func:`noiserater.experiments.reproduce`
+- :class:`ReproducePreset`: one scale of the paper's protocol (what :func:`noiserater.study.reproduce.reproduce`
   runs); the CPU scales are :data:`CPU_PRESETS`.
 - :class:`FullScalePreset`: the paper's own settings (section 5.1, appendix B), for GPUs and a latent cache
   (:data:`FULL_SCALE_PRESETS`): the study plan plus plain dicts that say how each stage is configured:
@@ -8,7 +8,7 @@
   - ``cache``: the `noiserater cache-latents` arguments that make ``data`` (the latent cache folder).
   - ``train``: :class:`noiserater.train.TrainConfig` fields for pretraining and continuations (keys are
     TrainConfig field names; the plan's ``batch_size``/``pretrain_lr``/``continue_lr`` win for those).
-  - ``metatrain``: :class:`noiserater.meta.train.MetaTrainConfig` fields for the rater (stage ii).
+  - ``metatrain``: :class:`noiserater.metatrain.MetaTrainConfig` fields for the rater (stage ii).
   - ``eval``: how FID is measured (sampler, steps, samples, guidance, weights, reference, schedule).
   - ``hardware``: what the paper ran on and how long it took (to compare costs, not a setting).
 
@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import from_dict, require
+from ..config import from_dict, require
 
 # The paper's tables (section 5) by what they show: the one place their numbers live. Study folders are named
 # by what they hold (runs/main, runs/ablation, runs/stage-<s>, runs/transfer), never by a table number.

@@ -1,6 +1,6 @@
 """`noiserater report RUN_DIR`: tables with confidence intervals, paired tests, cost ratios and plots.
 
-Reads every ``stage.json`` of the continuation runs of a study (see :mod:`noiserater.experiments`).
+Reads every ``stage.json`` of the continuation runs of a study (see :mod:`noiserater.study.reproduce`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, write_json
-from .config import ConfigError
-from .plotting import figure, label_axes, legend, policy_color, savefig
+from ..checkpoint import atomic_write_bytes, atomic_write_text, write_json
+from ..config import ConfigError
+from ..plotting import figure, label_axes, legend, policy_color, savefig
+from ..run.folder import METRICS as METRICS_FILE
+from ..run.folder import read_metrics
+from ..run.provenance import version_info, version_line
 from .presets import paper_table
-from .provenance import version_info, version_line
-from .run.folder import METRICS as METRICS_FILE
-from .run.folder import read_metrics
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
 

@@ -1,0 +1,1 @@
+"""Analyses of raters and checkpoints: rater statistics, stages, stage matching, the candidate signal."""

@@ -1,0 +1,1 @@
+"""Studies: the paper's protocol (reproduce), the evidence study, their presets and reports."""
