@@ -17,21 +17,12 @@ from noiserater.checkpoint import CheckpointError
 from noiserater.cli import main
 from noiserater.config import ConfigError
 from noiserater.data import load_dataset
-from noiserater.evaluate import (
-    EvalConfig,
-    InceptionV3,
-    build_extractor,
-    classifier_path,
-    evaluate_checkpoint,
-    feature_stats,
-    fid_from_features,
-    frechet_distance,
-    get_classifier,
-    knn_radii,
-    load_inception,
-    precision_recall,
-    reference_features,
-)
+from noiserater.eval.classifier import classifier_path, get_classifier
+from noiserater.eval.extractors import build_extractor
+from noiserater.eval.frechet import feature_stats, fid_from_features, frechet_distance, knn_radii, precision_recall
+from noiserater.eval.inception import InceptionV3, load_inception
+from noiserater.eval.reference import reference_features
+from noiserater.evaluate import EvalConfig, evaluate_checkpoint
 from noiserater.train import TrainConfig, train
 
 

@@ -21,19 +21,17 @@ pytest.importorskip("diffusers")
 from noiserater.cli import main  # noqa: E402
 from noiserater.data import load_dataset  # noqa: E402
 from noiserater.data.latents import LatentCacheError, cache_latents  # noqa: E402
-from noiserater.evaluate import (  # noqa: E402
-    EvalConfig,
-    Extractor,
-    InceptionV3,
+from noiserater.eval.extractors import Extractor
+from noiserater.eval.frechet import feature_stats
+from noiserater.eval.inception import InceptionV3, load_inception
+from noiserater.eval.reference import (
     RunningStats,
-    evaluate_checkpoint,
-    feature_stats,
     folder_reference_features,
     folder_reference_files,
-    load_inception,
     reference_features,
 )
-from noiserater.train import TrainConfig, train  # noqa: E402
+from noiserater.evaluate import EvalConfig, evaluate_checkpoint
+from noiserater.train import TrainConfig, train
 
 RES = 32  # pixels; the tiny VAE downsamples 4x -> 4x8x8 latents
 

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from noiserater.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from noiserater.cli import main
 from noiserater.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
-from noiserater.data.datasets import DatasetError, _read_idx, load_fashion_mnist, load_image_folder, load_source
+from noiserater.data.datasets import _read_idx, load_fashion_mnist, load_image_folder, load_source
+from noiserater.data.types import DatasetError
 from noiserater.models.loading import load_rater, save_rater
 
 EXAMPLES = int(os.environ.get("NOISERATER_FUZZ_EXAMPLES", "40"))

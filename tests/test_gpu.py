@@ -43,7 +43,8 @@ def cuda_cache(tmp_path_factory, image_folder, vae_dir) -> Path:
 
 
 def _tiny_train(tmp_path, name, **kw):
-    from noiserater.train import TrainConfig, load_diffusion, train
+    from noiserater.models.loading import load_diffusion
+    from noiserater.train import TrainConfig, train
 
     opts = dict(data="digits", model="DiT-N/2", run_dir=str(tmp_path / name), steps=4, batch_size=16, lr=1e-3,
                 log_every=1, sample_every=1000, ckpt_every=1000, sample_steps=2, tensorboard=False, progress=False)

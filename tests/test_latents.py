@@ -269,8 +269,9 @@ def test_dataset_splits_from_cache_lazy_equals_in_memory(flip_cache, monkeypatch
 
 
 def test_train_on_cache_then_sample_decodes_with_the_same_vae(tmp_path, flip_cache, vae_dir, monkeypatch):
+    from noiserater.models.loading import load_diffusion
     from noiserater.sampling import sample_from_checkpoint
-    from noiserater.train import TrainConfig, load_diffusion, train
+    from noiserater.train import TrainConfig, train
 
     def run(name: str, in_memory_mb: str):
         monkeypatch.setenv("NOISERATER_CACHE_IN_MEMORY_MB", in_memory_mb)
@@ -328,7 +329,7 @@ def test_decoder_refuses_mismatched_scale_and_warns_on_other_weights(tmp_path, f
 
 
 def test_synthetic_cache_and_loader_benchmark(tmp_path):
-    from noiserater.commands.bench_loader import run_loader_benchmark
+    from noiserater.bench.loader import run_loader_benchmark
     from noiserater.data.latents import write_synthetic_cache
 
     cache = write_synthetic_cache(tmp_path / "syn", 300, (4, 8, 8), num_classes=7, seed=1)
@@ -350,7 +351,8 @@ def test_two_process_training_on_a_memmapped_cache_matches_one_process(tmp_path,
     import subprocess
     import sys
 
-    from noiserater.train import TrainConfig, load_diffusion, train
+    from noiserater.models.loading import load_diffusion
+    from noiserater.train import TrainConfig, train
 
     opts = dict(data=str(flip_cache), model="DiT-N/2", steps=3, batch_size=8, lr=1e-3, log_every=1,
                 sample_every=1000, ckpt_every=1000, sample_steps=2)

@@ -94,7 +94,7 @@ def test_first_step_uniform_loss_matches_an_independent_inner_loop(tiny_checkpoi
     from noiserater.data import load_dataset
     from noiserater.meta.batches import MetaBatches
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=1, eval_every=eval_every)
     metatrain(cfg)
@@ -371,7 +371,7 @@ def test_distill_first_step_matches_an_independent_reference(tiny_checkpoint, tm
 
     from noiserater.data import load_dataset
     from noiserater.meta.batches import MetaBatches
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", objective="distill", outer_steps=1, distill_val_batch_size=40,
                    distill_temperature=0.7)
@@ -437,7 +437,7 @@ def test_bilevel_heldout_eval_matches_an_independent_inner_loop(tiny_checkpoint,
     from noiserater.data import load_dataset
     from noiserater.meta.batches import EVAL_SEED_OFFSET, MetaBatches
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     cfg = tiny_cfg(tiny_checkpoint, tmp_path / "run", outer_steps=0, eval_every=1, eval_batches=2)
     summary = metatrain(cfg)

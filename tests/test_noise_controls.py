@@ -20,13 +20,7 @@ from noiserater.selection import (
     ks_distance_from_chi,
     max_norm_scale,
 )
-from noiserater.train import (
-    TrainConfig,
-    draw_input_perturbation,
-    draw_step_randomness,
-    train,
-    train_step,
-)
+from noiserater.train import TrainConfig, draw_input_perturbation, draw_step_randomness, train, train_step
 
 # ---- pairing ----------------------------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def _cfg(ckpt, run_dir, **kw) -> mt.MetaTrainConfig:
 
 def _probe(ckpt, scale):
     """256 fixed groups (their own seed) with the same plant: where the rater's weights are read."""
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     _, _, state = load_diffusion(ckpt)
     train, val, _ = checkpoint_splits(state["config"], "digits")
@@ -96,7 +96,7 @@ def _initial_rater():
 
 
 def test_bilevel_learns_to_down_weight_harmful_candidates(trained_checkpoint, tmp_path):
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     sampler, probe = _probe(trained_checkpoint, 2.5)
     # precondition: the plant really is harmful at this inner lr (S=2 SGD steps), the others help
@@ -130,7 +130,7 @@ def test_bilevel_learns_to_down_weight_harmful_candidates(trained_checkpoint, tm
 @pytest.mark.parametrize("oracle,expect", [("cosine", "down"), ("align", "up")])
 def test_distill_follows_its_oracle_on_planted_candidates(trained_checkpoint, tmp_path, oracle, expect):
     from noiserater.meta.oracle import distillation_targets, oracle_scores, validation_gradient
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     sampler, probe = _probe(trained_checkpoint, 2.5)
     # what the oracle itself says about the plant (an independent evaluation on the probe groups)

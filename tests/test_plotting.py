@@ -238,7 +238,7 @@ def test_analysis_figures_have_captions_units_and_legends(tmp_path, captured):
 
 
 def test_bench_metagrad_figure(tmp_path, captured):
-    from noiserater.commands.bench_metagrad import plot
+    from noiserater.bench.metagrad import plot
 
     recs = [{"method": m, "inner_steps": s, "time_s": 0.1 * s, "time_per_inner_step_s": 0.1,
              "peak_mem_bytes": (s if m == "unrolled" else 1) * 2**20, "model": "DiT-N/2", "rater": "Rater-N/2",

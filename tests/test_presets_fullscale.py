@@ -30,7 +30,7 @@ def test_imagenet_dit_s2_preset_is_the_papers_setting_and_builds_configs():
 
 
 def test_preset_reachable_through_get_preset_with_overrides():
-    from noiserater.study.reproduce import get_preset
+    from noiserater.study.presets import get_preset
 
     p = get_preset("imagenet-dit-s2", data="/data/cache")
     assert p.data == "/data/cache" and p.train["batch_size"] == 256
@@ -38,7 +38,8 @@ def test_preset_reachable_through_get_preset_with_overrides():
 
 def test_full_scale_stage_settings_reach_the_stage_configs(tmp_path):
     """The imagenet preset's `train` / `metatrain` dicts are applied (they were silently dropped before)."""
-    from noiserater.study.reproduce import get_preset, metatrain_config, pretrain_config
+    from noiserater.study.presets import get_preset
+    from noiserater.study.reproduce import metatrain_config, pretrain_config
 
     p = get_preset("imagenet-dit-s2")
     cfg = pretrain_config(p, tmp_path, p.model, 100_000)

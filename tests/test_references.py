@@ -28,9 +28,9 @@ from noiserater.checkpoint import load_checkpoint
 from noiserater.diffusion import GaussianDiffusion, ddim_sample, ddim_step, ddim_timesteps
 from noiserater.models import DiTSpec, build_dit, build_dit_from_spec
 from noiserater.models.loading import load_diffusion
-from noiserater.randomness import drop_labels
+from noiserater.randomness import batch_indices, drop_labels
 from noiserater.study.reproduce import fixed_triple_losses
-from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, load_splits, train
+from noiserater.train import TrainConfig, draw_step_randomness, load_splits, train
 
 TINY = dict(data="digits", model="DiT-N/2", batch_size=16, lr=1e-3, ema_decay=0.9, log_every=1, sample_every=1000,
             ckpt_every=1000, sample_steps=2, tensorboard=False, progress=False)
@@ -327,7 +327,7 @@ def test_inception_features_equal_torch_fidelity(torch_fidelity, tmp_path):
     O(1) rather than vanishing): at 299x299 the 2048-d pool3 features are identical. (Smaller images are
     resized differently: bilinear like pytorch-fid here, TensorFlow-1 style in torch-fidelity.)"""
     FeatureExtractorInceptionV3, _ = torch_fidelity
-    from noiserater.evaluate import InceptionV3
+    from noiserater.eval.inception import InceptionV3
 
     torch.manual_seed(0)
     net = InceptionV3()
@@ -352,7 +352,7 @@ def test_inception_features_equal_torch_fidelity(torch_fidelity, tmp_path):
 
 
 def test_precision_recall_equal_torch_fidelity(torch_fidelity):
-    from noiserater.evaluate import precision_recall
+    from noiserater.eval.frechet import precision_recall
 
     _, calculate_precision_recall_full = torch_fidelity
     g = torch.Generator().manual_seed(0)

@@ -43,9 +43,11 @@ from noiserater.checkpoint import (
     save_rater,
 )
 from noiserater.cli import main
+from noiserater.errors import NumericsError
 from noiserater.models import build_rater
 from noiserater.models.dit import load_reference_dit
-from noiserater.train import NumericsError, TrainConfig, batch_indices, train
+from noiserater.randomness import batch_indices
+from noiserater.train import TrainConfig, train
 
 # A tiny run: DiT-N/2 on the bundled 8x8 digits, one metrics line per step, no periodic samples.
 TINY = dict(data="digits", model="DiT-N/2", batch_size=8, lr=1e-3, ema_decay=0.9, log_every=1,

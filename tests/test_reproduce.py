@@ -11,7 +11,7 @@ from PIL import Image
 
 from noiserater.cli import main
 from noiserater.config import ConfigError, parse_overrides
-from noiserater.study.reproduce import ReproducePreset, get_preset
+from noiserater.study.presets import ReproducePreset, get_preset
 
 # digits-quick shrunk to seconds: every stage of the protocol still runs (pretrain with two stage
 # checkpoints, main rater + a stage rater, Table 1 with vanilla/max_norm/rater over two seeds, Table 5,
@@ -105,7 +105,8 @@ def test_a_signal_during_a_stage_stops_the_study_without_recording_the_stage(tmp
     """train() returns interrupted=True after saving on SIGTERM: the study must stop, not evaluate and
     record a half-trained run as done; the same command then resumes it."""
     import noiserater.study.reproduce as experiments
-    from noiserater.study.reproduce import StudyInterrupted, get_preset, pretrain
+    from noiserater.study.presets import get_preset
+    from noiserater.study.reproduce import StudyInterrupted, pretrain
 
     real = experiments.train
     calls = {"n": 0}

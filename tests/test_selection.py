@@ -18,8 +18,9 @@ from noiserater.cli import main
 from noiserater.data import load_dataset
 from noiserater.models import build_dit, build_rater
 from noiserater.models.loading import save_rater
+from noiserater.randomness import batch_indices
 from noiserater.selection import POLICIES, NoiseSelector, SelectionPolicy
-from noiserater.train import TrainConfig, batch_indices, draw_step_randomness, train
+from noiserater.train import TrainConfig, draw_step_randomness, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,7 @@ def _ref_alignments(model, batch, val):
 def test_signal_check_matches_independent_references(tmp_path):
     from noiserater.meta.batches import MetaBatches, split_heldout
     from noiserater.meta.losses import candidate_losses, val_loss
-    from noiserater.train import load_diffusion
+    from noiserater.models.loading import load_diffusion
 
     ckpt = _ckpt(tmp_path / "dit.pt", 0.0)
     cfg = SignalCheckConfig(checkpoint=ckpt, k=3, groups=12, val_images=30, steps=2, seeds=2, optimizer="sgd",

@@ -76,7 +76,8 @@ def test_grad_checkpointing_is_exact_under_functional_call_and_double_backward()
 
 
 def test_train_with_grad_checkpointing_matches_without(tmp_path):
-    from noiserater.train import TrainConfig, load_diffusion, train
+    from noiserater.models.loading import load_diffusion
+    from noiserater.train import TrainConfig, train
 
     def run(name, ck):
         cfg = TrainConfig(data="digits", model="DiT-N/2", run_dir=str(tmp_path / name), steps=3, batch_size=8, lr=1e-3,
@@ -110,7 +111,8 @@ def test_tf32_switch_and_autocast_helpers():
 def test_compile_trains_on_cpu(tmp_path):
     """`--compile` (torch.compile, inductor) runs a few CPU steps and lands near the eager result."""
     pytest.importorskip("torch._inductor")
-    from noiserater.train import TrainConfig, load_diffusion, train
+    from noiserater.models.loading import load_diffusion
+    from noiserater.train import TrainConfig, train
 
     def run(name, compiled):
         cfg = TrainConfig(data="digits", model="DiT-N/2", run_dir=str(tmp_path / name), steps=3, batch_size=8, lr=1e-3,

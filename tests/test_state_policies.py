@@ -71,7 +71,8 @@ def test_uniform_soft_train_loss_is_the_mean_of_the_k_candidate_losses(tmp_path)
     """One step of uniform_soft equals one AdamW step on the hand-written mean over the k candidates."""
     cfg = TrainConfig(run_dir=str(tmp_path / "u"), steps=1, policy="uniform_soft", candidates=3, **TINY)
     summary = train(cfg)
-    from noiserater.train import batch_indices, draw_step_randomness, load_splits
+    from noiserater.randomness import batch_indices
+    from noiserater.train import draw_step_randomness, load_splits
 
     data = load_splits(cfg, "train")
     idx = batch_indices(len(data), cfg.batch_size, 0, cfg.seed)

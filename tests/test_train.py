@@ -17,7 +17,8 @@ from PIL import Image
 
 from noiserater.checkpoint import load_checkpoint, save_checkpoint
 from noiserater.cli import main
-from noiserater.train import TrainConfig, batch_indices, train
+from noiserater.randomness import batch_indices
+from noiserater.train import TrainConfig, train
 
 TINY = dict(data="digits", model="DiT-N/2", batch_size=16, lr=1e-3, ema_decay=0.9, log_every=1, sample_every=1000,
             ckpt_every=1000, sample_steps=2, tensorboard=False, progress=False)

@@ -7,7 +7,7 @@ VAE), then gives one record per extractor with FID, precision, recall and class 
 that makes the number comparable (number of samples, sampler, steps, CFG scale, EMA, seed, extractor,
 reference). Records are appended to ``RUN_DIR/eval.jsonl``.
 
-The pieces it is built from live in :mod:`noiserater.eval` (and are importable from here too):
+The pieces it is built from live in :mod:`noiserater.eval`:
 
 - :mod:`noiserater.eval.frechet`: :func:`feature_stats`, :func:`frechet_distance`,
   :func:`fid_from_features`, :func:`knn_radii`, :func:`precision_recall`;
@@ -36,36 +36,14 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, require
-from .eval.cache import cache_dir
 from .eval.classifier import (
-    DatasetClassifier,
-    classifier_accuracy,
-    classifier_path,
-    classifier_splits,
-    dataset_family,
     get_classifier,
-    train_classifier,
 )
-from .eval.extractors import EXTRACTORS, Extractor, build_extractor, quantize
-from .eval.frechet import feature_stats, fid_from_features, frechet_distance, knn_radii, precision_recall
-from .eval.inception import (
-    INCEPTION_FILE_NAMES,
-    INCEPTION_SHA256_PREFIX,
-    BasicConv2d,
-    InceptionA,
-    InceptionB,
-    InceptionC,
-    InceptionD,
-    InceptionE,
-    InceptionV3,
-    load_inception,
-)
+from .eval.extractors import EXTRACTORS, build_extractor, quantize
+from .eval.frechet import feature_stats, frechet_distance, precision_recall
 from .eval.reference import (
-    NAMED_SOURCES,
-    RunningStats,
     default_reference,
     folder_reference_features,
-    folder_reference_files,
     latent_reference,
     reference_features,
 )
@@ -264,24 +242,3 @@ def summary_table(records: list[dict]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
-
-
-__all__ = [
-    # the evaluation pipeline (this module)
-    "EvalConfig", "evaluate_checkpoint", "summary_table", "SAMPLE_CHUNK",
-    # eval.frechet
-    "feature_stats", "frechet_distance", "fid_from_features", "knn_radii", "precision_recall",
-    # eval.inception
-    "InceptionV3", "load_inception", "BasicConv2d", "InceptionA", "InceptionB", "InceptionC", "InceptionD",
-    "InceptionE", "INCEPTION_SHA256_PREFIX", "INCEPTION_FILE_NAMES",
-    # eval.classifier
-    "DatasetClassifier", "dataset_family", "classifier_splits", "classifier_accuracy", "train_classifier",
-    "classifier_path", "get_classifier",
-    # eval.extractors
-    "Extractor", "build_extractor", "quantize", "EXTRACTORS",
-    # eval.reference
-    "reference_features", "folder_reference_features", "folder_reference_files", "default_reference",
-    "latent_reference", "RunningStats", "NAMED_SOURCES",
-    # eval.cache
-    "cache_dir",
-]

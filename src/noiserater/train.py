@@ -33,7 +33,6 @@ from .checkpoint import (
 from .config import dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
-from .errors import NumericsError  # noqa: F401  (re-exported: ``from noiserater.train import NumericsError``)
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.loading import load_diffusion, load_rater
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..bench.common import write_result
-from ..bench.loader import run_loader_benchmark  # noqa: F401  (re-exported: the benchmark's old home)
+from ..bench.loader import run_loader_benchmark
 from ._options import deprecated_alias
 
 

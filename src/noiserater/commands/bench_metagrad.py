@@ -12,9 +12,8 @@ import json
 import click
 
 from ..bench.common import write_result
-from ..bench.metagrad import (  # noqa: F401  (re-exported: the benchmark's old home)
+from ..bench.metagrad import (
     DEFAULT_METHODS,
-    _build,
     goal_lines,
     markdown_table,
     plot,

@@ -10,11 +10,9 @@ import click
 import torch
 
 from ..bench.common import write_result
-from ..bench.selection import (  # noqa: F401  (re-exported: the benchmark's old home)
+from ..bench.selection import (
     DEFAULT_RATERS,
-    BenchConfig,
     Setup,
-    _Stepper,
     build_configs,
     format_table,
     run_benchmark,

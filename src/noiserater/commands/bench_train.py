@@ -9,20 +9,10 @@ from __future__ import annotations
 import click
 
 from ..bench.common import write_result
-from ..bench.train import (  # noqa: F401  (re-exported: the benchmark's old home)
+from ..bench.train import (
     CONFIGS,
-    FORMULATIONS,
-    PlainDiT,
-    TrainBenchConfig,
-    _memory_child,
-    _Ours,
-    _Plain,
-    bench_memory,
-    bench_speed,
-    bench_train_loop,
     markdown_table,
     run_train_benchmark,
-    time_steps,
 )
 from ._options import deprecated_alias
 

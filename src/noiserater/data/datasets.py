@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .latents import load_latent_cache
-from .types import IMAGE_EXTENSIONS, DatasetError, ImageData  # defined there, still importable from here
+from .types import IMAGE_EXTENSIONS, DatasetError, ImageData
 
 # Debian's dataset-fashion-mnist package installs here; NOISERATER_FASHION_MNIST_DIR overrides it.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

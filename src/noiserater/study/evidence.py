@@ -41,7 +41,7 @@ from ..run.folder import read_metrics
 from ..run.provenance import version_info
 from ..selection import dit_passes, equal_cost_control, max_norm_scale
 from ..train import TrainConfig, train
-from .arms import ARMS, BANDS, band_key  # defined there, still importable from here
+from .arms import ARMS, BANDS, band_key
 from .evidence_report import write_evidence_report
 from .reproduce import (
     PRETRAIN_SEED,

@@ -38,7 +38,7 @@ from ..evaluate import EvalConfig, evaluate_checkpoint
 from ..metatrain import MetaTrainConfig, metatrain
 from ..models.loading import load_diffusion
 from ..train import TrainConfig, train
-from .presets import PRESETS, ReproducePreset, get_preset  # noqa: F401  (defined there, still importable from here)
+from .presets import ReproducePreset
 
 # Pretraining's seed: far from the continuation seeds (0, 1, 2, ...), so no continuation replays the data
 # order, timesteps or noise of the pretraining it starts from.
