@@ -108,8 +108,8 @@ def test_module_level_imports_have_no_cycle():
 
 def test_the_core_does_not_import_the_pipelines():
     core = ("noiserater.models", "noiserater.meta.losses", "noiserater.meta.gradient", "noiserater.meta.inner_optim",
-            "noiserater.meta.oracle", "noiserater.diffusion", "noiserater.randomness", "noiserater.selection",
-            "noiserater.config", "noiserater.data")
+            "noiserater.meta.oracle", "noiserater.diffusion", "noiserater.objectives", "noiserater.randomness",
+            "noiserater.selection", "noiserater.config", "noiserater.data")
     pipelines = ("noiserater.train", "noiserater.meta.train", "noiserater.evaluate", "noiserater.experiments",
                  "noiserater.evidence", "noiserater.report", "noiserater.analysis", "noiserater.bench",
                  "noiserater.signal_check", "noiserater.run")

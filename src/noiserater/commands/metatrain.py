@@ -59,7 +59,8 @@ METATRAIN_HELP = {
 @click.command("metatrain")
 @deprecated_alias("--rater", "--rater-arch")
 @deprecated_alias("--use-ema/--no-use-ema", "--ema")
-@config_options(MetaTrainConfig, METATRAIN_HELP, flags={"rater": "rater-arch", "use_ema": "ema"})
+@deprecated_alias("--objective", "--meta-objective")
+@config_options(MetaTrainConfig, METATRAIN_HELP, flags={"rater": "rater-arch", "use_ema": "ema", "objective": "meta-objective"})
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def command(cfg: MetaTrainConfig, resume: bool) -> None:
     """Meta-learn a noise rater through S inner steps on a frozen diffusion checkpoint.
@@ -68,7 +69,7 @@ def command(cfg: MetaTrainConfig, resume: bool) -> None:
     batches and noises (metrics.jsonl). The rater is written to RUN_DIR/rater.pt, ready for
     `noiserater train --policy rater --rater RUN_DIR/rater.pt`.
 
-    `--objective distill` instead fits the rater to the alignment oracle's within-group ranking. Every
+    The diffusion objective (ddpm or flow) is the checkpoint's own. `--meta-objective distill` instead fits the rater to the alignment oracle's within-group ranking. Every
     --eval-every steps a held-out check on a part of the validation split the outer loss never sees is
     logged ("eval" records), the best rater kept as RUN_DIR/rater_best.pt and plotted in
     RUN_DIR/heldout_curve.png; --patience stops a run on a plateau.
