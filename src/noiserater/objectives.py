@@ -183,38 +183,41 @@ class FlowObjective(Objective):
             return (v_u + cfg_scale * (v_c - v_u)).to(x.dtype)
         return epsilon_prediction(model(x, self.model_time(tt), y), C).to(x.dtype)
 
+    def step(self, model: nn.Module, x: torch.Tensor, t: float, t_next: float, y: torch.Tensor, *,
+             sampler: str = "euler", cfg_scale: float = 1.0, null: int | None = None) -> torch.Tensor:
+        """One ODE step of dx/dt = v from t to t_next (< t): Euler x + h v(x, t), or Heun (explicit
+        trapezoid: the mean of v at t and at the Euler prediction at t_next), h = t_next - t."""
+        h = t_next - t
+        v = self.velocity(model, x, t, y, cfg_scale, null)
+        if sampler == "euler":
+            return x + h * v
+        v_next = self.velocity(model, x + h * v, t_next, y, cfg_scale, null)
+        return x + h * 0.5 * (v + v_next)
+
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler=None, steps=50, cfg_scale=1.0, null_class=None, clip=False,
-               progress=False):
-        """Integrate dx/dt = v(x, t) from t=1 (x = noise) to t=0 on the uniform grid t_i = 1 - i/steps.
+               progress=False, times: list[float] | None = None):
+        """Integrate dx/dt = v(x, t) from t=1 (x = noise) to t=0 on the uniform grid t_i = 1 - i/steps (or
+        on ``times``, decreasing, e.g. a scheduler's sigmas).
 
-        ``euler``: steps model evaluations (x += h v); ``heun``: 2 x steps (the trapezoid of v at both ends,
-        the second evaluated at the Euler prediction). ``clip`` clamps the final sample to [-1, 1]."""
+        ``euler``: one model evaluation per step; ``heun``: two. ``clip`` clamps the final sample to [-1, 1]."""
         sampler = sampler or self.default_sampler
         self.check_sampler(sampler)
         self.check_steps(steps)
         null = getattr(model, "num_classes", None) if null_class is None else null_class
         if cfg_scale != 1.0 and null is None:
             raise ConfigError("classifier-free guidance needs null_class (the model has no num_classes)")
+        ts = list(times) if times is not None else torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
         was_training = getattr(model, "training", False)
         if isinstance(model, nn.Module):
             model.eval()
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
         x = noise
-        it = range(steps)
+        it = range(len(ts) - 1)
         if progress:
             it = tqdm(it, desc=sampler, leave=False)
         try:
             for i in it:
-                t, t_next = ts[i], ts[i + 1]
-                h = t_next - t
-                v = self.velocity(model, x, t, y, cfg_scale, null)
-                if sampler == "euler":
-                    x = x + h * v
-                else:
-                    x_pred = x + h * v
-                    v_next = self.velocity(model, x_pred, t_next, y, cfg_scale, null)
-                    x = x + h * 0.5 * (v + v_next)
+                x = self.step(model, x, ts[i], ts[i + 1], y, sampler=sampler, cfg_scale=cfg_scale, null=null)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
