@@ -114,3 +114,13 @@ def test_train_refuses_a_sampler_or_time_option_of_the_other_objective(tmp_path)
     assert r.exit_code == 2 and "--sampler" in r.stderr and "ddim" in r.stderr, r.output
     r = run("train", *TINY, "--steps", "1", "--time-sampling", "logit-normal", "--run-dir", tmp_path / "b")
     assert r.exit_code == 2 and "--objective flow" in r.stderr, r.output
+
+
+def test_signal_check_on_a_flow_checkpoint(flow_run, tmp_path):
+    """The oracle's signal check runs on a flow checkpoint (its losses, oracle and t draws are the flow
+    objective's: tests/test_signal_check.py checks the computation itself against references)."""
+    out = tmp_path / "signal.json"
+    ok(run("signal", "check", "--checkpoint", flow_run / "checkpoints" / "latest.pt", "--candidates", "2", "--groups",
+           "4", "--val-images", "8", "--steps", "1", "--seeds", "1", "--no-progress", "--json", out))
+    res = json.loads(out.read_text())
+    assert res["k"] == 2 and np.isfinite(res["few_step"]["loss_oracle"]) and np.isfinite(res["few_step"]["loss_vanilla"])
