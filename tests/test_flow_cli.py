@@ -124,3 +124,14 @@ def test_signal_check_on_a_flow_checkpoint(flow_run, tmp_path):
            "4", "--val-images", "8", "--steps", "1", "--seeds", "1", "--no-progress", "--json", out))
     res = json.loads(out.read_text())
     assert res["k"] == 2 and np.isfinite(res["few_step"]["loss_oracle"]) and np.isfinite(res["few_step"]["loss_vanilla"])
+
+
+def test_a_rater_of_the_other_objective_is_refused(flow_run, tmp_path):
+    """A rater meta-trained on a flow checkpoint scores t in flow's units: a DDPM run refuses it."""
+    ckpt = flow_run / "checkpoints" / "latest.pt"
+    ok(run("metatrain", "--checkpoint", ckpt, "--rater-arch", "Rater-N/2", "--outer-steps", "1", "--candidates", "2",
+           "--batch-size", "2", "--inner-steps", "1", "--val-batch-size", "4", "--inner-lr", "0.01", "--eval-every", "0",
+           "--no-progress", "--device", "cpu", "--run-dir", tmp_path / "m"))
+    one_line_error(run("train", *TINY, "--steps", "2", "--policy", "rater", "--candidates", "2", "--rater",
+                       tmp_path / "m" / "rater.pt", "--run-dir", tmp_path / "ddpm"),
+                   "meta-trained on a flow checkpoint", "--objective ddpm")

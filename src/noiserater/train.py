@@ -31,6 +31,7 @@ from .checkpoint import (
     atomic_write_text,
     check_run_config,
     get_rng_state,
+    load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
 )
@@ -227,6 +228,12 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     the meta-validation split, and ``rater_online`` distils on ``train_data``."""
     rater = load_rater(cfg.rater, expect=spec).to(device) if cfg.rater else None
     objective = train_objective(cfg)
+    if cfg.rater:  # a rater scores (eps, t) in the units of the objective it was meta-trained with
+        trained = objective_from_config(load_checkpoint(cfg.rater, kind="rater").get("diffusion")).name
+        if trained != objective.name:
+            raise ConfigError(f"rater {cfg.rater} was meta-trained on a {trained} checkpoint, but this run trains "
+                              f"--objective {objective.name}: meta-train a rater on a {objective.name} checkpoint "
+                              "(noiserater metatrain)")
     if cfg.policy not in (*ORACLE_POLICIES, "rater_online"):
         return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature, objective=objective)
     val = load_splits(cfg, "val")
