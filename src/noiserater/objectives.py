@@ -232,11 +232,10 @@ OBJECTIVES: dict[str, type[Objective]] = {"ddpm": DDPMObjective, "flow": FlowObj
 
 
 def get_objective(name: str = "ddpm", **options) -> Objective:
-    """The objective ``name`` ("ddpm" or "flow"); flow options: time_sampling, logit_mean, logit_std."""
+    """The objective ``name`` ("ddpm" or "flow"); flow options: time_sampling, logit_mean, logit_std; ddpm:
+    diffusion (a :class:`GaussianDiffusion`, default the project's schedule)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
-    if name == "ddpm":
-        return DDPMObjective()
     return OBJECTIVES[name](**options)
 
 

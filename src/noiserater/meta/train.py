@@ -282,7 +282,7 @@ class _DistillEval:
             self.groups.append(batch)
             self.targets.append(oracle_at(model, batch, sampler.val_batch(i, val_size, rank, world, device,
                                                                        seed_offset=EVAL_SEED_OFFSET), reducer, mode,
-                                              self.objective)[1])
+                                              objective=self.objective)[1])
 
     def __call__(self, rater) -> dict:
         with torch.no_grad(), eval_mode(rater):
@@ -466,7 +466,8 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
             if distill:
                 groups = sampler.train_batch(step, 0, rank, world, device)
                 l0, align = oracle_at(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
-                                                                     device), reducer, cfg.distill_oracle, objective)
+                                                                     device), reducer, cfg.distill_oracle,
+                                      objective=objective)
                 scores_b = rater_scores_of(rater, groups, objective)
                 loss = distillation_loss(scores_b, align, cfg.distill_temperature)
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # e.g. the last block's image MLP
