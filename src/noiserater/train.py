@@ -156,9 +156,9 @@ class TrainConfig:
         require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", f"choose one of {', '.join(TIME_SAMPLINGS)}")
         require(math.isfinite(self.logit_mean), "logit_mean", "must be a finite number")
         require(math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", "must be a finite number > 0")
-        require(self.objective == "flow" or (self.time_sampling, self.logit_mean, self.logit_std) == ("uniform", 0.0, 1.0),
-                "time_sampling", "only the flow objective draws real-valued t: drop --time-sampling/--logit-* or "
-                "pass --objective flow")
+        for key, ddpm_value in (("time_sampling", "uniform"), ("logit_mean", 0.0), ("logit_std", 1.0)):
+            require(self.objective == "flow" or getattr(self, key) == ddpm_value, key,
+                    "only the flow objective draws real-valued t: drop it or pass --objective flow")
         objective = train_objective(self)
         require(self.sampler is None or self.sampler in objective.samplers, "sampler",
                 f"{self.sampler!r} does not fit the {self.objective} objective: choose one of "
