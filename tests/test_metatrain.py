@@ -512,10 +512,10 @@ def test_splits_follow_the_checkpoint_and_never_load_the_test_split(tmp_path, mo
 
 
 @pytest.mark.parametrize("args,key", [
-    (["--objective", "magic"], "objective"),
+    (["--meta-objective", "magic"], "objective"),
     (["--heldout-fraction", "1"], "heldout_fraction"),
     (["--patience", "2", "--eval-every", "0"], "patience"),
-    (["--objective", "distill", "--carry-inner"], "carry_inner"),
+    (["--meta-objective", "distill", "--carry-inner"], "carry_inner"),
     (["--distill-oracle", "best"], "distill_oracle"),
     (["--distill-temperature", "0"], "distill_temperature"),
     (["--eval-batches", "0"], "eval_batches"),

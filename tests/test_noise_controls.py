@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from noiserater.cli import main
 from noiserater.diffusion import GaussianDiffusion
+from noiserater.objectives import get_objective
 from noiserater.selection import (
     NoiseNormStats,
     SelectionPolicy,
@@ -21,6 +22,8 @@ from noiserater.selection import (
     max_norm_scale,
 )
 from noiserater.train import TrainConfig, draw_input_perturbation, draw_step_randomness, train, train_step
+
+DDPM = get_objective("ddpm")
 
 # ---- pairing ----------------------------------------------------------------------------------------
 
@@ -31,15 +34,15 @@ def test_vanilla_trains_on_candidate_zero_of_every_k_arm_for_every_image(k):
     one = TrainConfig(candidates=1, seed=3)
     many = TrainConfig(policy="max_norm", candidates=k, seed=3)
     for step in (0, 7):
-        t1, y1, c1 = draw_step_randomness(one, step, y, 10, (1, 8, 8), 1000)
-        tk, yk, ck = draw_step_randomness(many, step, y, 10, (1, 8, 8), 1000)
+        t1, y1, c1 = draw_step_randomness(one, step, y, 10, (1, 8, 8), DDPM)
+        tk, yk, ck = draw_step_randomness(many, step, y, 10, (1, 8, 8), DDPM)
         assert torch.equal(t1, tk) and torch.equal(y1, yk)
         assert ck.shape == (16, k, 1, 8, 8)
         assert torch.equal(c1[:, 0], ck[:, 0])  # every image b, not only b = 0
         # the first j candidates of a k-arm are those of a j-arm (k=8 extends k=4)
         if k > 2:
             _, _, c2 = draw_step_randomness(TrainConfig(policy="max_norm", candidates=2, seed=3), step, y, 10,
-                                            (1, 8, 8), 1000)
+                                            (1, 8, 8), DDPM)
             assert torch.equal(c2, ck[:, :2])
         # and the candidates are independent standard normals (not one draw repeated)
         assert not torch.equal(ck[:, 0], ck[:, 1])
@@ -47,9 +50,9 @@ def test_vanilla_trains_on_candidate_zero_of_every_k_arm_for_every_image(k):
 
 def test_input_perturbation_leaves_the_candidates_paired():
     y = torch.arange(8)
-    plain = draw_step_randomness(TrainConfig(seed=1), 2, y, 10, (1, 4, 4), 1000)
+    plain = draw_step_randomness(TrainConfig(seed=1), 2, y, 10, (1, 4, 4), DDPM)
     ip_cfg = TrainConfig(seed=1, input_perturbation=0.1)
-    ip = draw_step_randomness(ip_cfg, 2, y, 10, (1, 4, 4), 1000)
+    ip = draw_step_randomness(ip_cfg, 2, y, 10, (1, 4, 4), DDPM)
     assert all(torch.equal(a, b) for a, b in zip(plain, ip))
     xi = draw_input_perturbation(ip_cfg, 2, (1, 4, 4), 8)
     assert xi.shape == (8, 1, 4, 4) and not torch.equal(xi / 0.1, ip[2][:, 0])
@@ -132,10 +135,10 @@ def test_train_step_loss_is_the_ddpm_formula_with_scale_and_perturbation(scale, 
     x0, cand = torch.randn(B, 1, 4, 4, generator=g), torch.randn(B, 1, 1, 4, 4, generator=g)
     xi = torch.randn(B, 1, 4, 4, generator=g)
     t, y = torch.randint(0, 1000, (B,), generator=g), torch.zeros(B, dtype=torch.long)
-    model, diffusion = _Linear(), GaussianDiffusion()
+    model, objective = _Linear(), get_objective("ddpm")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = NoiseNormStats()
-    res = train_step(model, model, diffusion, SelectionPolicy("vanilla"), opt, x0, t, y, cand, g, 0.0, False,
+    res = train_step(model, model, objective, SelectionPolicy("vanilla"), opt, x0, t, y, cand, g, 0.0, False,
                      noise_scale=scale, perturbation=gamma * xi if gamma else None, noise_stats=stats)
     abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)[t][:, None, None, None]
     eps = scale * cand[:, 0]
@@ -150,8 +153,9 @@ def test_soft_policy_scales_every_candidate():
     x0, cand = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 2, 1, 4, 4, generator=g)
     t, y = torch.randint(0, 1000, (3,), generator=g), torch.zeros(3, dtype=torch.long)
     model, diffusion = _Linear(), GaussianDiffusion()
+    objective = get_objective("ddpm")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    res = train_step(model, model, diffusion, SelectionPolicy("uniform_soft", k=2), opt, x0, t, y, cand, g, 0.0,
+    res = train_step(model, model, objective, SelectionPolicy("uniform_soft", k=2), opt, x0, t, y, cand, g, 0.0,
                      False, noise_scale=1.2)
     abar = diffusion.alphas_cumprod.float()[t][:, None, None, None]
     want = 0.0

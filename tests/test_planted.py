@@ -148,7 +148,7 @@ def test_distill_follows_its_oracle_on_planted_candidates(trained_checkpoint, tm
 
 
 def _planted_image_targets(c: float):
-    def oracle(model, batch, val, reducer, mode="align"):
+    def oracle(model, batch, val, reducer, mode="align", objective=None):
         x0, _, _, eps = batch
         return 0.0, eps.flatten(2).mean(dim=2) * (x0.flatten(1).mean(dim=1, keepdim=True) - c)
 

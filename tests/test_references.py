@@ -28,6 +28,7 @@ from noiserater.checkpoint import load_checkpoint
 from noiserater.diffusion import GaussianDiffusion, ddim_sample, ddim_step, ddim_timesteps
 from noiserater.models import DiTSpec, build_dit, build_dit_from_spec
 from noiserater.models.loading import load_diffusion
+from noiserater.objectives import get_objective
 from noiserater.randomness import batch_indices, drop_labels
 from noiserater.study.reproduce import fixed_triple_losses
 from noiserater.train import TrainConfig, draw_step_randomness, load_splits, train
@@ -59,7 +60,7 @@ def _reference_run(cfg: TrainConfig, steps: int):
     norms, losses = [], []
     for step in range(steps):
         idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-        t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], data.num_classes, (C, H, H), 1000)
+        t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], data.num_classes, (C, H, H), get_objective("ddpm"))
         x0, noise = data.images[idx], cand[:, 0]
         a = abar[t].view(-1, 1, 1, 1)
         x_t = (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).float()
@@ -143,7 +144,7 @@ def test_adam_update_closed_form_on_the_first_step(tmp_path):
     model = build_dit_from_spec(DiTSpec(cfg.model, 8, 1, 10, False, 0.0)).train()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     idx = batch_indices(len(data), cfg.batch_size, 0, cfg.seed)
-    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), 1000)
+    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), get_objective("ddpm"))
     a = _abar()[t].view(-1, 1, 1, 1)
     noise = cand[:, 0]
     x_t = (a.sqrt() * data.images[idx].double() + (1 - a).sqrt() * noise.double()).float()
@@ -183,11 +184,11 @@ def test_label_dropout_rate_of_the_training_randomness():
     null class; with --unconditional every label is the null class."""
     cfg = TrainConfig(run_dir="unused", **TINY)
     y = torch.arange(256) % 10
-    dropped = sum(int((draw_step_randomness(cfg, s, y, 10, (1, 2, 2), 1000)[1] == 10).sum()) for s in range(200))
+    dropped = sum(int((draw_step_randomness(cfg, s, y, 10, (1, 2, 2), get_objective("ddpm"))[1] == 10).sum()) for s in range(200))
     ci = binomtest(dropped, 256 * 200, 0.1).proportion_ci(confidence_level=0.999)
     assert ci.low <= 0.1 <= ci.high, dropped / (256 * 200)
     un = TrainConfig(run_dir="unused", unconditional=True, **TINY)
-    assert (draw_step_randomness(un, 0, y, 10, (1, 2, 2), 1000)[1] == 10).all()
+    assert (draw_step_randomness(un, 0, y, 10, (1, 2, 2), get_objective("ddpm"))[1] == 10).all()
 
 
 # ---- a model whose loss falls ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import noiserater.objectives as objectives
 import noiserater.train as tr
 from noiserater.checkpoint import (
     FORMAT,
@@ -734,7 +735,7 @@ class _InfGrad(torch.autograd.Function):
 def inject(monkeypatch, kind: str, steps: set[int]) -> None:
     """Make the loss NaN / inf, or the gradient inf, on the chosen step indices (0-based, one loss call
     per step: vanilla policy)."""
-    real, calls = tr.per_sample_loss, {"n": -1}
+    real, calls = objectives.per_sample_loss, {"n": -1}  # the DDPM objective's loss looks it up there
 
     def loss(*args, **kw):
         calls["n"] += 1
@@ -749,7 +750,7 @@ def inject(monkeypatch, kind: str, steps: set[int]) -> None:
             return out + _InfGrad.apply(out)
         raise AssertionError(kind)
 
-    monkeypatch.setattr(tr, "per_sample_loss", loss)
+    monkeypatch.setattr(objectives, "per_sample_loss", loss)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from noiserater.cli import main
 from noiserater.data import load_dataset
 from noiserater.models import build_dit, build_rater
 from noiserater.models.loading import save_rater
+from noiserater.objectives import get_objective
 from noiserater.randomness import batch_indices
 from noiserater.selection import POLICIES, NoiseSelector, SelectionPolicy
 from noiserater.train import TrainConfig, draw_step_randomness, train
@@ -247,7 +248,7 @@ def test_continuation_uses_the_chosen_noise_for_input_and_target(policy, k, pret
     data = load_dataset("digits", "train", seed=0, val_fraction=0.1)
     idx = batch_indices(len(data), B, 0, 0)
     x0 = data.images[idx].double()
-    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), 1000)
+    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), get_objective("ddpm"))
     cand = cand.double()
     abar = torch.from_numpy(_schedule_abar()[t.numpy()])[:, None, None, None]
     if uses_rater:

@@ -13,6 +13,7 @@ from noiserater.data import load_dataset
 from noiserater.diffusion import GaussianDiffusion
 from noiserater.models import build_dit, build_rater
 from noiserater.models.loading import save_rater
+from noiserater.objectives import get_objective
 from noiserater.selection import (
     NoiseSelector,
     SelectionPolicy,
@@ -76,7 +77,7 @@ def test_uniform_soft_train_loss_is_the_mean_of_the_k_candidate_losses(tmp_path)
 
     data = load_splits(cfg, "train")
     idx = batch_indices(len(data), cfg.batch_size, 0, cfg.seed)
-    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), 1000)
+    t, y, cand = draw_step_randomness(cfg, 0, data.labels[idx], 10, (1, 8, 8), get_objective("ddpm"))
     torch.manual_seed(cfg.seed)
     model = build_dit("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, class_dropout_prob=0.0)
     x0 = data.images[idx]

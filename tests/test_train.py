@@ -261,7 +261,7 @@ def test_truncated_checkpoint(tmp_path):
 
 
 def _nan_after(monkeypatch, good_steps: int):
-    import noiserater.train as tr
+    import noiserater.objectives as tr  # the DDPM objective's loss is diffusion.per_sample_loss, looked up here
 
     real, calls = tr.per_sample_loss, {"n": 0}
 

@@ -47,6 +47,7 @@ from .eval.reference import (
     latent_reference,
     reference_features,
 )
+from .objectives import objective_from_config
 from .run.distributed import resolve_device
 from .sampling import sample_from_checkpoint
 
@@ -60,6 +61,7 @@ class EvalConfig:
     checkpoint: str | None = None
     num_samples: int = 2000
     steps: int = 50
+    sampler: str | None = None  # None: the checkpoint objective's default (ddim for DDPM, euler for flow)
     cfg_scale: float = 1.0
     ema: bool = True
     seed: int = 0
@@ -82,7 +84,7 @@ class EvalConfig:
     def validate(self) -> None:
         require(bool(self.checkpoint), "checkpoint", "pass --checkpoint RUN_DIR/checkpoints/latest.pt")
         require(self.num_samples >= 2, "num_samples", "FID needs at least 2 samples")
-        require(1 <= self.steps <= 1000, "steps", "DDIM steps must be in [1, 1000]")
+        require(self.steps >= 1, "steps", "sampling needs at least 1 step")
         require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0 (1 = no guidance)")
         require(self.pr_k >= 1, "pr_k", "k must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -123,6 +125,10 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
     device = torch.device(device)
     state = load_checkpoint(cfg.checkpoint, kind="diffusion")
     config = state.get("config", {})
+    objective = objective_from_config(config)
+    sampler = cfg.sampler or objective.default_sampler
+    objective.check_sampler(sampler)  # before any classifier or reference work
+    objective.check_steps(cfg.steps)
     data_source = config.get("data")
     if not data_source:
         raise CheckpointError(f"{cfg.checkpoint} does not record its training data; pass --reference SOURCE")
@@ -171,7 +177,7 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
         samples, labels = sample_from_checkpoint(cfg.checkpoint, cfg.num_samples, cfg.labels, cfg.cfg_scale,
                                                  cfg.steps, cfg.seed, cfg.ema, cfg.batch_size, device=device,
                                                  progress=cfg.progress, vae=cfg.vae, decode=True,
-                                                 shard=(c, chunks) if chunks > 1 else None)
+                                                 shard=(c, chunks) if chunks > 1 else None, sampler=sampler)
         sample_s += time.perf_counter() - t0
         image_size = samples.shape[-1]
         all_labels.append(labels)
@@ -195,7 +201,8 @@ def evaluate_checkpoint(cfg: EvalConfig, device: str | torch.device | None = Non
     common = {
         "checkpoint": str(cfg.checkpoint), "checkpoint_step": int(state.get("step", -1)), "model": spec.get("name"),
         "data": data_source, "reference": reference,
-        "num_samples": cfg.num_samples, "sampler": "ddim", "eta": 0.0, "steps": cfg.steps,
+        "num_samples": cfg.num_samples, "objective": objective.name, "sampler": sampler,
+        **({"eta": 0.0} if sampler == "ddim" else {}), "steps": cfg.steps,
         "cfg_scale": 1.0 if unconditional else cfg.cfg_scale, "ema": cfg.ema, "seed": cfg.seed,
         "labels": "null" if unconditional else cfg.labels, "class_accuracy": class_acc, "pr_k": cfg.pr_k,
     }

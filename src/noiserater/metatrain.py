@@ -15,7 +15,7 @@ loss is measured on images the diffusion model never trained on. Multi-process (
 split over the ranks and the inner gradients, Hessian-vector products and the meta-gradient are averaged,
 so N processes compute exactly what one process computes on the global batch.
 
-``objective="distill"`` (issue 13, 4a) replaces steps 2-5: each outer step draws one group batch from the
+``objective="distill"`` (flag ``--meta-objective distill``; issue 13, 4a) replaces steps 2-5: each outer step draws one group batch from the
 train split (B images x K candidates, timesteps, label dropout as above), computes the alignment oracle
 ``a_bk = <grad L_val, grad l_bk>`` at the frozen checkpoint with a validation gradient on a LARGE fresh
 meta-validation draw (``distill_val_batch_size`` image/noise/timestep triples, redrawn every step), and
@@ -56,14 +56,14 @@ from .checkpoint import (
     write_json,
 )
 from .config import ConfigError, dump_yaml, require, to_dict
-from .diffusion import GaussianDiffusion
 from .meta.batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
 from .meta.gradient import METHODS, Reducer, inner_steps, meta_gradient_info
 from .meta.inner_optim import INNER_OPTIMIZERS, InnerOptimizer
-from .meta.losses import candidate_weights, eval_mode, uniform_weights, val_loss
+from .meta.losses import candidate_weights, eval_mode, rater_scores_of, uniform_weights, val_loss
 from .meta.oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
 from .models.loading import load_diffusion, save_rater
 from .models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
+from .objectives import Objective, objective_from_config
 from .plotting import figure, label_axes, legend, savefig
 from .run.folder import eval_records, truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
@@ -163,7 +163,7 @@ class MetaTrainConfig:
                 "must be a finite number > 0 (1 plants nothing)")
         require(self.patience == 0 or self.eval_every > 0, "patience", "plateau stopping needs --eval-every > 0")
         require(not (self.carry_inner and self.objective == "distill"), "carry_inner",
-                "only the bilevel objective has inner steps to carry; drop --carry-inner with --objective distill")
+                "only the bilevel objective has inner steps to carry; drop --carry-inner with --meta-objective distill")
         self.sweep_grid()
 
     def sweep_grid(self) -> tuple[float, ...]:
@@ -183,9 +183,9 @@ class MetaTrainConfig:
 # ---- helpers -----------------------------------------------------------------------------------------
 
 
-def _val(model, batch, params, reducer: Reducer) -> float:
+def _val(model, batch, params, reducer: Reducer, objective: Objective) -> float:
     with torch.no_grad(), eval_mode(model):
-        lv = val_loss(model, batch, params=params)
+        lv = val_loss(model, batch, params=params, objective=objective)
     return float(reducer.mean([lv])[0])
 
 
@@ -206,13 +206,14 @@ def sweep_inner_lr(model, sampler: MetaBatches, grid, opt_name: str, steps: int,
     over ``steps`` outer batches (drawn apart from the training batches). Falls back to the smallest lr."""
     rows = []
     draws = [sampler.outer(n, rank, world, device, seed_offset=SWEEP_SEED_OFFSET) for n in range(steps)]
-    base = [_val(model, val, None, reducer) for _, val in draws]
+    obj = sampler.objective
+    base = [_val(model, val, None, reducer, obj) for _, val in draws]
     for lr in grid:
         gains = []
         for (batches, val), l0 in zip(draws, base):
             theta = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=lr,
-                                inner_optimizer=opt_name, reducer=reducer)
-            gains.append(l0 - _val(model, val, theta, reducer))
+                                inner_optimizer=opt_name, reducer=reducer, objective=obj)
+            gains.append(l0 - _val(model, val, theta, reducer, obj))
         mean = sum(gains) / len(gains)
         rows.append({"inner_lr": lr, "uniform_gain": mean if math.isfinite(mean) else None})
     finite = [r for r in rows if r["uniform_gain"] is not None]
@@ -232,6 +233,7 @@ class _BilevelEval:
                  reducer: Reducer, rank: int, world: int, device, cache_uniform: bool):
         self.model, self.inner_lr, self.inner_opt, self.temperature = model, inner_lr, inner_opt, temperature
         self.reducer, self.cache_uniform = reducer, cache_uniform
+        self.objective = sampler.objective
         self.draws = [sampler.outer(i, rank, world, device, seed_offset=EVAL_SEED_OFFSET) for i in range(n)]
         self._uniform: list[tuple[float, float]] | None = None
 
@@ -240,10 +242,10 @@ class _BilevelEval:
             return self._uniform
         out = []
         for batches, val in self.draws:
-            l0 = _val(self.model, val, None, self.reducer)
+            l0 = _val(self.model, val, None, self.reducer, self.objective)
             theta = inner_steps(self.model, batches, [uniform_weights(b) for b in batches], inner_lr=self.inner_lr,
-                                inner_optimizer=self.inner_opt, reducer=self.reducer)
-            out.append((l0, _val(self.model, val, theta, self.reducer)))
+                                inner_optimizer=self.inner_opt, reducer=self.reducer, objective=self.objective)
+            out.append((l0, _val(self.model, val, theta, self.reducer, self.objective)))
         if self.cache_uniform:  # the starting weights are the frozen checkpoint's at every evaluation
             self._uniform = out
         return out
@@ -252,10 +254,10 @@ class _BilevelEval:
         adv, gain = [], []
         for (batches, val), (l0, l_unif) in zip(self.draws, self._baseline()):
             with torch.no_grad(), eval_mode(rater):
-                weights = [candidate_weights(rater, b, self.temperature) for b in batches]
+                weights = [candidate_weights(rater, b, self.temperature, self.objective) for b in batches]
             theta = inner_steps(self.model, batches, weights, inner_lr=self.inner_lr, inner_optimizer=self.inner_opt,
-                                reducer=self.reducer)
-            adv.append(l_unif - _val(self.model, val, theta, self.reducer))
+                                reducer=self.reducer, objective=self.objective)
+            adv.append(l_unif - _val(self.model, val, theta, self.reducer, self.objective))
             gain.append(l0 - l_unif)
         m, se = mean_se(adv)
         g, g_se = mean_se(gain)
@@ -273,17 +275,18 @@ class _DistillEval:
 
     def __init__(self, model, sampler: MetaBatches, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
                  device, mode: str = "align"):
-        self.reducer = reducer
+        self.reducer, self.objective = reducer, sampler.objective
         self.groups, self.targets = [], []
         for i in range(n):
             batch = sampler.train_batch(i, 0, rank, world, device, seed_offset=EVAL_SEED_OFFSET)
             self.groups.append(batch)
             self.targets.append(oracle_at(model, batch, sampler.val_batch(i, val_size, rank, world, device,
-                                                                       seed_offset=EVAL_SEED_OFFSET), reducer, mode)[1])
+                                                                       seed_offset=EVAL_SEED_OFFSET), reducer, mode,
+                                              objective=self.objective)[1])
 
     def __call__(self, rater) -> dict:
         with torch.no_grad(), eval_mode(rater):
-            scores = torch.cat([rater.score_candidates(eps, t, x0, y) for x0, y, t, eps in self.groups])
+            scores = torch.cat([rater_scores_of(rater, g, self.objective) for g in self.groups])
         agree = rank_agreement(scores, torch.cat(self.targets), self.reducer)
         return {"metric": self.metric, "value": agree["spearman"], "se": agree["spearman_se"], "n": agree["groups"],
                 **agree}
@@ -340,6 +343,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     model.eval()
     dcfg = dstate.get("config", {}) or {}
+    objective = objective_from_config(dcfg)  # the checkpoint's own objective decides every loss below
     source = cfg.data or dcfg.get("data", "digits")
     train_data, val_all, split_info = checkpoint_splits(dcfg, source)
     split_seed = split_info["split_seed"]
@@ -357,7 +361,7 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
     label_dropout = cfg.label_dropout if cfg.label_dropout is not None else float(dcfg.get("label_dropout", 0.1))
     sampler = MetaBatches(train_data, val_data, spec.num_classes, cfg.seed, 1 if distill else cfg.inner_steps,
                        cfg.candidates, cfg.batch_size, cfg.val_batch_size, label_dropout,
-                       bool(dcfg.get("unconditional", False)), GaussianDiffusion().num_timesteps, cfg.planted_scale)
+                       bool(dcfg.get("unconditional", False)), planted_scale=cfg.planted_scale, objective=objective)
     torch.manual_seed(cfg.seed)
     rater = NoiseRater(RaterSpec(cfg.rater, spec.input_size, spec.in_channels, spec.num_classes, cfg.ablation)).to(device)
     # The group softmax ignores a shift shared by all K scores, so the head's bias and its LayerNorm's bias
@@ -415,7 +419,8 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
 
     def rater_extra() -> dict:
         return {"step": step, "config": to_dict(cfg), "inner_lr": inner_lr, "objective": cfg.objective,
-                "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict()},
+                "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict(),
+                              **objective.options()},
                 "data": data_info}
 
     def save(final: bool = False) -> None:
@@ -461,9 +466,9 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
             if distill:
                 groups = sampler.train_batch(step, 0, rank, world, device)
                 l0, align = oracle_at(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
-                                                                     device), reducer, cfg.distill_oracle)
-                x0, y, t, eps = groups
-                scores_b = rater.score_candidates(eps, t, x0, y)
+                                                                     device), reducer, cfg.distill_oracle,
+                                      objective=objective)
+                scores_b = rater_scores_of(rater, groups, objective)
                 loss = distillation_loss(scores_b, align, cfg.distill_temperature)
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # e.g. the last block's image MLP
                 grads = reducer.mean([torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)])
@@ -476,17 +481,18 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
                 l_rater = loss_value
             else:
                 batches, val = sampler.outer(step, rank, world, device)
-                l0 = _val(model, val, None, reducer)
+                l0 = _val(model, val, None, reducer, objective)
                 res = meta_gradient_info(model, rater, batches, val, inner_lr=inner_lr, method=cfg.method,
-                                         inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer)
+                                         inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer,
+                                         objective=objective)
                 theta_rater, l_rater = res.params, res.val_loss
                 if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
                     theta_rater = inner_steps(model, batches, res.weights, inner_lr=inner_lr, inner_optimizer=inner_opt,
-                                              reducer=reducer)
-                    l_rater = _val(model, val, theta_rater, reducer)
+                                              reducer=reducer, objective=objective)
+                    l_rater = _val(model, val, theta_rater, reducer, objective)
                 theta_unif = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=inner_lr,
-                                         inner_optimizer=inner_opt, reducer=reducer)
-                l_unif = _val(model, val, theta_unif, reducer)
+                                         inner_optimizer=inner_opt, reducer=reducer, objective=objective)
+                l_unif = _val(model, val, theta_unif, reducer, objective)
                 for (name, p), g in zip(rater.named_parameters(), res.grads):
                     p.grad = g.detach().clone() if p.requires_grad and name not in SHIFT_ONLY_PARAMS else None
                 scores_list, weights_list = res.scores, res.weights

@@ -1,4 +1,5 @@
-"""Sampling from a trained checkpoint (DDIM with classifier-free guidance on all channels) and image grids.
+"""Sampling from a trained checkpoint (its objective's sampler: DDIM for DDPM, Euler/Heun for flow; classifier-free
+guidance on all channels) and image grids.
 
 The library side of `noiserater sample`; evaluation and the demo call :func:`sample_from_checkpoint` too.
 """
@@ -16,8 +17,8 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_bytes
 from .config import ConfigError
 from .data.latents import LatentDecoder
-from .diffusion import GaussianDiffusion, ddim_sample
 from .models.loading import load_diffusion
+from .objectives import objective_from_config
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
@@ -69,8 +70,12 @@ def parse_labels(spec: str, num: int, num_classes: int, generator: torch.Generat
 
 
 def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, steps=50, seed=0, ema=True,
-                           batch_size=256, device=None, progress=False, vae=None, decode=True, shard=None):
+                           batch_size=256, device=None, progress=False, vae=None, decode=True, shard=None,
+                           sampler=None):
     """(samples [N,C,H,W] in data units, labels [N]) from a diffusion checkpoint; repeatable by seed.
+
+    The checkpoint's objective decides the sampler: ``sampler`` None is its default (ddim for DDPM, euler
+    for flow); one that does not fit it (``ddim`` on a flow checkpoint) is a one-line ConfigError.
 
     A checkpoint trained on a latent cache returns images decoded with its VAE (``vae``: another folder
     holding the same VAE; ``decode=False``: the latents). ``shard=(rank, world)`` returns only that rank's
@@ -79,6 +84,10 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, spec, state = load_diffusion(checkpoint, use_ema=ema, device=device)
+    objective = objective_from_config(state.get("config"))
+    sampler = sampler or objective.default_sampler
+    objective.check_sampler(sampler)
+    objective.check_steps(steps)
     latent = state.get("data", {}).get("latent")
     if vae is not None and not latent:
         raise ConfigError(f"--vae given, but {checkpoint} was trained on pixels, not on a latent cache; drop --vae")
@@ -90,7 +99,6 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
         lo, hi = rank * num // world, (rank + 1) * num // world
         y, noise, num = y[lo:hi], noise[lo:hi], hi - lo
     uncond = bool(state.get("config", {}).get("unconditional", False))
-    diffusion = GaussianDiffusion()
     outs = []
     starts = range(0, num, batch_size)
     if progress:
@@ -99,8 +107,8 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
         yy = y[i:i + batch_size].to(device)
         if uncond:
             yy = torch.full_like(yy, spec.num_classes)
-        outs.append(ddim_sample(model, diffusion, noise[i:i + batch_size].to(device), yy, steps=steps,
-                                cfg_scale=1.0 if uncond else cfg_scale, clip=spec.in_channels in (1, 3)).cpu())
+        outs.append(objective.sample(model, noise[i:i + batch_size].to(device), yy, sampler=sampler, steps=steps,
+                                     cfg_scale=1.0 if uncond else cfg_scale, clip=spec.in_channels in (1, 3)).cpu())
     samples = torch.cat(outs) if outs else noise[:0]
     if latent and decode:
         samples = LatentDecoder.from_recorded(latent["vae"], vae, device).decode(samples, min(batch_size, 32))

@@ -39,7 +39,6 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import RunDirError, sha256_file, write_json
-from .diffusion import GaussianDiffusion
 from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
     ORACLE_MODES,
@@ -50,6 +49,7 @@ from .meta.oracle import (
 )
 from .models.loading import load_rater
 from .models.rater import NoiseRater, group_weights
+from .objectives import Objective, default_objective
 from .randomness import STEP_MIX
 
 
@@ -105,6 +105,7 @@ class SelectionPolicy:
     rater: NoiseRater | None = None
     temperature: float = 1.0
     scorer: "AlignmentOracle | OnlineRater | None" = None
+    objective: Objective | None = None  # the training objective: t's units (the rater sees model_time(t))
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -138,7 +139,7 @@ class SelectionPolicy:
             return _check_finite(self.scorer.scores(x0, t, y, candidates), "scorer")
         if self.rater is None:
             raise ValueError(f"policy {self.name!r} has no rater to score with")
-        return rater_scores(self.rater, x0, t, y, candidates)
+        return rater_scores(self.rater, x0, (self.objective or default_objective()).model_time(t), y, candidates)
 
     def select(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor,
                generator: torch.Generator | None = None):
@@ -229,7 +230,7 @@ class AlignmentOracle:
 
     def __init__(self, model: torch.nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor, *,
                  mode: str = "align", val_batch: int = 256, refresh_every: int = 1, seed: int = 0,
-                 diffusion: GaussianDiffusion | None = None):
+                 objective: Objective | None = None):
         if mode not in ORACLE_MODES:
             raise ValueError(f"unknown oracle mode {mode!r}; choose one of {', '.join(ORACLE_MODES)}")
         if val_batch < 1 or refresh_every < 1:
@@ -238,7 +239,7 @@ class AlignmentOracle:
             raise ValueError("the oracle needs a non-empty meta-validation split")
         self.model, self.mode, self.val_batch, self.refresh_every, self.seed = model, mode, val_batch, refresh_every, seed
         self.val_images, self.val_labels = val_images, val_labels
-        self.diffusion = diffusion or GaussianDiffusion()
+        self.objective = objective or default_objective()
         self.direction: dict[str, torch.Tensor] | None = None
         self.key: int | None = None
         self.refreshes = 0
@@ -251,14 +252,14 @@ class AlignmentOracle:
         n = len(self.val_images)
         idx = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-self.val_batch // n))])[: self.val_batch]
         x0 = self.val_images[idx]
-        t = torch.randint(0, self.diffusion.num_timesteps, (self.val_batch,), generator=g)
+        t = self.objective.sample_t(self.val_batch, g)
         eps = torch.randn(x0.shape, generator=g)
         device = next(self.model.parameters()).device
         return tuple(v.to(device) for v in (x0, self.val_labels[idx], t, eps))
 
     def refresh(self, index: int) -> None:
         self.last_val_loss, self.direction = validation_gradient(self.model, self.draw_val_batch(index),
-                                                                 diffusion=self.diffusion)
+                                                                 objective=self.objective)
         self.key = index
         self.refreshes += 1
 
@@ -270,13 +271,13 @@ class AlignmentOracle:
         """a [B,k] at the current weights along the cached validation gradient."""
         if self.direction is None:
             self.refresh(0)
-        return candidate_alignments(self.model, (x0, y, t, candidates), self.direction, diffusion=self.diffusion)
+        return candidate_alignments(self.model, (x0, y, t, candidates), self.direction, objective=self.objective)
 
     def scores(self, x0, t, y, candidates) -> torch.Tensor:
         if self.direction is None:
             self.refresh(0)
         return oracle_scores(self.model, (x0.float(), y, t, candidates.float()), self.direction, self.mode,
-                             diffusion=self.diffusion).float()
+                             objective=self.objective).float()
 
     def state_dict(self) -> dict[str, Any]:
         return {"key": self.key, "refreshes": self.refreshes,
@@ -318,7 +319,7 @@ class OnlineRater:
         g = torch.Generator().manual_seed(self.seed * STEP_MIX + 1009 * index + j + 500_000)
         idx = torch.randint(0, len(self.train_images), (self.batch,), generator=g)
         x0 = self.train_images[idx]
-        t = torch.randint(0, self.oracle.diffusion.num_timesteps, (self.batch,), generator=g)
+        t = self.oracle.objective.sample_t(self.batch, g)
         eps = torch.randn((self.batch, self.k, *x0.shape[1:]), generator=g)
         device = next(self.rater.parameters()).device
         return tuple(v.to(device) for v in (x0, self.train_labels[idx], t, eps))
@@ -329,7 +330,8 @@ class OnlineRater:
         for j in range(self.steps):
             x0, y, t, eps = self._group_batch(index, j)
             a = self.oracle.alignments(x0, t, y, eps)
-            loss = distillation_loss(self.rater.score_candidates(eps, t, x0, y), a, self.target_temperature)
+            loss = distillation_loss(self.rater.score_candidates(eps, self.oracle.objective.model_time(t), x0, y), a,
+                                     self.target_temperature)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if all(torch.isfinite(p.grad).all() for p in self.rater.parameters() if p.grad is not None):
@@ -344,7 +346,7 @@ class OnlineRater:
             self.refresh(step // self.every)
 
     def scores(self, x0, t, y, candidates) -> torch.Tensor:
-        return rater_scores(self.rater, x0, t, y, candidates)
+        return rater_scores(self.rater, x0, self.oracle.objective.model_time(t), y, candidates)
 
     def state_dict(self) -> dict[str, Any]:
         return {"key": self.key, "refreshes": self.refreshes, "rater": self.rater.state_dict(),

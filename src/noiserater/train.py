@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -27,15 +28,16 @@ from .checkpoint import (
     atomic_write_text,
     check_run_config,
     get_rng_state,
+    load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
 )
-from .config import dump_yaml, require, to_dict
+from .config import ConfigError, dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
-from .diffusion import GaussianDiffusion, ddim_sample, per_sample_loss
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.loading import load_diffusion, load_rater
 from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
+from .objectives import OBJECTIVES, TIME_SAMPLINGS, Objective, objective_from_config
 from .randomness import batch_indices, condition_labels, step_generator
 from .run.folder import truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
@@ -83,6 +85,10 @@ class TrainConfig:
     test_fraction: float = 0.0  # a test split nobody trains or selects with (held-out evaluation only)
     split_seed: int | None = None  # seed of the train/val/test split; None = ``seed`` (earlier releases)
     init_checkpoint: str | None = None  # continue from a pretrained diffusion checkpoint (stage iii)
+    objective: str = "ddpm"  # ddpm (epsilon prediction) or flow (rectified flow); see noiserater.objectives
+    time_sampling: str = "uniform"  # flow: t ~ uniform or logit-normal (SD3)
+    logit_mean: float = 0.0  # flow, logit-normal: t = sigmoid(mean + std * n)
+    logit_std: float = 1.0
     policy: str = "vanilla"
     candidates: int = 1
     rater: str | None = None
@@ -101,6 +107,7 @@ class TrainConfig:
     sample_every: int = 500
     ckpt_every: int = 500
     sample_steps: int = 50
+    sampler: str | None = None  # sampler of the periodic grids; None: the objective's default (ddim / euler)
     cfg_scale: float = 1.25
     max_bad_steps: int = 5
     compile: bool = False
@@ -148,14 +155,43 @@ class TrainConfig:
         require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", "must be a finite number >= 0")
         require(math.isfinite(self.grad_clip), "grad_clip", "must be finite (0 disables clipping)")
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
-        require(self.sample_steps <= 1000, "sample_steps", "DDIM steps must be <= 1000 (the diffusion has 1000 timesteps)")
+        require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
+        require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", f"choose one of {', '.join(TIME_SAMPLINGS)}")
+        require(math.isfinite(self.logit_mean), "logit_mean", "must be a finite number")
+        require(math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", "must be a finite number > 0")
+        for key, ddpm_value in (("time_sampling", "uniform"), ("logit_mean", 0.0), ("logit_std", 1.0)):
+            require(self.objective == "flow" or getattr(self, key) == ddpm_value, key,
+                    "only the flow objective draws real-valued t: drop it or pass --objective flow")
+        objective = train_objective(self)
+        require(self.sampler is None or self.sampler in objective.samplers, "sampler",
+                f"{self.sampler!r} does not fit the {self.objective} objective: choose one of "
+                f"{', '.join(objective.samplers)}")
+        require(self.objective != "ddpm" or self.sample_steps <= 1000, "sample_steps",
+                "DDIM steps must be <= 1000 (the diffusion has 1000 timesteps)")
 
 
 # Config keys added after runs were first written, with the value that reproduces what those runs did:
 # a run folder from before a key existed resumes when the config asks for exactly that value.
 LEGACY_VALUES = {"ema_warmup": False, "test_fraction": 0.0, "split_seed": None, "oracle_val_batch": 256,
                  "oracle_every": 1, "online_every": 50, "online_steps": 10, "online_batch": 32, "online_lr": 1e-3,
-                 "online_rater": "Rater-N/2", "distill_temperature": 0.5, "noise_scale": 1.0, "input_perturbation": 0.0}
+                 "online_rater": "Rater-N/2", "distill_temperature": 0.5, "objective": "ddpm",
+                 "time_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "sampler": None,
+                 "noise_scale": 1.0, "input_perturbation": 0.0}
+
+
+def train_objective(cfg: TrainConfig) -> Objective:
+    """The run's training objective (:mod:`noiserater.objectives`), from its config."""
+    return objective_from_config({"objective": cfg.objective, "time_sampling": cfg.time_sampling,
+                                  "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std})
+
+
+def check_objective_matches(cfg: TrainConfig, state: dict, what: str) -> None:
+    """A checkpoint continues with the objective it was trained with: a mismatch is a one-line error."""
+    theirs = objective_from_config(state.get("config")).name
+    if theirs != cfg.objective:
+        raise ConfigError(f"{what} was trained with the {theirs} objective, but this run asks for --objective "
+                          f"{cfg.objective}: pass --objective {theirs} (a model continues with the objective it was "
+                          "trained with)")
 
 
 def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
@@ -167,15 +203,16 @@ def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
 
 
 def draw_step_randomness(cfg: TrainConfig, step: int, y: torch.Tensor, num_classes: int, shape: tuple,
-                         num_timesteps: int):
-    """(t [B], y after dropout [B], candidates [B,k,C,H,W]) for the global batch of ``step``.
+                         objective: Objective):
+    """(t [B] in the objective's units, y after dropout [B], candidates [B,k,C,H,W]) for the global batch of
+    ``step``.
 
     Candidates are drawn candidate-major ([k,B,...], then viewed [B,k,...]): candidate j of every image is
     the same whatever k is, so vanilla (k=1) trains on exactly candidate 0 of every k>1 arm of the same
     seed, and arms of a study share their noises, not only their data order and timesteps."""
     g = step_generator(cfg.seed, step)
     B = y.shape[0]
-    t = torch.randint(0, num_timesteps, (B,), generator=g)
+    t = objective.sample_t(B, g)
     y = condition_labels(y, num_classes, cfg.label_dropout, cfg.unconditional, g)
     candidates = torch.randn((cfg.candidates, B, *shape), generator=g).transpose(0, 1)
     return t, y, candidates
@@ -208,13 +245,21 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     """The run's selection policy; the state-dependent ones score with ``model`` (the live model) against
     the meta-validation split, and ``rater_online`` distils on ``train_data``."""
     rater = load_rater(cfg.rater, expect=spec).to(device) if cfg.rater else None
+    objective = train_objective(cfg)
+    if cfg.rater:  # a rater scores (eps, t) in the units of the objective it was meta-trained with
+        trained = objective_from_config(load_checkpoint(cfg.rater, kind="rater").get("diffusion")).name
+        if trained != objective.name:
+            raise ConfigError(f"rater {cfg.rater} was meta-trained on a {trained} checkpoint, but this run trains "
+                              f"--objective {objective.name}: meta-train a rater on a {objective.name} checkpoint "
+                              "(noiserater metatrain)")
     if cfg.policy not in (*ORACLE_POLICIES, "rater_online"):
-        return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature)
+        return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature, objective=objective)
     val = load_splits(cfg, "val")
     oracle = AlignmentOracle(model, val.images, val.labels, mode=ORACLE_POLICIES.get(cfg.policy, "align"),
-                             val_batch=cfg.oracle_val_batch, refresh_every=cfg.oracle_every, seed=cfg.seed)
+                             val_batch=cfg.oracle_val_batch, refresh_every=cfg.oracle_every, seed=cfg.seed,
+                             objective=objective)
     if cfg.policy != "rater_online":
-        return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, oracle)
+        return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, oracle, objective)
     if rater is None:  # a fresh rater of the chosen architecture, seeded apart from the DiT's init
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed + ONLINE_RATER_SEED_OFFSET)
@@ -223,7 +268,7 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     scorer = OnlineRater(rater, oracle, train_data.images, train_data.labels, k=cfg.candidates,
                          every=cfg.online_every, steps=cfg.online_steps, batch=cfg.online_batch, lr=cfg.online_lr,
                          target_temperature=cfg.distill_temperature, seed=cfg.seed)
-    return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, scorer)
+    return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, scorer, objective)
 
 
 def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
@@ -255,7 +300,7 @@ class StepResult:
         return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm)) and self.cause is None
 
 
-def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusion, policy: SelectionPolicy,
+def train_step(fwd: Callable, model: torch.nn.Module, objective: Objective, policy: SelectionPolicy,
                opt: torch.optim.Optimizer, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                candidates: torch.Tensor, generator: torch.Generator, grad_clip: float, amp: bool,
                noise_scale: float = 1.0, perturbation: torch.Tensor | None = None,
@@ -264,10 +309,10 @@ def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusi
 
     x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]; ``fwd`` is ``model`` or its DDP / compiled
     wrapper. A hard policy picks one noise per image (``generator`` for its random draws) and the loss is
-    the mean epsilon loss; ``rater_soft`` / ``uniform_soft`` weigh all k losses. The chosen noise (every
-    candidate, for the soft policies) is multiplied by ``noise_scale`` after selection; ``perturbation``
-    ([B,C,H,W], DDPM-IP's gamma * xi) is added to the noise that builds x_t, not to the target;
-    ``noise_stats`` records the norms of the noise the model trains on. Non-finite rater scores
+    the mean loss of ``objective``; ``rater_soft`` / ``uniform_soft`` weigh all k losses. The chosen noise
+    (every candidate, for the soft policies) is multiplied by ``noise_scale`` after selection;
+    ``perturbation`` ([B,C,H,W], DDPM-IP's gamma * xi) is added to the noise that builds x_t, not to the
+    target; ``noise_stats`` records the norms of the noise the model trains on. Non-finite rater scores
     still run a forward/backward (on the first candidate), so DDP ranks stay in step; the step is then
     marked to be skipped. The optimiser update is :func:`apply_update`, once every process agrees.
     """
@@ -280,19 +325,19 @@ def train_step(fwd: Callable, model: torch.nn.Module, diffusion: GaussianDiffusi
                 noises = candidates * noise_scale if noise_scale != 1.0 else candidates
                 perturb = None if perturbation is None else perturbation.repeat_interleave(k, 0)
                 loss = soft_selection_loss(
-                    lambda n: per_sample_loss(fwd, diffusion, x0.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
-                                              y.repeat_interleave(k, 0), n,
-                                              None if perturb is None else n + perturb), noises, w)
+                    lambda n: objective.loss(fwd, x0.repeat_interleave(k, 0), y.repeat_interleave(k, 0),
+                                             t.repeat_interleave(k, 0), n, None if perturb is None else n + perturb),
+                    noises, w)
             else:
                 noise, _ = policy.select(x0, t, y, candidates, generator)
                 noises = noise * noise_scale if noise_scale != 1.0 else noise
-                loss = per_sample_loss(fwd, diffusion, x0, t, y, noises,
-                                       None if perturbation is None else noises + perturbation).mean()
+                loss = objective.loss(fwd, x0, y, t, noises,
+                                      None if perturbation is None else noises + perturbation).mean()
             if noise_stats is not None:
                 noise_stats.update(noises)
         except NonFiniteError as e:
             cause = str(e)
-            loss = per_sample_loss(fwd, diffusion, x0, t, y, candidates[:, 0]).mean()
+            loss = objective.loss(fwd, x0, y, t, candidates[:, 0]).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -319,11 +364,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     run_dir, device, is_main = run.run_dir, run.device, run.is_main
     if is_main:
+        saved = run_dir / "config.yaml"
+        if resume and saved.exists() and (run_dir / "checkpoints" / "latest.pt").exists():
+            try:
+                old = yaml.safe_load(saved.read_text())
+            except yaml.YAMLError:
+                old = None  # check_run_config says the folder is damaged
+            if isinstance(old, dict):
+                check_objective_matches(cfg, {"config": old}, f"--resume: the run in {run_dir}")
         check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     data = load_splits(cfg, "train")
     num_classes = data.num_classes
     spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
-    diffusion = GaussianDiffusion()
+    objective = train_objective(cfg)
     torch.manual_seed(cfg.seed)
     model = build_dit_from_spec(spec).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -332,6 +385,7 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     init_step = 0
     if cfg.init_checkpoint:  # stage iii: continue from a pretrained model (its EMA too)
         _, init_spec, init_state = load_diffusion(cfg.init_checkpoint)
+        check_objective_matches(cfg, init_state, f"--init-checkpoint {cfg.init_checkpoint}")
         if (init_spec.input_size, init_spec.in_channels, init_spec.num_classes) != (spec.input_size, spec.in_channels, spec.num_classes) or init_spec.name != spec.name:
             raise CheckpointError(
                 f"--init-checkpoint {cfg.init_checkpoint} is a {init_spec.name} at {init_spec.in_channels}x{init_spec.input_size}px "
@@ -379,14 +433,14 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     with StopFlag() as stopper:
         while step < cfg.steps:
             idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-            t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], num_classes, shape, diffusion.num_timesteps)
+            t, y, cand = draw_step_randomness(cfg, step, data.labels[idx], num_classes, shape, objective)
             sl = slice(run.rank * local_bs, (run.rank + 1) * local_bs)
             x0 = data.images[idx[sl]].to(device, non_blocking=True)
             t, y, cand = t[sl].to(device), y[sl].to(device), cand[sl].to(device)
             perturb = draw_input_perturbation(cfg, step, shape, cfg.batch_size)
             perturb = None if perturb is None else perturb[sl].to(device)
             policy.before_step(step)  # state-dependent scorers refresh at the weights of this step
-            res = train_step(fwd, model, diffusion, policy, opt, x0, t, y, cand, step_generator(cfg.seed, step, stream=1),
+            res = train_step(fwd, model, objective, policy, opt, x0, t, y, cand, step_generator(cfg.seed, step, stream=1),
                              cfg.grad_clip, cfg.amp, cfg.noise_scale, perturb, noise_stats)
             # read the stop flag once (the handler may flip it at any time); every rank must agree to skip
             # and to stop, or DDP ranks diverge
@@ -418,7 +472,7 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
             if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_to_disk(ema, diffusion, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+                _sample_to_disk(ema, objective, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
             if run.should_save(step, cfg.steps, cfg.ckpt_every, stop_now):
                 check_finite_weights(step, ckpt_path, "the loss and gradient were finite: the update overflowed, "
                                      "is --lr too large?", model, ema)
@@ -452,11 +506,11 @@ def _tensorboard(run_dir: Path, step: int):
     return SummaryWriter(str(run_dir / "tb"), purge_step=step)
 
 
-def _sample_to_disk(ema, diffusion, data: ImageData, cfg: TrainConfig, path: Path, device) -> None:
+def _sample_to_disk(ema, objective: Objective, data: ImageData, cfg: TrainConfig, path: Path, device) -> None:
     n = 2 * data.num_classes if not cfg.unconditional else 16
     g = torch.Generator().manual_seed(cfg.seed + SAMPLE_GRID_SEED_OFFSET)
     noise = torch.randn((n, data.channels, data.image_size, data.image_size), generator=g).to(device)
     y = sample_grid_labels(data.num_classes, n, cfg.unconditional).to(device)
     scale = 1.0 if cfg.unconditional else cfg.cfg_scale
-    x = ddim_sample(ema, diffusion, noise, y, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
+    x = objective.sample(ema, noise, y, sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
     save_grid(x, path, nrow=data.num_classes if not cfg.unconditional else None)

@@ -37,6 +37,7 @@ from ..meta.gradient import Reducer
 from ..meta.losses import candidate_losses, eval_mode, val_loss
 from ..meta.oracle import oracle_at, rank_agreement, within_group_spearman
 from ..models.loading import load_diffusion
+from ..objectives import Objective, objective_from_config
 from ..randomness import condition_labels
 from ..stats import mean_se
 
@@ -81,12 +82,12 @@ def _mean_se(x: torch.Tensor) -> dict:
     return {"mean": m, "se": se, "n": int(x.numel())}
 
 
-def _alignments(model, batch, val, chunk: int) -> torch.Tensor:
+def _alignments(model, batch, val, chunk: int, objective: Objective) -> torch.Tensor:
     """Oracle alignments of all groups, ``chunk`` groups per jvp (one validation gradient)."""
     out = []
     for i in range(0, batch[0].shape[0], chunk):
         part = tuple(x[i:i + chunk] for x in batch)
-        out.append(oracle_at(model, part, val, Reducer())[1])
+        out.append(oracle_at(model, part, val, Reducer(), objective=objective)[1])
     return torch.cat(out)
 
 
@@ -96,9 +97,9 @@ def _optimizer(name: str, params, lr: float, weight_decay: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _heldout_loss(model, draws) -> float:
+def _heldout_loss(model, draws, objective: Objective) -> float:
     with torch.no_grad(), eval_mode(model):
-        total = sum(float(val_loss(model, d)) * d[0].shape[0] for d in draws)
+        total = sum(float(val_loss(model, d, objective=objective)) * d[0].shape[0] for d in draws)
     return total / sum(d[0].shape[0] for d in draws)
 
 
@@ -110,6 +111,7 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
     model, spec, state = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     model.eval()
     dcfg = state.get("config", {}) or {}
+    objective = objective_from_config(dcfg)  # the checkpoint's own: every loss and t below
     source = cfg.data or dcfg.get("data", "digits")
     train, val, split = checkpoint_splits(dcfg, source)
     if split["test_fraction"] > 0:
@@ -122,19 +124,20 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
         eval_split = "val (the half the oracle does not use)"
     label_dropout = float(dcfg.get("label_dropout", 0.1))
     unconditional = bool(dcfg.get("unconditional", False))
-    T = 1000
     sampler = MetaBatches(train, oracle_val, spec.num_classes, cfg.seed, 1, cfg.k, cfg.groups, cfg.val_images,
-                          label_dropout, unconditional, T)
+                          label_dropout, unconditional, objective=objective)
 
     # 1-2: stability across two independent validation draws, and what the signal is not
     groups = sampler.train_batch(0, 0, 0, 1, device)
-    a1 = _alignments(model, groups, sampler.val_batch(0, cfg.val_images, 0, 1, device, seed_offset=0), cfg.chunk)
-    a2 = _alignments(model, groups, sampler.val_batch(0, cfg.val_images, 0, 1, device, seed_offset=1), cfg.chunk)
+    a1 = _alignments(model, groups, sampler.val_batch(0, cfg.val_images, 0, 1, device, seed_offset=0), cfg.chunk,
+                     objective)
+    a2 = _alignments(model, groups, sampler.val_batch(0, cfg.val_images, 0, 1, device, seed_offset=1), cfg.chunk,
+                     objective)
     stability = rank_agreement(a1, a2)
     eps = groups[3]
     norms = eps.flatten(2).norm(dim=2)
     with torch.no_grad(), eval_mode(model):
-        losses = torch.cat([candidate_losses(model, tuple(x[i:i + cfg.chunk] for x in groups))
+        losses = torch.cat([candidate_losses(model, tuple(x[i:i + cfg.chunk] for x in groups), objective=objective)
                             for i in range(0, cfg.groups, cfg.chunk)])
     vs_norm = _mean_se(within_group_spearman(a1, norms))
     vs_loss = _mean_se(within_group_spearman(a1, losses))
@@ -147,18 +150,18 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
     draws = []
     for _ in range(cfg.eval_draws):
         n = len(eval_data)
-        t = torch.randint(0, T, (n,), generator=g)
+        t = objective.sample_t(n, g)
         y = condition_labels(eval_data.labels, spec.num_classes, 0.0, unconditional, g)  # held out: no dropout
         draws.append(tuple(x.to(device) for x in (eval_data.images, y, t,
                                                    torch.randn(eval_data.images.shape, generator=g))))
-    base_loss = _heldout_loss(model, draws)
+    base_loss = _heldout_loss(model, draws, objective)
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt_state = state.get("optimizer") if cfg.optimizer == "adamw" else None
     per_seed, used_state = [], None
     bar = tqdm(total=cfg.seeds * 2 * cfg.steps, desc="signal check", dynamic_ncols=True) if progress else None
     for r in range(cfg.seeds):
         stream = MetaBatches(train, oracle_val, spec.num_classes, cfg.seed + 1 + r, 1, cfg.k, B, cfg.val_images,
-                             label_dropout, unconditional, T)
+                             label_dropout, unconditional, objective=objective)
         result = {}
         for arm in ("vanilla", "oracle"):
             m = copy.deepcopy(model)
@@ -179,18 +182,19 @@ def signal_check(cfg: SignalCheckConfig, device: str | torch.device = "cpu", pro
             for i in range(cfg.steps):
                 batch = stream.train_batch(i, 0, 0, 1, device)
                 if arm == "oracle":
-                    a = oracle_at(m, batch, stream.val_batch(i, cfg.val_images, 0, 1, device, seed_offset=7), Reducer())[1]
+                    a = oracle_at(m, batch, stream.val_batch(i, cfg.val_images, 0, 1, device, seed_offset=7), Reducer(),
+                                  objective=objective)[1]
                     pick = a.argmax(dim=1)
                 else:
                     pick = torch.zeros(batch[0].shape[0], dtype=torch.long, device=batch[0].device)
                 with eval_mode(m):
-                    loss = candidate_losses(m, batch).gather(1, pick[:, None]).mean()
+                    loss = candidate_losses(m, batch, objective=objective).gather(1, pick[:, None]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if bar is not None:
                     bar.update(1)
-            result[arm] = _heldout_loss(m, draws)
+            result[arm] = _heldout_loss(m, draws, objective)
         per_seed.append({"seed": r, "loss_vanilla": result["vanilla"], "loss_oracle": result["oracle"],
                          "delta": result["oracle"] - result["vanilla"],
                          "delta_pct": 100.0 * (result["oracle"] - result["vanilla"]) / result["vanilla"]})

@@ -33,7 +33,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..checkpoint import write_json
-from ..diffusion import GaussianDiffusion
 from ..models import DiTSpec, build_dit_from_spec
 from ..randomness import batch_indices, step_generator
 from ..run.distributed import resolve_device
@@ -47,6 +46,7 @@ from ..train import (
     draw_step_randomness,
     ema_decay_at,
     make_adamw,
+    train_objective,
     train_step,
 )
 
@@ -84,7 +84,7 @@ class TrainingStep:
                  policy: SelectionPolicy | None = None):
         self.tc, self.device = tc, torch.device(device)
         self.spec = DiTSpec(tc.model, input_size, channels, num_classes, tc.learn_sigma, 0.0)  # as train() builds it
-        self.diffusion = GaussianDiffusion()
+        self.objective = train_objective(tc)
         torch.manual_seed(tc.seed)
         self.model = build_dit_from_spec(self.spec).to(self.device)
         self.model.grad_checkpointing = tc.grad_checkpointing
@@ -116,10 +116,10 @@ class TrainingStep:
         policy = policy if policy is not None else self.policy
         tc, dev, step = self._config(policy.k), self.device, self.step_index
         t, y, cand = draw_step_randomness(tc, step, labels, self.spec.num_classes, tuple(x0.shape[1:]),
-                                          self.diffusion.num_timesteps)
+                                          self.objective)
         t, y, cand = t.to(dev), y.to(dev), cand.to(dev)
         policy.before_step(step)
-        res = train_step(self.fwd, self.model, self.diffusion, policy, self.opt, x0, t, y, cand,
+        res = train_step(self.fwd, self.model, self.objective, policy, self.opt, x0, t, y, cand,
                          step_generator(tc.seed, step, stream=1), tc.grad_clip, tc.amp)
         if res.finite:
             apply_update(self.opt, self.model, self.ema, ema_decay_at(tc.ema_decay, step, tc.ema_warmup))

@@ -12,7 +12,9 @@ from ._options import config_options, deprecated_alias
 EVAL_HELP = {
     "checkpoint": "Diffusion checkpoint to evaluate (a run's checkpoints/latest.pt). Required.",
     "num_samples": "Number of generated samples (FIDs are only comparable at equal numbers).",
-    "steps": "DDIM steps (eta=0).",
+    "steps": "Sampling steps: DDIM steps (eta=0) for a DDPM checkpoint, ODE steps for a flow checkpoint.",
+    "sampler": "Sampler: ddim (DDPM checkpoints), euler or heun (flow checkpoints; heun costs 2 model evaluations "
+               "per step); default: the checkpoint objective's (ddim / euler).",
     "cfg_scale": "Classifier-free guidance scale on all channels; default 1 = no guidance, as in the paper's FID "
                  "tables, so FIDs compare across runs (sample and train's grids default to 1.25, for looking at; "
                  "reproduce/demo studies evaluate at their preset's cfg_scale).",
@@ -56,7 +58,7 @@ EVAL_HELP = {
 @config_options(EvalConfig, EVAL_HELP, flags={"steps": "sample-steps"})
 @click.option("--as-json", "as_json", is_flag=True, help="Print the records as JSON on stdout instead of a table.")
 def command(cfg: EvalConfig, as_json: bool) -> None:
-    """Sample from a checkpoint (DDIM, fixed seed) and measure FID, precision/recall and class accuracy.
+    """Sample from a checkpoint (its objective's sampler, fixed seed) and measure FID, precision/recall and class accuracy.
 
     Each extractor gives one record (number of samples, sampler, steps, CFG scale, EMA, extractor and
     reference included) appended to RUN_DIR/eval.jsonl.

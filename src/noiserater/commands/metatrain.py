@@ -13,8 +13,9 @@ METATRAIN_HELP = {
     "run_dir": "Run folder: config.yaml, metrics.jsonl, inner_lr_sweep.json, rater.pt, checkpoints/.",
     "rater": "Rater architecture: Rater-{S,B,M,T,N}/{2,4,8} (S is the paper's; N is cheap on CPU) or FastRater-*.",
     "ablation": "Rater inputs (paper Table 2): full, no_timestep, no_image, no_image_class, noise_only.",
-    "objective": "bilevel: meta-gradient through S inner steps (the paper); distill: fit the rater's within-group "
-                 "softmax to the alignment oracle <grad L_val, grad l_k> at the frozen checkpoint (no inner steps).",
+    "objective": "Meta-objective: bilevel: meta-gradient through S inner steps (the paper); distill: fit the rater's "
+                 "within-group softmax to the alignment oracle <grad L_val, grad l_k> at the frozen checkpoint (no "
+                 "inner steps). The diffusion objective (ddpm/flow) is the checkpoint's.",
     "outer_steps": "Number of rater updates (a resumed run continues up to this number).",
     "inner_steps": "S: inner optimiser steps on the diffusion model per outer step (paper: 5).",
     "candidates": "K: grouped noises per image whose weights the rater sets (paper: 8).",
@@ -59,7 +60,8 @@ METATRAIN_HELP = {
 @click.command("metatrain")
 @deprecated_alias("--rater", "--rater-arch")
 @deprecated_alias("--use-ema/--no-use-ema", "--ema")
-@config_options(MetaTrainConfig, METATRAIN_HELP, flags={"rater": "rater-arch", "use_ema": "ema"})
+@deprecated_alias("--objective", "--meta-objective")
+@config_options(MetaTrainConfig, METATRAIN_HELP, flags={"rater": "rater-arch", "use_ema": "ema", "objective": "meta-objective"})
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def command(cfg: MetaTrainConfig, resume: bool) -> None:
     """Meta-learn a noise rater through S inner steps on a frozen diffusion checkpoint.
@@ -68,8 +70,8 @@ def command(cfg: MetaTrainConfig, resume: bool) -> None:
     batches and noises (metrics.jsonl). The rater is written to RUN_DIR/rater.pt, ready for
     `noiserater train --policy rater --rater RUN_DIR/rater.pt`.
 
-    `--objective distill` instead fits the rater to the alignment oracle's within-group ranking. Every
-    --eval-every steps a held-out check on a part of the validation split the outer loss never sees is
+    The diffusion objective (ddpm or flow) is the checkpoint's own. `--meta-objective distill` instead fits
+    the rater to the alignment oracle's within-group ranking. Every --eval-every steps a held-out check on a part of the validation split the outer loss never sees is
     logged ("eval" records), the best rater kept as RUN_DIR/rater_best.pt and plotted in
     RUN_DIR/heldout_curve.png; --patience stops a run on a plateau.
 

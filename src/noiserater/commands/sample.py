@@ -1,4 +1,4 @@
-"""`noiserater sample`: DDIM samples from a checkpoint as a PNG grid and an .npz."""
+"""`noiserater sample`: samples from a checkpoint (DDIM, or Euler/Heun for flow) as a PNG grid and an .npz."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ from ._options import SEED, FiniteFloat, deprecated_alias
               help="Classifier-free guidance scale on all channels (1 = no guidance; 1.25, as train's sample "
                    "grids: mild guidance for a grid to look at; evaluate uses 1.0 for comparable FIDs).")
 @click.option("--sample-steps", "steps", default=50, show_default=True, type=click.IntRange(1, 1000),
-              help="DDIM steps (eta=0).")
+              help="Sampling steps: DDIM steps (eta=0) for a DDPM checkpoint, ODE steps for a flow checkpoint.")
+@click.option("--sampler", "sampler", default=None, type=click.Choice(["ddim", "euler", "heun"]),
+              help="Sampler: ddim (DDPM checkpoints), euler or heun (flow checkpoints; heun costs 2 model "
+                   "evaluations per step); default: the checkpoint objective's (ddim / euler).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for noise and random labels.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Samples per forward.")
@@ -38,10 +41,11 @@ from ._options import SEED, FiniteFloat, deprecated_alias
                    "a VAE with another scaling factor is refused).")
 @click.option("--device", "device", default="auto", show_default=True,
               help="Device: auto (CUDA when available), cpu, cuda or cuda:N.")
-def command(checkpoint, out, num, labels, cfg_scale, steps, seed, ema, batch_size, vae, device) -> None:
-    """Draw samples with DDIM (eta=0) and classifier-free guidance (latents are decoded with the VAE)."""
+def command(checkpoint, out, num, labels, cfg_scale, steps, sampler, seed, ema, batch_size, vae, device) -> None:
+    """Draw samples with the checkpoint objective's sampler (DDIM for DDPM, Euler/Heun ODE for flow) and
+    classifier-free guidance on all channels (latents are decoded with the VAE)."""
     samples, y = sample_from_checkpoint(checkpoint, num, labels, cfg_scale, steps, seed, ema, batch_size,
-                                        device=resolve_device(device), vae=vae)
+                                        device=resolve_device(device), vae=vae, sampler=sampler)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out / "samples.png")

@@ -30,6 +30,11 @@ TRAIN_HELP = {
                      "evaluation; 0 = none, as in earlier releases).",
     "split_seed": "Seed of the train/val/test split (default: --seed). Fix it across runs that must share splits.",
     "init_checkpoint": "Continue from this pretrained diffusion checkpoint (weights and EMA, fresh optimiser).",
+    "objective": "Training objective: ddpm (epsilon prediction, integer t in [0, 1000)) or flow (rectified flow: "
+                 "x_t = (1-t) x0 + t eps, velocity target eps - x0, t in [0, 1]). A checkpoint continues with its own.",
+    "time_sampling": "flow: how t is drawn: uniform, or logit-normal (SD3: t = sigmoid(mean + std * N(0, 1))).",
+    "logit_mean": "flow, logit-normal: mean of the normal before the sigmoid (SD3: 0).",
+    "logit_std": "flow, logit-normal: standard deviation of the normal before the sigmoid (SD3: 1).",
     "policy": "Noise selection: vanilla; max_norm, min_norm, nearest (heuristics); rater (argmax), rater_sample "
               "(one candidate drawn from softmax(score/T)), rater_soft (all k, rater weights) with a frozen "
               "--rater; uniform_soft (all k, weights 1/k: rater_soft's control); oracle_alignment, oracle_anti, "
@@ -54,9 +59,10 @@ TRAIN_HELP = {
     "online_rater": "rater_online: rater architecture (as metatrain --rater-arch) when --rater gives no initial rater.",
     "distill_temperature": "rater_online: temperature of the oracle's standardised ranking used as the target.",
     "log_every": "Write a metrics.jsonl line every this many steps.",
-    "sample_every": "Write a sample grid (EMA weights, DDIM) every this many steps.",
+    "sample_every": "Write a sample grid (EMA weights, the objective's sampler) every this many steps.",
     "ckpt_every": "Write a checkpoint every this many steps (always at the end and on SIGINT/SIGTERM).",
-    "sample_steps": "DDIM steps for the periodic sample grids.",
+    "sample_steps": "Sampling steps (DDIM, or Euler/Heun for flow) for the periodic sample grids.",
+    "sampler": "Sampler of the periodic sample grids: ddim (ddpm), euler or heun (flow); default: the objective's.",
     "cfg_scale": "Classifier-free guidance scale of the periodic sample grids only (training is unaffected); 1.25 "
                  "as `noiserater sample`: mild guidance for grids to look at.",
     "max_bad_steps": "Stop after this many non-finite losses/gradients in a row (each one is skipped).",
@@ -78,7 +84,7 @@ TRAIN_HELP = {
                                                 "oracle_val_batch": "oracle-val-batch-size"})
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 def command(cfg: TrainConfig, resume: bool) -> None:
-    """Train a DiT with the epsilon loss (EMA, AdamW, checkpoints, exact resume).
+    """Train a DiT with the DDPM epsilon loss or the rectified-flow velocity loss (EMA, AdamW, checkpoints, exact resume).
 
     Multi-process: `torchrun --nproc_per_node N -m noiserater train ...` (gloo on CPU, NCCL on GPU).
     """

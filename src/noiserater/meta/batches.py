@@ -13,6 +13,8 @@ import torch
 
 from ..config import ConfigError
 from ..data import ImageData, load_dataset
+from ..diffusion import GaussianDiffusion
+from ..objectives import DDPMObjective, Objective
 from ..randomness import EPOCH_MIX, batch_indices, condition_labels, step_generator
 
 SWEEP_SEED_OFFSET = 100_003  # the inner-lr sweep's draws
@@ -63,8 +65,13 @@ class MetaBatches:
     Bv: int
     label_dropout: float
     unconditional: bool
-    num_timesteps: int
+    num_timesteps: int = 1000  # DDPM steps of the default objective (unused when ``objective`` is given)
     planted_scale: float = 1.0
+    objective: Objective | None = None  # draws t (default: DDPM with ``num_timesteps`` steps)
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = DDPMObjective(GaussianDiffusion(self.num_timesteps))
 
     def _labels(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return condition_labels(y, self.num_classes, self.label_dropout, self.unconditional, g, draw_at_zero=True)
@@ -79,7 +86,7 @@ class MetaBatches:
         shape = tuple(self.train.images.shape[1:])
         g = step_generator(seed, n, 1 + s, streams=STREAMS)
         idx = batch_indices(len(self.train), self.B, n * self.S + s, seed)
-        t = torch.randint(0, self.num_timesteps, (self.B,), generator=g)
+        t = self.objective.sample_t(self.B, g)
         y = self._labels(self.train.labels[idx], g)
         eps = torch.randn((self.B, self.K, *shape), generator=g)
         if self.planted_scale != 1.0:
@@ -95,7 +102,7 @@ class MetaBatches:
         shape = tuple(self.val.images.shape[1:])
         g = step_generator(seed, n, 0, streams=STREAMS)
         idx = batch_indices(len(self.val), size, n, seed + 1)
-        t = torch.randint(0, self.num_timesteps, (size,), generator=g)
+        t = self.objective.sample_t(size, g)
         y = self._labels(self.val.labels[idx], g)
         eps = torch.randn((size, *shape), generator=g)
         return tuple(x[slv].to(device) for x in (self.val.images[idx].to(dtype), y, t, eps.to(dtype)))

@@ -54,8 +54,8 @@ import torch.nn as nn
 from torch.func import grad, jvp
 
 from ..config import ConfigError
-from ..diffusion import GaussianDiffusion
 from ..models.rater import group_weights
+from ..objectives import Objective
 from .inner_optim import InnerOptimizer
 from .losses import (
     Batch,
@@ -64,6 +64,7 @@ from .losses import (
     check_val_batch,
     eval_mode,
     math_attention,
+    rater_scores_of,
     val_loss,
     weighted_loss,
 )
@@ -158,11 +159,11 @@ def _leaves(tensors: Sequence[torch.Tensor]) -> Tensors:
 class _Problem:
     """The fixed pieces of one meta-gradient computation."""
 
-    def __init__(self, model, rater, train_batches, val_batch, opt, temperature, diffusion, reducer):
+    def __init__(self, model, rater, train_batches, val_batch, opt, temperature, objective, reducer):
         self.model, self.rater = model, rater
         self.batches, self.val_batch = list(train_batches), val_batch
         self.opt, self.temperature = opt, temperature
-        self.diffusion = diffusion
+        self.objective = objective
         self.reducer = reducer if reducer is not None else Reducer()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -178,18 +179,17 @@ class _Problem:
         return dict(zip(self.names, theta))
 
     def scores(self, batch: Batch) -> torch.Tensor:
-        x0, y, t, eps = batch
-        return self.rater.score_candidates(eps, t, x0, y)
+        return rater_scores_of(self.rater, batch, self.objective)
 
     def weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scores(batch)
         return s, group_weights(s, self.temperature)
 
     def losses(self, batch: Batch, theta: Sequence[torch.Tensor]) -> torch.Tensor:
-        return candidate_losses(self.model, batch, params=self.params(theta), diffusion=self.diffusion)
+        return candidate_losses(self.model, batch, params=self.params(theta), objective=self.objective)
 
     def val(self, theta: Sequence[torch.Tensor]) -> torch.Tensor:
-        return val_loss(self.model, self.val_batch, params=self.params(theta), diffusion=self.diffusion)
+        return val_loss(self.model, self.val_batch, params=self.params(theta), objective=self.objective)
 
     def val_grad(self, theta: Sequence[torch.Tensor]) -> tuple[float, Tensors]:
         th = _leaves(theta)
@@ -342,7 +342,7 @@ def _alignment(P: _Problem) -> MetaResult:
 
 def inner_steps(
     model: nn.Module, train_batches: Sequence[Batch], weights: Sequence[torch.Tensor], *, inner_lr: float,
-    inner_optimizer: str | InnerOptimizer = "sgd", diffusion: GaussianDiffusion | None = None,
+    inner_optimizer: str | InnerOptimizer = "sgd", objective: Objective | None = None,
     reducer: Reducer | None = None,
 ) -> dict[str, torch.Tensor]:
     """theta_S (name -> tensor, no graph) after the inner steps with the given fixed weights [B,K] per batch
@@ -355,7 +355,7 @@ def inner_steps(
     with eval_mode(model), math_attention():
         for s, (batch, w) in enumerate(zip(train_batches, weights), 1):
             th = _leaves(theta)
-            loss = weighted_loss(candidate_losses(model, batch, params=dict(zip(names, th)), diffusion=diffusion), w.detach())
+            loss = weighted_loss(candidate_losses(model, batch, params=dict(zip(names, th)), objective=objective), w.detach())
             g = reducer.mean(_grads_or_zeros(loss, th))
             with torch.no_grad():
                 theta, state = opt.step(theta, g, state, s)
@@ -365,7 +365,7 @@ def inner_steps(
 def meta_gradient_info(
     model: nn.Module, rater: nn.Module, train_batches: Sequence[Batch], val_batch: Batch, *, inner_lr: float,
     method: str, inner_optimizer: str | InnerOptimizer = "sgd", temperature: float = 1.0,
-    diffusion: GaussianDiffusion | None = None, reducer: Reducer | None = None,
+    objective: Objective | None = None, reducer: Reducer | None = None,
 ) -> MetaResult:
     """Like :func:`meta_gradient`, returning a :class:`MetaResult` (also L_val, theta_S, scores, weights)."""
     if method not in METHODS:
@@ -387,7 +387,7 @@ def meta_gradient_info(
     for b in batches + [val_batch]:
         if b[0].dtype != dtype or b[3].dtype != dtype:
             raise ValueError(f"batch tensors are {b[0].dtype}/{b[3].dtype} but the model is {dtype}; cast x0 and eps to {dtype}")
-    P = _Problem(model, rater, batches, val_batch, opt, float(temperature), diffusion, reducer)
+    P = _Problem(model, rater, batches, val_batch, opt, float(temperature), objective, reducer)
     with eval_mode(model, rater), math_attention():
         if method == "unrolled":
             return _unrolled(P)
@@ -408,7 +408,7 @@ def meta_gradient(
     ``train_batches``: S tuples ``(x0 [B,C,H,W], y [B], t [B], eps [B,K,C,H,W])``; ``val_batch``:
     ``(x0, y, t, eps [B,C,H,W])``. ``method``: 'unrolled', 'reverse', 'reverse_fwd' or 'alignment' (see the
     module docstring). ``inner_optimizer``: 'sgd' or 'adam' (betas 0.9/0.999, eps 1e-8, bias correction,
-    fresh state). ``model`` and ``rater`` are left unchanged. Extra keywords: ``diffusion`` (schedule),
+    fresh state). ``model`` and ``rater`` are left unchanged. Extra keywords: ``objective`` (DDPM by default),
     ``reducer`` (multi-process averaging).
     """
     return meta_gradient_info(model, rater, train_batches, val_batch, inner_lr=inner_lr, method=method,

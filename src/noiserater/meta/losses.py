@@ -3,11 +3,14 @@
 A *train batch* is a tuple ``(x0 [B,C,H,W], y [B], t [B], eps [B,K,C,H,W])`` holding K grouped noises per
 image; a *validation batch* is ``(x0, y, t, eps [B,C,H,W])`` with one fixed noise per image.
 
-- ``candidate_losses``: l_bk = mean over C,H,W of (eps_bk - eps_theta(x_t^k, t, y))^2, with
-  x_t^k = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_bk (the same eps_bk builds x_t^k and is the target).
-- ``candidate_weights``: w_b = softmax_k(rater(eps_bk, t, x0, y) / temperature).
+- ``candidate_losses``: l_bk = the objective's per-sample loss of candidate k (DDPM: mean over C,H,W of
+  (eps_bk - eps_theta(x_t^k, t, y))^2 with x_t^k = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_bk; flow: the
+  velocity loss with x_t^k = (1 - t) x0 + t eps_bk); the same eps_bk builds x_t^k and the target.
+- ``candidate_weights``: w_b = softmax_k(rater(eps_bk, model_time(t), x0, y) / temperature).
 - ``inner_loss``: L_in = mean_b sum_k w_bk l_bk.
-- ``val_loss``: L_val = mean_b of the plain epsilon loss of the validation batch.
+- ``val_loss``: L_val = mean over the batch and C,H,W of the plain loss of the validation batch.
+
+``objective`` (:mod:`noiserater.objectives`) defaults to DDPM; t is in the objective's units.
 
 Every function keeps the dtype of its inputs (float64 checks stay float64). Labels are used as given: the
 meta code drops labels explicitly when it builds a batch and evaluates the DiT without its own random
@@ -24,21 +27,10 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..diffusion import GaussianDiffusion, epsilon_prediction, per_sample_loss
 from ..models.rater import group_weights
+from ..objectives import Objective, default_objective
 
 Batch = Sequence[torch.Tensor]  # (x0, y, t, eps)
-
-_DEFAULT_DIFFUSION: GaussianDiffusion | None = None
-
-
-def default_diffusion() -> GaussianDiffusion:
-    """The project's schedule (linear betas 1e-4..0.02, 1000 steps), built once."""
-    global _DEFAULT_DIFFUSION
-    if _DEFAULT_DIFFUSION is None:
-        _DEFAULT_DIFFUSION = GaussianDiffusion()
-    return _DEFAULT_DIFFUSION
-
 
 def model_fn(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None) -> Callable:
     """``f(x_t, t, y)``: the model itself, or the model evaluated at ``params`` (a name -> tensor dict of
@@ -84,18 +76,25 @@ def flatten_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def candidate_losses(
     model: nn.Module | Callable, batch: Batch, *, params: Mapping[str, torch.Tensor] | None = None,
-    diffusion: GaussianDiffusion | None = None,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
-    """l_bk [B,K]: per-candidate epsilon loss, mean over C,H,W (all K candidates in one forward)."""
+    """l_bk [B,K]: per-candidate loss of the objective, mean over C,H,W (all K candidates in one forward)."""
     B, K = batch[3].shape[:2]
     f = model_fn(model, params) if isinstance(model, nn.Module) else model
-    return per_sample_loss(f, diffusion or default_diffusion(), *flatten_groups(batch)).view(B, K)
+    x0k, tk, yk, noise = flatten_groups(batch)
+    return (objective or default_objective()).loss(f, x0k, yk, tk, noise).view(B, K)
 
 
-def candidate_weights(rater: nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """w [B,K] = softmax over the K candidates of rater scores / temperature (differentiable in eta)."""
+def rater_scores_of(rater: nn.Module, batch: Batch, objective: Objective | None = None) -> torch.Tensor:
+    """Scores [B,K] of a train batch; the rater sees t as the DiT does (``objective.model_time``)."""
     x0, y, t, eps = batch
-    return group_weights(rater.score_candidates(eps, t, x0, y), temperature)
+    return rater.score_candidates(eps, (objective or default_objective()).model_time(t), x0, y)
+
+
+def candidate_weights(rater: nn.Module, batch: Batch, temperature: float = 1.0,
+                      objective: Objective | None = None) -> torch.Tensor:
+    """w [B,K] = softmax over the K candidates of rater scores / temperature (differentiable in eta)."""
+    return group_weights(rater_scores_of(rater, batch, objective), temperature)
 
 
 def uniform_weights(batch: Batch) -> torch.Tensor:
@@ -113,26 +112,24 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def inner_loss(
     model: nn.Module, rater: nn.Module | None, batch: Batch, *, temperature: float = 1.0,
     params: Mapping[str, torch.Tensor] | None = None, weights: torch.Tensor | None = None,
-    diffusion: GaussianDiffusion | None = None,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """L_in = mean_b sum_k w_bk l_bk with w from ``rater`` (or the given ``weights``, e.g. uniform)."""
     if weights is None:
         if rater is None:
             raise ValueError("inner_loss needs a rater or explicit weights")
-        weights = candidate_weights(rater, batch, temperature)
-    return weighted_loss(candidate_losses(model, batch, params=params, diffusion=diffusion), weights)
+        weights = candidate_weights(rater, batch, temperature, objective)
+    return weighted_loss(candidate_losses(model, batch, params=params, objective=objective), weights)
 
 
 def val_loss(
     model: nn.Module | Callable, batch: Batch, *, params: Mapping[str, torch.Tensor] | None = None,
-    diffusion: GaussianDiffusion | None = None,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
-    """L_val: plain epsilon loss (mean over batch and C,H,W) of a validation batch with fixed noise."""
+    """L_val: plain loss of the objective (mean over batch and C,H,W) of a validation batch with fixed noise."""
     x0, y, t, eps = batch
-    diffusion = diffusion or default_diffusion()
     f = model_fn(model, params) if isinstance(model, nn.Module) else model
-    pred = epsilon_prediction(f(diffusion.q_sample(x0, t, eps), t, y), x0.shape[1])
-    return (pred - eps).pow(2).mean()
+    return (objective or default_objective()).error(f, x0, y, t, eps).pow(2).mean()
 
 
 @contextlib.contextmanager

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from ..diffusion import GaussianDiffusion, epsilon_prediction
+from ..objectives import Objective, default_objective
 from .gradient import Reducer
-from .losses import Batch, candidate_losses, default_diffusion, eval_mode, flatten_groups, math_attention, val_loss
+from .losses import Batch, candidate_losses, eval_mode, flatten_groups, math_attention, val_loss
 
 ORACLE_MODES = ("align", "anti", "cosine")
 
@@ -45,19 +45,19 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def validation_gradient(model: nn.Module, val_batch: Batch, *, diffusion: GaussianDiffusion | None = None
+def validation_gradient(model: nn.Module, val_batch: Batch, *, objective: Objective | None = None
                         ) -> tuple[float, dict[str, torch.Tensor]]:
     """(L_val, grad_theta L_val) at the model's current trainable weights; the gradient as name -> tensor."""
     theta = {n: p.clone().requires_grad_() for n, p in _trainable(model).items()}
     with _exact(model):
-        lv = val_loss(model, val_batch, params=theta, diffusion=diffusion)
+        lv = val_loss(model, val_batch, params=theta, objective=objective)
         gs = torch.autograd.grad(lv, list(theta.values()), allow_unused=True)
     return float(lv.detach()), {n: (torch.zeros_like(p) if g is None else g.detach())
                                 for (n, p), g in zip(theta.items(), gs)}
 
 
 def candidate_alignments(model: nn.Module, batch: Batch, direction: Mapping[str, torch.Tensor], *,
-                         diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
+                         objective: Objective | None = None) -> torch.Tensor:
     """a [B,K] = <grad_theta l_bk(theta), direction>: the directional derivative of every candidate loss
     along ``direction`` (e.g. the validation gradient), all candidates in one ``jvp``.
 
@@ -68,26 +68,25 @@ def candidate_alignments(model: nn.Module, batch: Batch, direction: Mapping[str,
     tangents = tuple(direction[n].to(theta[n].dtype) for n in names)
 
     def losses(*th: torch.Tensor) -> torch.Tensor:
-        return candidate_losses(model, batch, params=dict(zip(names, th)), diffusion=diffusion)
+        return candidate_losses(model, batch, params=dict(zip(names, th)), objective=objective)
 
     with _exact(model):
         _, a = jvp(losses, primals, tangents)
     return a.detach()
 
 
-def candidate_grad_norms(model: nn.Module, batch: Batch, *, diffusion: GaussianDiffusion | None = None,
+def candidate_grad_norms(model: nn.Module, batch: Batch, *, objective: Objective | None = None,
                          chunk: int = 64) -> torch.Tensor:
     """||grad_theta l_bk|| [B,K] over all trainable weights, from per-sample gradients (``vmap(grad)``)
     evaluated ``chunk`` candidates at a time (memory: chunk x the parameter count)."""
-    diffusion = diffusion or default_diffusion()
+    objective = objective or default_objective()
     B, K = batch[3].shape[:2]
     x0k, tk, yk, noise = flatten_groups(batch)
     theta = _trainable(model)
 
     def one(th: dict, x: torch.Tensor, ti: torch.Tensor, yi: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        xt = diffusion.q_sample(x[None], ti[None], n[None])
-        pred = epsilon_prediction(functional_call(model, th, (xt, ti[None], yi[None])), x.shape[0])
-        return (pred - n[None]).pow(2).mean()
+        f = lambda xx, tt, yy: functional_call(model, th, (xx, tt, yy))  # noqa: E731
+        return objective.error(f, x[None], yi[None], ti[None], n[None]).pow(2).mean()
 
     per = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))
     out = []
@@ -100,16 +99,16 @@ def candidate_grad_norms(model: nn.Module, batch: Batch, *, diffusion: GaussianD
 
 
 def oracle_scores(model: nn.Module, batch: Batch, direction: Mapping[str, torch.Tensor], mode: str = "align", *,
-                  diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
+                  objective: Objective | None = None) -> torch.Tensor:
     """Scores [B,K] whose argmax is the oracle's pick: ``align`` a_bk, ``anti`` -a_bk (the worst candidate,
     a diagnostic), ``cosine`` a_bk / ||grad l_bk|| (the validation gradient's norm is shared by a group)."""
     if mode not in ORACLE_MODES:
         raise ValueError(f"unknown oracle mode {mode!r}; choose one of {', '.join(ORACLE_MODES)}")
-    a = candidate_alignments(model, batch, direction, diffusion=diffusion)
+    a = candidate_alignments(model, batch, direction, objective=objective)
     if mode == "anti":
         return -a
     if mode == "cosine":
-        return a / candidate_grad_norms(model, batch, diffusion=diffusion).clamp_min(1e-12)
+        return a / candidate_grad_norms(model, batch, objective=objective).clamp_min(1e-12)
     return a
 
 
@@ -135,16 +134,17 @@ def distillation_loss(scores: torch.Tensor, alignments: torch.Tensor, temperatur
     return -(p * torch.log_softmax(scores, dim=1)).sum(dim=1).mean()
 
 
-def oracle_at(model: nn.Module, batch: Batch, val: Batch, reducer: Reducer, mode: str = "align") -> tuple[float, torch.Tensor]:
+def oracle_at(model: nn.Module, batch: Batch, val: Batch, reducer: Reducer, mode: str = "align",
+              objective: Objective | None = None) -> tuple[float, torch.Tensor]:
     """(L_val at the current weights, oracle scores [B,K] of this rank's candidates: the alignments
     <grad L_val, grad l_bk>, or for ``mode="cosine"`` those over ||grad l_bk||) with the validation
     gradient averaged over the ranks (equal slices: the global batch's gradient)."""
-    lv, g = validation_gradient(model, val)
+    lv, g = validation_gradient(model, val, objective=objective)
     if reducer.active:
         names = list(g)
         avg = reducer.mean([g[k] for k in names] + [torch.tensor(lv, dtype=torch.float64)])
         g, lv = dict(zip(names, avg[:-1])), float(avg[-1])
-    return lv, oracle_scores(model, batch, g, mode)
+    return lv, oracle_scores(model, batch, g, mode, objective=objective)
 
 
 # ---- agreement of a rater's ranking with the oracle's ---------------------------------------------

@@ -37,6 +37,7 @@ from ..eval.reference import default_reference, reference_features
 from ..metatrain import MetaTrainConfig, metatrain
 from ..models.loading import load_diffusion, save_rater
 from ..models.rater import NoiseRater, RaterSpec
+from ..objectives import objective_from_config
 from ..run.folder import read_metrics
 from ..run.provenance import version_info
 from ..selection import dit_passes, equal_cost_control, max_norm_scale
@@ -153,13 +154,15 @@ def get_evidence_preset(name: str, **overrides: Any) -> EvidencePreset:
 @torch.no_grad()
 def test_split_loss(checkpoint: str | Path, data: str, split_seed: int, val_fraction: float, test_fraction: float,
                     draws: int, seed: int = 0, batch: int = 512) -> dict[str, Any]:
-    """Epsilon loss of a checkpoint's EMA weights on fixed (test image, timestep, noise) triples (the same
-    for every arm and seed, :func:`noiserater.study.reproduce.fixed_triple_losses`): the mean and the mean
-    per timestep band of ``BANDS``."""
-    model, _, _ = load_diffusion(checkpoint)
+    """Loss of a checkpoint's EMA weights (its own objective) on fixed (test image, timestep, noise) triples
+    (the same for every arm and seed, :func:`noiserater.study.reproduce.fixed_triple_losses`): the mean and
+    the mean per timestep band of ``BANDS`` (in the DiT's time units: flow's t in [0, 1] as 1000 t)."""
+    model, _, state = load_diffusion(checkpoint)
     model.eval()
+    objective = objective_from_config(state.get("config"))
     test = load_dataset(data, "test", seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    losses, t = fixed_triple_losses(model, test.images, test.labels, draws, seed, batch)
+    losses, t = fixed_triple_losses(model, test.images, test.labels, draws, seed, batch, objective)
+    t = objective.model_time(t)
     out: dict[str, Any] = {"test_loss": float(losses.mean()), "test_triples": int(losses.numel())}
     for lo, hi in BANDS:
         m = (t >= lo) & (t < hi)

@@ -33,12 +33,12 @@ import torch
 from ..analysis.rater_stats import StagesConfig, analyze_stages, match_stage
 from ..checkpoint import RunDirError, write_json
 from ..data import load_dataset
-from ..diffusion import GaussianDiffusion, per_sample_loss
 from ..evaluate import EvalConfig, evaluate_checkpoint
 from ..metatrain import MetaTrainConfig, metatrain
 from ..models.loading import load_diffusion
+from ..objectives import Objective, default_objective, objective_from_config
 from ..train import TrainConfig, train
-from .presets import ReproducePreset
+from .presets import PRESETS, ReproducePreset, get_preset  # noqa: F401  (defined there, still importable from here)
 
 # Pretraining's seed: far from the continuation seeds (0, 1, 2, ...), so no continuation replays the data
 # order, timesteps or noise of the pretraining it starts from.
@@ -145,16 +145,17 @@ def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Calla
 
 @torch.no_grad()
 def fixed_triple_losses(model, images: torch.Tensor, labels: torch.Tensor, draws: int, seed: int,
-                        batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-triple epsilon losses [N*draws] (float64) and their timesteps on FIXED (image, timestep, noise)
-    triples: the images repeated ``draws`` times, timesteps and noise from a generator seeded by ``seed``
-    alone, so every policy and continuation seed is scored on exactly the same triples."""
+                        batch: int = 512, objective: Objective | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-triple losses of ``objective`` (default DDPM) [N*draws] (float64) and their timesteps on FIXED
+    (image, timestep, noise) triples: the images repeated ``draws`` times, timesteps and noise from a
+    generator seeded by ``seed`` alone, so every policy and continuation seed is scored on exactly the same
+    triples."""
+    objective = objective or default_objective()
     g = torch.Generator().manual_seed(HELDOUT_SEED_OFFSET + seed)
     x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
-    diffusion = GaussianDiffusion()
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g)
+    t = objective.sample_t(x0.shape[0], g)
     noise = torch.randn(x0.shape, generator=g)
-    losses = [per_sample_loss(model, diffusion, x0[i:i + batch], t[i:i + batch], y[i:i + batch], noise[i:i + batch])
+    losses = [objective.loss(model, x0[i:i + batch], y[i:i + batch], t[i:i + batch], noise[i:i + batch])
               for i in range(0, x0.shape[0], batch)]
     return torch.cat(losses).double(), t
 
@@ -163,11 +164,12 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
                  split_seed: int = 0, batch: int = 512) -> float:
     """Diffusion loss of a checkpoint's EMA weights on fixed triples of the first ``num_images`` images of
     the validation split (by ``split_seed``), see :func:`fixed_triple_losses`."""
-    model, spec, _ = load_diffusion(checkpoint)
+    model, spec, state = load_diffusion(checkpoint)
     model.eval()
     val = load_dataset(data_source, "val", seed=split_seed)
     n = min(num_images, len(val))
-    losses, _ = fixed_triple_losses(model, val.images[:n], val.labels[:n], draws, seed, batch)
+    losses, _ = fixed_triple_losses(model, val.images[:n], val.labels[:n], draws, seed, batch,
+                                    objective_from_config(state.get("config")))
     # summed in float32 batch sums as before, so earlier studies' figures reproduce
     return float(sum(float(losses[i:i + batch].float().sum()) for i in range(0, len(losses), batch))) / len(losses)
 
