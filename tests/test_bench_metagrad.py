@@ -1,4 +1,4 @@
-"""`noiserater bench metagrad` (issue 5): record format, the goal lines, and memory behaviour vs S."""
+"""`noiserater bench metagrad`: record format, the goal lines, and memory behaviour vs S."""
 
 from __future__ import annotations
 

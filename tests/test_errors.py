@@ -1,4 +1,4 @@
-"""The error contract (issue 16): bad input anywhere is ONE line ``error: ...`` on stderr with exit code 2 (naming
+"""The error contract: bad input anywhere is ONE line ``error: ...`` on stderr with exit code 2 (naming
 the flag or the file); an unexpected exception is a bug and keeps its traceback with exit code 1; a failed run
 leaves no run folder (nor ``.lock``) behind when it created the folder."""
 

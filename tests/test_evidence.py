@@ -1,4 +1,4 @@
-"""The evidence study (issue 13): statistics against scipy, and the pipeline end to end at a tiny size."""
+"""The evidence study: statistics against scipy, and the pipeline end to end at a tiny size."""
 
 from __future__ import annotations
 

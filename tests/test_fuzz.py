@@ -1,4 +1,4 @@
-"""Fuzzing what users type and point at (issue 9): every failure must be one of our clear error types with a
+"""Fuzzing what users type and point at: every failure must be one of our clear error types with a
 message (ConfigError / DatasetError / CheckpointError / a click usage error), never a traceback from deep
 inside torch, numpy, PIL or PyYAML.
 

@@ -1,4 +1,4 @@
-"""Meta-gradients (issue 5): every method against an independent reference, in float64 on a tiny problem.
+"""Meta-gradients: every method against an independent reference, in float64 on a tiny problem.
 
 References are written here from scratch: the inner loop uses a deep copy of the DiT stepped by
 ``torch.optim.SGD`` / ``torch.optim.Adam`` on a loss computed directly from ``q_sample`` and the model,

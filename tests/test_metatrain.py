@@ -1,4 +1,4 @@
-"""`noiserater metatrain` (issue 5): logging, rater checkpoints, exact resume, the inner-lr sweep, and
+"""`noiserater metatrain`: logging, rater checkpoints, exact resume, the inner-lr sweep, and
 multi-process runs (2 gloo processes) against one process on the same global batch."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_metatrain_logs_and_writes_a_loadable_rater(tiny_checkpoint, tmp_path):
         assert r["rater_advantage"] == pytest.approx(r["val_loss_uniform"] - r["val_loss_rater"], abs=1e-7)
         assert 0 < r["weight_entropy"] <= r["weight_entropy_uniform"] + 1e-6
         assert r["score_std"] > 0 and r["time_s"] > 0 and r["meta_grad_norm"] > 0
-    rater = load_rater(summary["rater"], expect=SPEC)  # the selection engineer's entry point
+    rater = load_rater(summary["rater"], expect=SPEC)  # the entry point of the selection policies
     assert rater.spec.name == "Rater-N/2"
     # the rater moved away from its initialisation
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_metatrain_two_processes_match_one(tiny_checkpoint, tmp_path):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
 
 
-# ---- issue 13: the distillation objective, the held-out meta-validation, the splits ----------------------
+# ---- the distillation objective, the held-out meta-validation, the splits ----------------------
 
 
 def _ref_alignments(model, batch, val):

@@ -1,4 +1,4 @@
-"""Planted problems meta-training must solve (issue 13, 4e): each one has a known answer, and a wrong
+"""Planted problems meta-training must solve: each one has a known answer, and a wrong
 meta-gradient, a wrong oracle or a rater that ignores an input fails it.
 
 1. Harmful candidates: candidate 0 of every group is 2.5 x a standard normal (``planted_scale``). On a

@@ -1,4 +1,4 @@
-"""Reference tests for what the headline numbers stand on (issue 16).
+"""Reference tests for what the headline numbers stand on.
 
 - the training step of :func:`noiserater.train.train` against a hand-written loop: the epsilon loss built
   from an independently computed schedule, the global gradient norm computed here and clipping applied by

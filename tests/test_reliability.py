@@ -1,4 +1,4 @@
-"""Reliability and safety (issue 9): crash safety under SIGKILL, clean SIGINT/SIGTERM, safe checkpoint
+"""Reliability and safety: crash safety under SIGKILL, clean SIGINT/SIGTERM, safe checkpoint
 loading, guarded numerics, run-folder locking and a full disk.
 
 Each test checks one protection and fails without it. The kill tests start real `python -m noiserater`

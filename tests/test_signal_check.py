@@ -1,4 +1,4 @@
-"""`noiserater signal check` (issue 13, 4d) against independent references on a tiny checkpoint."""
+"""`noiserater signal check` against independent references on a tiny checkpoint."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""rater_sample, uniform_soft, the oracle policies and the online rater (issue 13), against references."""
+"""rater_sample, uniform_soft, the oracle policies and the online rater, against references."""
 
 from __future__ import annotations
 

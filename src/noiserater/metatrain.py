@@ -15,14 +15,14 @@ loss is measured on images the diffusion model never trained on. Multi-process (
 split over the ranks and the inner gradients, Hessian-vector products and the meta-gradient are averaged,
 so N processes compute exactly what one process computes on the global batch.
 
-``objective="distill"`` (flag ``--meta-objective distill``; issue 13, 4a) replaces steps 2-5: each outer step draws one group batch from the
+``objective="distill"`` (flag ``--meta-objective distill``) replaces steps 2-5: each outer step draws one group batch from the
 train split (B images x K candidates, timesteps, label dropout as above), computes the alignment oracle
 ``a_bk = <grad L_val, grad l_bk>`` at the frozen checkpoint with a validation gradient on a LARGE fresh
 meta-validation draw (``distill_val_batch_size`` image/noise/timestep triples, redrawn every step), and
 takes one Adam step on the listwise ``distillation_loss(scores, a, distill_temperature)``. No inner steps,
 no inner-lr sweep.
 
-Held-out meta-validation (issue 13, 4c), at step 0 and every ``eval_every`` outer steps (choose
+Held-out meta-validation, at step 0 and every ``eval_every`` outer steps (choose
 ``outer_steps`` as a multiple of it to evaluate the final rater):
 the validation split is cut once, by the data seed, into two halves. The *meta* half feeds every outer
 loss, the oracle's validation gradients and the inner-lr sweep; the *held-out* half (``heldout_fraction``

@@ -1,4 +1,4 @@
-"""`signal check` (issue 13, 4d): is there a per-candidate signal at this checkpoint worth learning, before
+"""`signal check`: is there a per-candidate signal at this checkpoint worth learning, before
 anyone spends hours meta-training a rater on it?
 
 On a diffusion checkpoint, for ``groups`` training groups of ``k`` candidate noises each (train split,

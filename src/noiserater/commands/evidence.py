@@ -1,4 +1,4 @@
-"""`noiserater evidence --preset NAME`: every arm against its equal-cost control (issue 13), then the report."""
+"""`noiserater evidence --preset NAME`: every arm against its equal-cost control, then the report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The evidence study (issue 13): does any rater beat its equal-cost control? `noiserater evidence`.
+"""The evidence study: does any rater beat its equal-cost control? `noiserater evidence`.
 
 Unlike ``reproduce`` (the paper's protocol), every arm here is judged against the control that costs the
 same: ``rater_soft`` against ``uniform_soft`` (the same k noises averaged), every one-pass policy against
