@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from noiserater.analysis.rater_stats.rater_stats import (
+from noiserater.analysis.rater_stats import (
     AnalyzeConfig,
     StagesConfig,
     analyze_rater,
@@ -186,7 +186,7 @@ def test_stage_series_meta_trains_a_short_rater_per_stage(tmp_path, stage_checkp
     pytest.importorskip("noiserater.metatrain")
     cfg = StagesConfig(checkpoints=stage_checkpoints[1], out=str(tmp_path / "mt"), rater="Rater-N/2",
                        meta_outer_steps=1, num_images=3, num_noises=3, timesteps=2, progress=False)
-    from noiserater.analysis.rater_stats.rater_stats import metatrain_rater_factory
+    from noiserater.analysis.rater_stats import metatrain_rater_factory
 
     factory = metatrain_rater_factory(1, "Rater-N/2", progress=False, inner_lr=0.1, batch_size=2, val_batch_size=4,
                                       candidates=2, inner_steps=1)
@@ -277,7 +277,7 @@ def test_stage_matching_errors_and_log_parsing(tmp_path):
 
 
 def test_policy_agreement_against_known_scorers():
-    from noiserater.analysis.rater_stats.rater_stats import policy_agreement
+    from noiserater.analysis.rater_stats import policy_agreement
 
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (40,), generator=g)

@@ -212,7 +212,7 @@ def _stats(n=12, shift=0.5, seed=0):
 
 
 def test_analysis_figures_have_captions_units_and_legends(tmp_path, captured):
-    from noiserater.analysis.rater_stats.rater_stats import plot_by_stage, plot_by_t
+    from noiserater.analysis.rater_stats import plot_by_stage, plot_by_t
 
     plot_by_t(_stats(), tmp_path, title="stage 300", num_noises=16)
     plot_by_stage([300, 2000], [_stats(), _stats(shift=0.1, seed=1)], tmp_path, num_noises=16)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from noiserater.analysis.rater_stats.candidate_signal import SignalCheckConfig, signal_check
+from noiserater.analysis.candidate_signal import SignalCheckConfig, signal_check
 from scipy.stats import spearmanr
 
 from noiserater.checkpoint import save_checkpoint
