@@ -81,9 +81,16 @@ def test_uniform_soft_train_loss_is_the_mean_of_the_k_candidate_losses(tmp_path)
     torch.manual_seed(cfg.seed)
     model = build_dit("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, class_dropout_prob=0.0)
     x0 = data.images[idx]
-    with torch.no_grad():
-        ref = sum(((model(DIFF.q_sample(x0, t, cand[:, j]), t, y) - cand[:, j]) ** 2).mean() for j in range(3)) / 3
+    ref = sum(((model(DIFF.q_sample(x0, t, cand[:, j]), t, y) - cand[:, j]) ** 2).mean() for j in range(3)) / 3
     assert summary["final_loss"] == pytest.approx(float(ref), rel=1e-5)
+    # ... and the update is one AdamW step (clipped as train clips) on that hand-written loss
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    ref.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    trained = load_checkpoint(summary["checkpoint"], kind="diffusion")["model"]
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_oracle_selector_picks_the_candidate_with_the_largest_alignment():
