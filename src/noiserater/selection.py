@@ -375,7 +375,7 @@ class KNN(_Coupling):
     """The nearest of the k candidates to its image in L2 (Improved Immiscible Diffusion, arXiv 2505.18521)."""
 
     name = "knn"
-    summary = "the candidate nearest to its image in L2 (Improved Immiscible Diffusion's KNN noise)"
+    summary = "the candidate closest to its image in L2 (Improved Immiscible Diffusion's KNN noise)"
 
     def choose(self, x0, t, y, candidates, generator):
         return (candidates - x0[:, None].to(candidates.dtype)).flatten(2).norm(dim=-1).argmin(dim=1)
