@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -281,29 +283,32 @@ def test_register_policy_refuses_a_duplicate_name():
 
 
 def test_a_new_policy_is_one_class(tmp_path):
-    """The docs' worked example: registered, it is validated, listed in --help and trains."""
-
-    @register_policy
-    class MedianNorm(SelectionPolicy):
-        name, summary = "median_norm_test", "the candidate of median L2 norm (a test policy)"
-
-        def choose(self, x0, t, y, candidates, generator):
-            return candidates.flatten(2).norm(dim=-1).argsort(dim=1)[:, candidates.shape[1] // 2]
-
+    """The worked example of docs/architecture.md, run as written: registered, it is validated, listed in
+    --help, and trains; its choice is numpy's median-norm candidate."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    blocks = re.findall(r"```python\n(@register_policy\n.*?)```", text, re.S)
+    assert len(blocks) == 1, "docs/architecture.md must keep one worked policy example"
+    scope = {"register_policy": register_policy, "SelectionPolicy": SelectionPolicy}
+    exec(compile(blocks[0], "docs/architecture.md", "exec"), scope)
     try:
-        with pytest.raises(ConfigError, match="median_norm_test chooses among k"):
-            TrainConfig(policy="median_norm_test", candidates=1).validate()
-        TrainConfig(policy="median_norm_test", candidates=3).validate()
+        x0, t, y, cand = _batch(6, 5, S=4, seed=1)
+        index = get_policy("median_norm", 5).select(x0, t, y, cand)[1]
+        norms = np.linalg.norm(cand.numpy().reshape(6, 5, -1), axis=-1)
+        np.testing.assert_array_equal(index.numpy(), np.argsort(norms, axis=1)[:, 2])
+        with pytest.raises(ConfigError, match="median_norm chooses among k"):
+            TrainConfig(policy="median_norm", candidates=1).validate()
+        with pytest.raises(ConfigError, match="does not use a rater"):
+            TrainConfig(policy="median_norm", candidates=3, rater="r.pt").validate()
         res = CliRunner().invoke(main, ["train", "--help"])
-        assert "median_norm_test: the candidate of median L2 norm" in " ".join(res.output.split())
+        assert "median_norm: the candidate of median L2 norm" in " ".join(res.output.split())
         summary = train(TrainConfig(model="DiT-N/2", run_dir=str(tmp_path / "run"), steps=1, batch_size=4,
-                                    sample_steps=2, tensorboard=False, progress=False, policy="median_norm_test",
+                                    sample_steps=2, tensorboard=False, progress=False, policy="median_norm",
                                     candidates=3))
         assert summary["step"] == 1
     finally:
-        unregister_policy("median_norm_test")
+        unregister_policy("median_norm")
     with pytest.raises(ConfigError, match="invalid policy"):
-        TrainConfig(policy="median_norm_test", candidates=3).validate()
+        TrainConfig(policy="median_norm", candidates=3).validate()
 
 
 # ---- the old name 'nearest' ------------------------------------------------------------------------------
