@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+from scipy import stats
+
 from noiserater.analysis.rater_stats import (
     AnalyzeConfig,
     StagesConfig,
@@ -22,9 +25,6 @@ from noiserater.analysis.rater_stats import (
     rowwise_spearman,
     smooth_loss,
 )
-from PIL import Image
-from scipy import stats
-
 from noiserater.checkpoint import CheckpointError
 from noiserater.cli import main
 from noiserater.models.loading import save_rater

@@ -23,7 +23,8 @@ def test_bench_selection_writes_records(tmp_path):
     keys = {"policy", "rater", "k", "step_time_s", "ratio_vs_vanilla", "peak_mem_bytes"}
     assert all(keys <= set(r) for r in recs)
     got = {(r["policy"], r["rater"], r["k"]) for r in recs}
-    want = {("vanilla", None, 1)} | {(p, None, k) for p in ("max_norm", "min_norm", "nearest") for k in (1, 2)}
+    want = {("vanilla", None, 1)} | {(p, None, k) for p in ("max_norm", "min_norm", "knn", "batch_ot", "class_ot")
+                                     for k in (1, 2)}
     want |= {("rater", r, k) for r in ("Rater-N/2", "FastRater-N/2") for k in (1, 2)} | {("rater_soft", "FastRater-N/2", 4)}
     assert got == want
     van = next(r for r in recs if r["policy"] == "vanilla")
@@ -50,8 +51,10 @@ def test_bench_selection_rejects_unknown_rater(tmp_path):
 
 # Known per-step times (CPU, wall) on a machine that slows down 1x, 2x, 4x over three rounds; in rounds 1
 # and 2 the first vanilla step of the round is a 10x outlier. Per round, vanilla is timed 5 times.
-BASE_CPU = {"vanilla": 1.0, "max_norm": 1.25, "min_norm": 1.5, "nearest": 2.0, "rater": 4.0}
-WALL_FACTOR = {"vanilla": 2.0, "max_norm": 2.0, "min_norm": 2.0, "nearest": 2.0, "rater": 3.0}
+BASE_CPU = {"vanilla": 1.0, "max_norm": 1.25, "min_norm": 1.5, "knn": 2.0, "batch_ot": 2.5, "class_ot": 2.25,
+            "rater": 4.0}
+WALL_FACTOR = {"vanilla": 2.0, "max_norm": 2.0, "min_norm": 2.0, "knn": 2.0, "batch_ot": 2.0, "class_ot": 2.0,
+               "rater": 3.0}
 DRIFT = [1.0, 2.0, 4.0]
 
 

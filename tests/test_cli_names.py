@@ -21,6 +21,7 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--ablation": ({"text"}, "rater input ablation"),
     "--amp": ({"flag"}, "bf16 autocast"),
     "--as-json": ({"flag"}, "print the result as JSON on stdout"),
+    "--assignment-batch-sizes": ({"text"}, "comma-separated images per process at which to time the exact assignment"),
     "--batch-size": ({"int"}, "images (or samples) per batch / forward"),
     "--cache-dir": ({"text", "dir"}, "cache folder for classifiers and reference statistics"),
     "--candidates": ({"int"}, "k: candidate noises per image"),

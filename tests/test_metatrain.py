@@ -489,9 +489,9 @@ def test_plateau_stops_and_a_resumed_run_stays_stopped(tiny_checkpoint, tmp_path
 
 
 def test_splits_follow_the_checkpoint_and_never_load_the_test_split(tmp_path, monkeypatch):
+    import noiserater.metatrain as mt
     from noiserater.data import load_dataset
     from noiserater.meta import batches
-    import noiserater.metatrain as mt
 
     torch.manual_seed(0)
     sd = build_dit_from_spec(SPEC).state_dict()

@@ -16,8 +16,8 @@ from noiserater.diffusion import GaussianDiffusion
 from noiserater.objectives import get_objective
 from noiserater.selection import (
     NoiseNormStats,
-    SelectionPolicy,
     chi_cdf,
+    get_policy,
     ks_distance_from_chi,
     max_norm_scale,
 )
@@ -94,7 +94,7 @@ def test_max_norm_scale_matches_order_statistics(d, k):
 def test_noise_norm_stats_of_plain_and_max_norm_noise():
     g = torch.Generator().manual_seed(0)
     plain, chosen = NoiseNormStats(), NoiseNormStats()
-    pol = SelectionPolicy("max_norm", k=4)
+    pol = get_policy("max_norm", k=4)
     for _ in range(20):
         cand = torch.randn(64, 4, 1, 8, 8, generator=g)
         plain.update(cand[:, 0])
@@ -138,7 +138,7 @@ def test_train_step_loss_is_the_ddpm_formula_with_scale_and_perturbation(scale, 
     model, objective = _Linear(), get_objective("ddpm")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = NoiseNormStats()
-    res = train_step(model, model, objective, SelectionPolicy("vanilla"), opt, x0, t, y, cand, g, 0.0, False,
+    res = train_step(model, model, objective, get_policy("vanilla"), opt, x0, t, y, cand, g, 0.0, False,
                      noise_scale=scale, perturbation=gamma * xi if gamma else None, noise_stats=stats)
     abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)[t][:, None, None, None]
     eps = scale * cand[:, 0]
@@ -155,7 +155,7 @@ def test_soft_policy_scales_every_candidate():
     model, diffusion = _Linear(), GaussianDiffusion()
     objective = get_objective("ddpm")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    res = train_step(model, model, objective, SelectionPolicy("uniform_soft", k=2), opt, x0, t, y, cand, g, 0.0,
+    res = train_step(model, model, objective, get_policy("uniform_soft", k=2), opt, x0, t, y, cand, g, 0.0,
                      False, noise_scale=1.2)
     abar = diffusion.alphas_cumprod.float()[t][:, None, None, None]
     want = 0.0

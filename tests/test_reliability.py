@@ -801,7 +801,7 @@ def test_too_many_bad_steps_stop_with_the_step_and_batch(tmp_path, monkeypatch, 
 def test_nonfinite_rater_scores_are_caught(tmp_path, monkeypatch):
     """NaN/inf rater scores would make argmax pick a NaN candidate silently; they are a skipped step."""
     from noiserater.models.rater import NoiseRater
-    from noiserater.selection import NonFiniteError, SelectionPolicy
+    from noiserater.selection import NonFiniteError, get_policy
 
     rater = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
     rpath = tmp_path / "rater.pt"
@@ -819,7 +819,7 @@ def test_nonfinite_rater_scores_are_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(NoiseRater, "score_candidates", scores)
     # the policy itself refuses
-    pol = SelectionPolicy("rater", 2, load_rater(rpath))
+    pol = get_policy("rater", 2, rater=load_rater(rpath))
     x0, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2])
     pol.select(x0, t, y, torch.randn(2, 2, 1, 8, 8))  # call 0: fine
     with pytest.raises(NonFiniteError, match="non-finite scores"):

@@ -20,7 +20,7 @@ from noiserater.models import build_dit, build_rater
 from noiserater.models.loading import save_rater
 from noiserater.objectives import get_objective
 from noiserater.randomness import batch_indices
-from noiserater.selection import POLICIES, NoiseSelector, SelectionPolicy
+from noiserater.selection import NoiseSelector, get_policy, policy_names
 from noiserater.train import TrainConfig, draw_step_randomness, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,13 @@ def _np_norms(a: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name,pick", [
     ("max_norm", lambda x0, c: _np_norms(c).argmax(1)),
     ("min_norm", lambda x0, c: _np_norms(c).argmin(1)),
-    ("nearest", lambda x0, c: _np_norms(c - x0[:, None]).argmin(1)),
+    ("knn", lambda x0, c: _np_norms(c - x0[:, None]).argmin(1)),
 ])
 def test_plain_policies_pick_what_they_promise(name, pick):
     x0, t, y, cand = _batch()
     # Spread the norms so the choice is clear: candidate k scaled by a random factor per image.
     cand = cand * torch.rand(cand.shape[:2], generator=torch.Generator().manual_seed(1))[..., None, None, None] * 3
-    noise, index = SelectionPolicy(name, k=6).select(x0, t, y, cand)
+    noise, index = get_policy(name, k=6).select(x0, t, y, cand)
     want = pick(x0.numpy(), cand.numpy())
     np.testing.assert_array_equal(index.numpy(), want)
     for b in range(len(x0)):
@@ -63,11 +63,11 @@ def test_max_and_min_norm_on_a_constructed_case():
     scales = torch.tensor([[0.5, 2.0, 1.0], [3.0, 0.1, 1.0]])
     cand = base * scales[..., None, None, None]
     x0, t, y = torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-    assert SelectionPolicy("max_norm", 3).select(x0, t, y, cand)[1].tolist() == [1, 0]
-    assert SelectionPolicy("min_norm", 3).select(x0, t, y, cand)[1].tolist() == [0, 1]
-    # nearest: a candidate equal to the image is at distance 0
+    assert get_policy("max_norm", 3).select(x0, t, y, cand)[1].tolist() == [1, 0]
+    assert get_policy("min_norm", 3).select(x0, t, y, cand)[1].tolist() == [0, 1]
+    # knn: a candidate equal to the image is at distance 0
     x0 = cand[:, 2].clone()
-    assert SelectionPolicy("nearest", 3).select(x0, t, y, cand)[1].tolist() == [2, 2]
+    assert get_policy("knn", 3).select(x0, t, y, cand)[1].tolist() == [2, 2]
 
 
 @pytest.mark.parametrize("rater_name", ["Rater-N/2", "FastRater-N/2"])
@@ -75,7 +75,7 @@ def test_rater_policy_picks_the_argmax_of_independently_computed_scores(rater_na
     torch.manual_seed(0)
     rater = build_rater(rater_name, input_size=4, in_channels=2, num_classes=3)
     x0, t, y, cand = _batch()
-    policy = SelectionPolicy("rater", k=6, rater=rater)
+    policy = get_policy("rater", k=6, rater=rater)
     noise, index = policy.select(x0, t, y, cand)
     with torch.no_grad():  # one candidate at a time, through the plain forward
         scores = torch.stack([rater(cand[:, k], t, x0, y) for k in range(6)], dim=1)
@@ -90,18 +90,18 @@ def test_rater_policy_picks_the_argmax_of_independently_computed_scores(rater_na
 def test_policy_errors_are_clear():
     rater = build_rater("Rater-N/2", input_size=4, in_channels=2, num_classes=3)
     with pytest.raises(ValueError, match="unknown selection policy 'best'"):
-        SelectionPolicy("best", 2)
+        get_policy("best", 2)
     with pytest.raises(ValueError, match="vanilla.*set k"):
-        SelectionPolicy("vanilla", 4)
+        get_policy("vanilla", 4)
     with pytest.raises(ValueError, match="needs a rater checkpoint"):
-        SelectionPolicy("rater", 4)
+        get_policy("rater", 4)
     with pytest.raises(ValueError, match="does not use a rater"):
-        SelectionPolicy("max_norm", 4, rater)
+        get_policy("max_norm", 4, rater=rater)
     with pytest.raises(ValueError, match=">= 1"):
-        SelectionPolicy("nearest", 0)
+        get_policy("knn", 0)
     x0, t, y, cand = _batch(K=3)
     with pytest.raises(ValueError, match=r"expected candidates \[B=5,k=4"):
-        SelectionPolicy("max_norm", 4).select(x0, t, y, cand)
+        get_policy("max_norm", 4).select(x0, t, y, cand)
 
 
 # ---- the drop-in API -----------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ def test_noise_selector_plain_policies_and_soft(rater_file):
     with torch.no_grad():
         s = torch.stack([soft.rater(cand[:, k], t, x0, torch.full((5,), 10)) for k in range(3)], 1)
     torch.testing.assert_close(w, torch.softmax(s / 2.0, 1), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="for 'nearest' use NoiseSelector"):
-        NoiseSelector.from_checkpoint(rater_file, policy="nearest")
+    with pytest.raises(ValueError, match="for 'knn' use NoiseSelector"):
+        NoiseSelector.from_checkpoint(rater_file, policy="knn")
 
 
 def test_noise_selector_refuses_a_rater_for_another_model(rater_file):
@@ -231,7 +231,7 @@ def _recording_train(cfg: TrainConfig):
     return summary, calls
 
 
-@pytest.mark.parametrize("policy,k", [("vanilla", 1), ("max_norm", 3), ("min_norm", 3), ("nearest", 3),
+@pytest.mark.parametrize("policy,k", [("vanilla", 1), ("max_norm", 3), ("min_norm", 3), ("knn", 3),
                                       ("rater", 3), ("rater_soft", 3)])
 def test_continuation_uses_the_chosen_noise_for_input_and_target(policy, k, pretrained, tmp_path):
     init, rater_path = pretrained
@@ -274,7 +274,7 @@ def test_continuation_uses_the_chosen_noise_for_input_and_target(policy, k, pret
             pick = _np_norms(cand.numpy()).argmax(1) if policy == "max_norm" else np.zeros(B, dtype=int)
         elif policy == "min_norm":
             pick = _np_norms(cand.numpy()).argmin(1)
-        elif policy == "nearest":
+        elif policy == "knn":
             pick = _np_norms(cand.numpy() - x0.numpy()[:, None]).argmin(1)
         else:
             pick = scores.numpy().argmax(1)
@@ -346,5 +346,5 @@ def test_cli_continuation_with_the_rater_policy(pretrained, tmp_path):
 
 def test_policies_listed_in_cli_help():
     res = CliRunner().invoke(main, ["train", "--help"])
-    for p in POLICIES:
+    for p in policy_names():
         assert p in res.output

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from noiserater.analysis.candidate_signal import SignalCheckConfig, signal_check
 from scipy.stats import spearmanr
 
+from noiserater.analysis.candidate_signal import SignalCheckConfig, signal_check
 from noiserater.checkpoint import save_checkpoint
 from noiserater.data import load_dataset
 from noiserater.models import DiTSpec, build_dit_from_spec

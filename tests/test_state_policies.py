@@ -16,9 +16,9 @@ from noiserater.models.loading import save_rater
 from noiserater.objectives import get_objective
 from noiserater.selection import (
     NoiseSelector,
-    SelectionPolicy,
     dit_passes,
     equal_cost_control,
+    get_policy,
     gumbel_argmax,
 )
 from noiserater.train import TrainConfig, train
@@ -45,7 +45,7 @@ def test_gumbel_sampling_matches_the_softmax_distribution():
 def test_rater_sample_policy_draws_from_the_rater_softmax_and_is_repeatable():
     torch.manual_seed(0)
     rater = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
-    pol = SelectionPolicy("rater_sample", 4, rater, temperature=1.0)
+    pol = get_policy("rater_sample", 4, rater=rater, temperature=1.0)
     x0 = torch.randn(2000, 1, 8, 8)
     t = torch.randint(0, 1000, (2000,))
     y = torch.randint(0, 10, (2000,))

@@ -346,11 +346,14 @@ RESUMABLE_KEYS = ("resume", "steps", "outer_steps", "run_dir", "log_every", "sam
                   "tensorboard", "device")
 
 
-def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, legacy: dict | None = None) -> None:
+def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, legacy: dict | None = None,
+                     renamed: dict[str, dict] | None = None) -> None:
     """Refuse to mix runs: a folder whose checkpoints come from a different config, or any folder with
     checkpoints without --resume. A folder without checkpoints (a run that failed early) may be reused.
     ``legacy`` gives, for config keys added in later releases, the value that reproduces what a run
-    written before the key existed did: such a run resumes when the new config asks for exactly that."""
+    written before the key existed did: such a run resumes when the new config asks for exactly that.
+    ``renamed`` maps a key to {old value: new value} for values renamed since (``{"policy": {"nearest":
+    "knn"}}``): the folder's old value compares as its new name."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
         return  # no run yet, or one that stopped before its first checkpoint: nothing to protect
@@ -366,6 +369,9 @@ def check_run_config(run_dir: str | os.PathLike, config: dict, resume: bool, leg
     ignore = set(RESUMABLE_KEYS)
     legacy = legacy or {}
     old = {**{k: v for k, v in legacy.items() if k not in old}, **old}
+    for key, names in (renamed or {}).items():
+        if isinstance(old.get(key), str) and old[key] in names:
+            old[key] = names[old[key]]
     diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
     if diff:
         k = diff[0]

@@ -2,11 +2,16 @@
 
 Every policy sees the same k candidate noises ``candidates [B,k,C,H,W]`` for a batch (x0, t, y) and
 returns the chosen noise ``[B,C,H,W]`` (the exact tensor that builds x_t and is the loss target) and the
-chosen index ``[B]``:
+chosen index ``[B]``. Each policy is one class registered with :func:`register_policy`; :func:`get_policy`
+builds one by name, and the class says what it needs and costs (:class:`SelectionPolicy`):
 
 - ``vanilla``: k=1, plain N(0, I) noise;
 - ``max_norm`` / ``min_norm``: the candidate of largest / smallest L2 norm (the paper's naive baselines);
-- ``nearest``: the candidate closest in L2 to its image (Immiscible-Diffusion-style assignment);
+- ``knn``: the candidate closest in L2 to its image (Improved Immiscible Diffusion's KNN noise; formerly
+  ``nearest``, a name old configs may still use);
+- ``batch_ot``: the batch's B*k noises assigned to its images by an exact linear assignment minimising the
+  total squared distance (minibatch OT; at k=1 OT-CFM's permutation); ``class_ot``: the same within each
+  class of the batch (C2OT);
 - ``rater``: top-1 by the frozen rater's score, all k candidates scored in one batched forward
   under inference mode (paper eq. 7);
 - ``rater_soft``: trains on all k candidates with the rater's group-softmax weights, the objective the
@@ -32,13 +37,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from .checkpoint import RunDirError, sha256_file, write_json
+from .config import require
 from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
     ORACLE_MODES,
@@ -48,7 +54,7 @@ from .meta.oracle import (
     validation_gradient,
 )
 from .models.loading import load_rater
-from .models.rater import NoiseRater, group_weights
+from .models.rater import NoiseRater, RaterSpec, group_weights
 from .objectives import Objective, default_objective
 from .randomness import STEP_MIX
 
@@ -57,26 +63,8 @@ class NonFiniteError(FloatingPointError):
     """Rater scores (or another quantity a step depends on) are NaN/inf; the training loop skips the step."""
 
 
-POLICIES = ("vanilla", "max_norm", "min_norm", "nearest", "rater", "rater_soft", "rater_sample", "uniform_soft",
-            "oracle_alignment", "oracle_anti", "oracle_cosine", "rater_online")
-RATER_POLICIES = ("rater", "rater_soft", "rater_sample")  # need a frozen rater file (--rater)
-SOFT_POLICIES = ("rater_soft", "uniform_soft")  # train on all k candidates with weights
-ORACLE_POLICIES = {"oracle_alignment": "align", "oracle_anti": "anti", "oracle_cosine": "cosine"}
-STATE_POLICIES = (*ORACLE_POLICIES, "rater_online")  # need the live model and the meta-validation split
-
-
-def dit_passes(policy: str, k: int) -> float:
-    """Cost class of a policy in DiT forward/backward passes per training image (selection overheads of a
-    rater or of the oracle's jvp come on top and are measured by ``bench selection``)."""
-    return float(k) if policy in SOFT_POLICIES else 1.0
-
-
-def equal_cost_control(policy: str, k: int) -> tuple[str, int]:
-    """The control each arm is judged against: soft weightings against uniform weights over the same k
-    noises, every one-pass policy against vanilla."""
-    if policy == "rater_soft":
-        return "uniform_soft", k
-    return "vanilla", 1
+# the initial weights of a fresh rater_online rater, apart from the DiT's (seed + 0)
+ONLINE_RATER_SEED_OFFSET = 1
 
 
 def _norms(candidates: torch.Tensor) -> torch.Tensor:
@@ -95,43 +83,165 @@ def gumbel_argmax(scores: torch.Tensor, temperature: float, generator: torch.Gen
     return (scores.double() / temperature + gumbel).argmax(dim=1)
 
 
-@dataclass
+# ---- the policy registry -----------------------------------------------------------------------------
+# Every policy is a class registered here; TrainConfig.validate, train.build_policy, the evidence study,
+# the benchmark and the CLI help ask the registry what a policy is instead of testing its name.
+
+_REGISTRY: dict[str, type["SelectionPolicy"]] = {}
+# old name -> new name: accepted only where an old config or run folder is read (TrainConfig, the resume
+# check), never by get_policy and never listed
+RENAMED_POLICIES = {"nearest": "knn"}
+
+
+def register_policy(cls: type["SelectionPolicy"]) -> type["SelectionPolicy"]:
+    """Class decorator: add a :class:`SelectionPolicy` subclass to the registry under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, SelectionPolicy)):
+        raise TypeError(f"register_policy takes a SelectionPolicy subclass, got {cls!r}")
+    if not cls.name or not cls.name.isidentifier():
+        raise ValueError(f"a selection policy needs a name that is a Python identifier, got {cls.name!r}")
+    if cls.name in _REGISTRY or cls.name in RENAMED_POLICIES:
+        raise ValueError(f"selection policy {cls.name!r} is already registered ({_REGISTRY.get(cls.name, cls).__name__})")
+    if cls.uses_rater not in ("required", "optional", "refused") or cls.k_rule not in ("one", "choose", "any"):
+        raise ValueError(f"policy {cls.name!r}: uses_rater must be required/optional/refused and k_rule one/choose/any")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister_policy(name: str) -> None:
+    """Remove a registered policy (tests that register a policy clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every registered policy, in registration order (the order of ``train --help``)."""
+    return tuple(_REGISTRY)
+
+
+def policy_class(name: str) -> type["SelectionPolicy"]:
+    """The registered class of policy ``name``; an unknown name is a ValueError that lists the known ones."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        renamed = f" ({name!r} is now {RENAMED_POLICIES[name]!r})" if name in RENAMED_POLICIES else ""
+        raise ValueError(f"unknown selection policy {name!r}{renamed}; choose one of {', '.join(_REGISTRY)}")
+    return cls
+
+
+def get_policy(name: str, k: int = 1, **options: Any) -> "SelectionPolicy":
+    """Policy ``name`` over k candidates; ``options``: ``rater``, ``temperature``, ``scorer`` (see
+    :class:`SelectionPolicy`)."""
+    return policy_class(name)(k, **options)
+
+
+def dit_passes(policy: str, k: int) -> float:
+    """Cost class of a policy in DiT forward/backward passes per training image (selection overheads of a
+    rater, of the oracle's jvp or of an assignment come on top and are measured by ``bench selection``)."""
+    return policy_class(policy).dit_passes(k)
+
+
+def equal_cost_control(policy: str, k: int) -> tuple[str, int]:
+    """(policy, k) of the control each arm is judged against (see :meth:`SelectionPolicy.control`)."""
+    return policy_class(policy).control(k)
+
+
+def policy_help() -> str:
+    """The ``train --policy`` help, one entry per registered policy."""
+    return "Noise selection: " + "; ".join(f"{c.name}: {c.summary}" for c in _REGISTRY.values()) + "."
+
+
 class SelectionPolicy:
-    """A named policy. ``rater`` is required for the frozen-rater policies (and refused otherwise);
-    ``scorer`` (an :class:`AlignmentOracle` or :class:`OnlineRater`) for the state-dependent ones."""
+    """A noise-selection policy. Each policy is a subclass registered with :func:`register_policy`; build
+    one with :func:`get_policy`. The class attributes say what the policy is:
 
-    name: str
-    k: int = 1
-    rater: NoiseRater | None = None
-    temperature: float = 1.0
-    scorer: "AlignmentOracle | OnlineRater | None" = None
-    objective: Objective | None = None  # the training objective: t's units (the rater sees model_time(t))
+    - ``name``, ``summary`` (one line for ``train --help``);
+    - ``uses_rater``: ``required`` (a frozen rater file, ``--rater``), ``optional`` or ``refused``;
+    - ``state_dependent``: scores at the live model's current weights (needs ``scorer``, built by
+      :meth:`from_config` from the live model and the meta-validation split);
+    - ``soft``: trains on all k candidates with :meth:`weights` (k DiT passes per image);
+    - ``batch_coupled``: the choice depends on the whole batch, and the index is a row of the batch's
+      pool ``candidates.reshape(B*k, ...)`` (under DDP: of this process's share of the batch);
+    - ``changes_norm``: the chosen noise's norm is not chi_d (judged against a noise-scale control too);
+    - ``k_rule``: ``one`` (k must be 1), ``choose`` (a choice among k >= 2; at k=1 it is vanilla noise) or
+      ``any`` (k=1 is meaningful: the batch couplings permute the batch's noises);
+    - ``config_fields``: the TrainConfig fields :meth:`from_config` reads besides policy and candidates.
 
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"unknown selection policy {self.name!r}; choose one of {', '.join(POLICIES)}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"the number of candidates k must be an integer >= 1, got {self.k!r}")
-        if self.name == "vanilla" and self.k != 1:
-            raise ValueError("policy 'vanilla' uses one plain Gaussian noise: set k (--candidates) to 1")
-        if self.name in RATER_POLICIES and self.rater is None:
+    A subclass implements :meth:`choose` (the index per image) and, if it reads config fields or needs a
+    scorer, :meth:`from_config`. Instances carry ``k``, ``rater`` (frozen, for ``required``),
+    ``temperature``, ``scorer`` (an :class:`AlignmentOracle` or :class:`OnlineRater`) and ``objective`` (the
+    training objective: the units of t; a rater sees ``objective.model_time(t)``).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    uses_rater: ClassVar[str] = "refused"
+    state_dependent: ClassVar[bool] = False
+    soft: ClassVar[bool] = False
+    batch_coupled: ClassVar[bool] = False
+    changes_norm: ClassVar[bool] = False
+    k_rule: ClassVar[str] = "choose"
+    config_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, k: int = 1, rater: NoiseRater | None = None, temperature: float = 1.0,
+                 scorer: "AlignmentOracle | OnlineRater | None" = None, objective: Objective | None = None):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"the number of candidates k must be an integer >= 1, got {k!r}")
+        if self.k_rule == "one" and k != 1:
+            raise ValueError(f"policy {self.name!r} uses one plain Gaussian noise: set k (--candidates) to 1")
+        if self.uses_rater == "required" and rater is None:
             raise ValueError(f"policy {self.name!r} needs a rater checkpoint (--rater PATH)")
-        if self.name not in RATER_POLICIES and self.rater is not None:
-            raise ValueError(
-                f"policy {self.name!r} does not use a rater; drop --rater or choose --policy "
-                + " / ".join(RATER_POLICIES)
-            )
-        if self.name in STATE_POLICIES and self.scorer is None:
+        if self.uses_rater != "required" and rater is not None:
+            raise ValueError(f"policy {self.name!r} does not use a rater; drop --rater or choose --policy "
+                             + " / ".join(c.name for c in _REGISTRY.values() if c.uses_rater == "required"))
+        if self.state_dependent and scorer is None:
             raise ValueError(f"policy {self.name!r} scores candidates at the model's current weights: build it "
                              "with scorer=AlignmentOracle(...) / OnlineRater(...) (the train loop does this)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.k, self.rater, self.temperature, self.scorer = k, rater, temperature, scorer
+        self.objective = objective or default_objective()
         if self.rater is not None:
             self.rater.eval().requires_grad_(False)
 
-    @property
-    def soft(self) -> bool:
-        return self.name in SOFT_POLICIES
+    # ---- what the policy is, for a run's configuration ----
+
+    @classmethod
+    def dit_passes(cls, k: int) -> float:
+        """DiT forward/backward passes per training image: k for the soft policies, else 1."""
+        return float(k) if cls.soft else 1.0
+
+    @classmethod
+    def control(cls, k: int) -> tuple[str, int]:
+        """The equal-cost control (policy, k) this policy is judged against: vanilla at k=1 for every
+        one-pass policy (it trains on candidate 0 of the same draws)."""
+        return "vanilla", 1
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        """Admission checks of a training run ``cfg`` (a TrainConfig): k and the rater file. Raises
+        ConfigError naming the field (``require``)."""
+        require(cfg.candidates >= 1, "candidates", "k must be >= 1")
+        require(cls.k_rule != "one" or cfg.candidates == 1, "candidates", f"{cls.name} uses k=1")
+        require(cls.k_rule != "choose" or cfg.candidates >= 2, "candidates",
+                f"policy {cls.name} chooses among k candidates: pass --candidates 2 or more (k=1 is vanilla)")
+        require(cls.uses_rater != "required" or bool(cfg.rater), "rater", f"policy {cls.name} needs --rater PATH")
+        require(cls.uses_rater != "refused" or not cfg.rater, "rater",
+                f"policy {cls.name} does not use a rater; drop --rater")
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, rater: NoiseRater | None = None, model: torch.nn.Module | None = None,
+                    val: Any = None, train_data: Any = None, spec: Any = None,
+                    objective: Objective | None = None) -> "SelectionPolicy":
+        """The policy of a training run ``cfg``; ``rater`` is the loaded ``--rater`` file, ``model`` the live
+        model, ``val`` / ``train_data`` the meta-validation and training splits (ImageData), ``spec`` the DiTSpec
+        (the state-dependent policies use them), ``objective`` the run's training objective. Reads only
+        ``config_fields`` (and policy, candidates)."""
+        return cls(cfg.candidates, rater, objective=objective)
+
+    # ---- selecting ----
+
+    def choose(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """The chosen index per image [B] (a row of the pool [B*k] for ``batch_coupled`` policies)."""
+        raise NotImplementedError(f"policy {self.name!r} does not implement choose()")
 
     def scores(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Rater scores [B,k] for all candidates in one batched forward, without autograd."""
@@ -139,11 +249,12 @@ class SelectionPolicy:
             return _check_finite(self.scorer.scores(x0, t, y, candidates), "scorer")
         if self.rater is None:
             raise ValueError(f"policy {self.name!r} has no rater to score with")
-        return rater_scores(self.rater, x0, (self.objective or default_objective()).model_time(t), y, candidates)
+        return rater_scores(self.rater, x0, self.objective.model_time(t), y, candidates)
 
     def select(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor,
                generator: torch.Generator | None = None):
-        """candidates [B,k,C,H,W] -> (noise [B,C,H,W], index [B]); the noise is a row of ``candidates``.
+        """candidates [B,k,C,H,W] -> (noise [B,C,H,W], index [B]); the noise is a row of ``candidates``
+        (of the pool ``candidates.reshape(B*k, C, H, W)`` for a batch coupling, ``index`` into it).
         ``generator`` draws the sample of ``rater_sample`` (repeatable runs pass a seeded one)."""
         if candidates.dim() != 5 or candidates.shape[1] != self.k or candidates.shape[0] != x0.shape[0]:
             raise ValueError(
@@ -152,21 +263,12 @@ class SelectionPolicy:
         if candidates.shape[2:] != x0.shape[1:]:
             raise ValueError(f"candidates {list(candidates.shape)} do not match images {list(x0.shape)}")
         B = candidates.shape[0]
-        if self.k == 1:  # every policy degenerates to plain Gaussian noise (and the rater is not run)
+        if self.k == 1 and self.k_rule != "any":  # a choice among one is plain Gaussian noise (no rater run)
             index = torch.zeros(B, dtype=torch.long, device=candidates.device)
-        elif self.name == "max_norm":
-            index = _norms(candidates).argmax(dim=1)
-        elif self.name == "min_norm":
-            index = _norms(candidates).argmin(dim=1)
-        elif self.name == "nearest":
-            # Immiscible-Diffusion-style: the candidate closest in L2 to its image.
-            index = (candidates - x0[:, None].to(candidates.dtype)).flatten(2).norm(dim=-1).argmin(dim=1)
-        elif self.name == "rater_sample":
-            index = gumbel_argmax(self.scores(x0, t, y, candidates), self.temperature, generator)
-        elif self.name == "uniform_soft":  # a hard pick from uniform weights is plain vanilla noise
-            index = torch.zeros(B, dtype=torch.long, device=candidates.device)
-        else:  # rater, rater_soft (hard top-1), the oracles, rater_online
-            index = self.scores(x0, t, y, candidates).argmax(dim=1)
+        else:
+            index = self.choose(x0, t, y, candidates, generator)
+        if self.batch_coupled:
+            return candidates.reshape(B * self.k, *candidates.shape[2:])[index], index
         return _take(candidates, index), index
 
     def weights(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -193,6 +295,249 @@ class SelectionPolicy:
         if k is not None and k != self.k:
             raise ValueError(f"this policy was built for k={self.k}, called with k={k}")
         return self.select(x0, t, y, draw_candidates(x0, self.k, generator), generator)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
+
+
+# ---- the policies -------------------------------------------------------------------------------------
+
+
+@register_policy
+class Vanilla(SelectionPolicy):
+    name, summary, k_rule = "vanilla", "plain N(0, I) noise, k=1", "one"
+
+
+@register_policy
+class MaxNorm(SelectionPolicy):
+    name, summary, changes_norm = "max_norm", "the candidate of largest L2 norm", True
+
+    def choose(self, x0, t, y, candidates, generator):
+        return _norms(candidates).argmax(dim=1)
+
+
+@register_policy
+class MinNorm(SelectionPolicy):
+    name, summary, changes_norm = "min_norm", "the candidate of smallest L2 norm", True
+
+    def choose(self, x0, t, y, candidates, generator):
+        return _norms(candidates).argmin(dim=1)
+
+
+# ---- noise-data couplings --------------------------------------------------------------------------------
+# ||x0 - eps||^2 = ||x0||^2 - 2 <x0, eps> + ||eps||^2: pairing each image with a near noise also favours
+# small-norm noise (the opposite of max_norm); NoiseNormStats measures it in every run.
+
+# An exact assignment of B images to a pool of kB noises (scipy's shortest augmenting path) takes, on one
+# CPU core, ~0.3 s at B=1024, k=1 and ~2 s at B=2048, k=1 (k > 1 is faster: ~0.4 s at B=2048, k=4), and its
+# float64 cost matrix has B*kB entries (2**24: 128 MiB). Beyond these a training step waits on the CPU.
+MAX_ASSIGNMENT_IMAGES = 2048
+MAX_ASSIGNMENT_ENTRIES = 2**24
+
+
+def squared_distances(x0: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """||x0_i - pool_j||^2 [B,N] in float64 for images [B,...] and noises [N,...] (expanded as
+    ||x||^2 - 2<x, p> + ||p||^2, so memory is B*N, not B*N*d)."""
+    x, p = x0.reshape(x0.shape[0], -1).double(), pool.reshape(pool.shape[0], -1).double()
+    return (x.pow(2).sum(1)[:, None] - 2 * x @ p.T + p.pow(2).sum(1)[None]).clamp_(min=0)
+
+
+def min_cost_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """For a cost [B,N] with B <= N: the column of each row [B] (distinct columns) that minimises the total
+    cost, exactly (``scipy.optimize.linear_sum_assignment``)."""
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    out = torch.empty(cost.shape[0], dtype=torch.long)
+    out[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    return out.to(cost.device)
+
+
+def check_assignment_size(images: int, k: int) -> str | None:
+    """Why an exact assignment of ``images`` images to ``images * k`` noises per step is too large, or None."""
+    if images > MAX_ASSIGNMENT_IMAGES or images * images * k > MAX_ASSIGNMENT_ENTRIES:
+        return (f"an exact assignment of {images} images to {images * k} noises per step is too large (limit: "
+                f"{MAX_ASSIGNMENT_IMAGES} images and {MAX_ASSIGNMENT_ENTRIES} = 2**24 cost entries, ~2 s a step "
+                "on one CPU core)")
+    return None
+
+
+class _Coupling(SelectionPolicy):
+    """Pairs images with noises by L2 distance; refuses a batch too large for an exact assignment."""
+
+    changes_norm = True
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        super().check_run(cfg)
+        if cls.batch_coupled:  # the limit is checked on the global batch: each process's share is smaller
+            why = check_assignment_size(cfg.batch_size, cfg.candidates)
+            require(why is None, "batch_size", f"policy {cls.name}: {why}; lower --batch-size or --candidates "
+                    "(or use --policy knn, which needs no assignment)")
+
+
+@register_policy
+class KNN(_Coupling):
+    """The nearest of the k candidates to its image in L2 (Improved Immiscible Diffusion, arXiv 2505.18521)."""
+
+    name = "knn"
+    summary = "the candidate closest to its image in L2 (Improved Immiscible Diffusion's KNN noise)"
+
+    def choose(self, x0, t, y, candidates, generator):
+        return (candidates - x0[:, None].to(candidates.dtype)).flatten(2).norm(dim=-1).argmin(dim=1)
+
+
+@register_policy
+class BatchOT(_Coupling):
+    """Minibatch optimal transport: the batch's B*k noises assigned to its B images, each image a distinct
+    noise, minimising the total squared L2 distance exactly (a B x kB linear assignment). At k=1 it is the
+    permutation of OT-CFM (arXiv 2302.00482) and Immiscible Diffusion (arXiv 2406.12303).
+
+    The batch is what :meth:`select` receives: in ``train`` under DDP that is each process's share of the
+    global batch (``batch_size / world`` images), so the coupling is within each process's share and a
+    2-process run couples differently from a 1-process run of the same seed."""
+
+    name, batch_coupled, k_rule = "batch_ot", True, "any"
+    summary = "the batch's B*k noises assigned to its images by an exact minimum-L2 assignment (OT-CFM at k=1)"
+
+    def choose(self, x0, t, y, candidates, generator):
+        B, k = candidates.shape[:2]
+        if check_assignment_size(B, k):
+            raise ValueError(f"policy {self.name!r}: {check_assignment_size(B, k)}; use a smaller batch or k")
+        return min_cost_assignment(squared_distances(x0, candidates.reshape(B * k, *candidates.shape[2:])))
+
+
+@register_policy
+class ClassOT(BatchOT):
+    """``batch_ot`` within each class of the batch: the images of a label are assigned the k noises drawn for
+    them (C2OT, arXiv 2503.10636: plain OT skews the noise each class sees). The label is the one the model
+    is trained with, after label dropout: the null label (unconditional images) forms one group. Within each
+    process's share of the batch under DDP, like ``batch_ot``."""
+
+    name = "class_ot"
+    summary = "batch_ot within each class of the batch (null-label images form one group)"
+
+    def choose(self, x0, t, y, candidates, generator):
+        B, k = candidates.shape[:2]
+        if check_assignment_size(B, k):
+            raise ValueError(f"policy {self.name!r}: {check_assignment_size(B, k)}; use a smaller batch or k")
+        pool = candidates.reshape(B * k, *candidates.shape[2:])
+        index = torch.empty(B, dtype=torch.long, device=candidates.device)
+        for label in torch.unique(y):
+            members = (y == label).nonzero().flatten()  # images of this label; their noises: rows b*k + j
+            rows = (members[:, None] * k + torch.arange(k, device=members.device)).flatten()
+            index[members] = rows[min_cost_assignment(squared_distances(x0[members], pool[rows]))]
+        return index
+
+
+class _RaterPolicy(SelectionPolicy):
+    """A policy that scores with the frozen ``--rater`` file at ``--temperature``."""
+
+    uses_rater = "required"
+    config_fields = ("rater", "temperature")
+
+    @classmethod
+    def from_config(cls, cfg, *, rater=None, model=None, val=None, train_data=None, spec=None, objective=None):
+        return cls(cfg.candidates, rater, cfg.temperature, objective=objective)
+
+    def choose(self, x0, t, y, candidates, generator):
+        return self.scores(x0, t, y, candidates).argmax(dim=1)
+
+
+@register_policy
+class Rater(_RaterPolicy):
+    name, summary = "rater", "argmax of a frozen --rater's scores, the paper's eq. 7"
+
+
+@register_policy
+class RaterSoft(_RaterPolicy):
+    """Trains on all k candidates with the rater's group-softmax weights (its hard pick: the argmax)."""
+
+    name, summary, soft = "rater_soft", "all k candidates weighted by a frozen --rater's softmax", True
+
+    @classmethod
+    def control(cls, k: int) -> tuple[str, int]:
+        return "uniform_soft", k  # the same k passes with weights 1/k
+
+
+@register_policy
+class RaterSample(_RaterPolicy):
+    name = "rater_sample"
+    summary = "one candidate drawn from softmax(score/T) of a frozen --rater: the meta-training objective's sample"
+
+    def choose(self, x0, t, y, candidates, generator):
+        return gumbel_argmax(self.scores(x0, t, y, candidates), self.temperature, generator)
+
+
+@register_policy
+class UniformSoft(SelectionPolicy):
+    name, summary, soft = "uniform_soft", "all k candidates, weights 1/k: rater_soft's control", True
+
+    def choose(self, x0, t, y, candidates, generator):  # a hard pick from uniform weights is vanilla noise
+        return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+
+
+class _OraclePolicy(SelectionPolicy):
+    """Argmax of Theorem 4.2's alignment at the live model's weights (:class:`AlignmentOracle`, ``mode``)."""
+
+    mode: ClassVar[str] = "align"
+    state_dependent = True
+    config_fields = ("oracle_val_batch", "oracle_every", "seed")
+
+    @classmethod
+    def from_config(cls, cfg, *, rater=None, model=None, val=None, train_data=None, spec=None, objective=None):
+        return cls(cfg.candidates, None, scorer=cls.oracle(cfg, model, val, cls.mode, objective), objective=objective)
+
+    @staticmethod
+    def oracle(cfg: Any, model: torch.nn.Module | None, val: Any, mode: str = "align",
+               objective: Objective | None = None) -> "AlignmentOracle":
+        if model is None or val is None:
+            raise ValueError("a state-dependent policy needs the live model and the meta-validation split")
+        return AlignmentOracle(model, val.images, val.labels, mode=mode, val_batch=cfg.oracle_val_batch,
+                               refresh_every=cfg.oracle_every, seed=cfg.seed, objective=objective)
+
+    def choose(self, x0, t, y, candidates, generator):
+        return self.scores(x0, t, y, candidates).argmax(dim=1)
+
+
+@register_policy
+class OracleAlignment(_OraclePolicy):
+    name, mode = "oracle_alignment", "align"
+    summary = "the candidate most aligned with the validation gradient at the current weights (Theorem 4.2)"
+
+
+@register_policy
+class OracleAnti(OracleAlignment):
+    name, mode, summary = "oracle_anti", "anti", "the least aligned candidate (the oracle's negative control)"
+
+
+@register_policy
+class OracleCosine(OracleAlignment):
+    name, mode, summary = "oracle_cosine", "cosine", "the candidate most aligned in direction (alignment / gradient norm)"
+
+
+@register_policy
+class RaterOnline(_OraclePolicy):
+    """A rater re-distilled onto the oracle at the current weights every ``online_every`` steps
+    (:class:`OnlineRater`); ``--rater`` is its optional initial rater, else a fresh ``online_rater``."""
+
+    name, uses_rater = "rater_online", "optional"
+    summary = "argmax of a rater re-distilled onto the oracle every --online-every steps (optional initial --rater)"
+    config_fields = ("rater", "oracle_val_batch", "oracle_every", "seed", "online_every", "online_steps",
+                     "online_batch", "online_lr", "online_rater", "distill_temperature")
+
+    @classmethod
+    def from_config(cls, cfg, *, rater=None, model=None, val=None, train_data=None, spec=None, objective=None):
+        oracle = cls.oracle(cfg, model, val, "align", objective)
+        if rater is None:  # a fresh rater of the chosen architecture, seeded apart from the DiT's init
+            device = next(model.parameters()).device
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed + ONLINE_RATER_SEED_OFFSET)
+                rater = NoiseRater(RaterSpec(cfg.online_rater, spec.input_size, spec.in_channels,
+                                             spec.num_classes)).to(device)
+        rater.requires_grad_(True)
+        scorer = OnlineRater(rater, oracle, train_data.images, train_data.labels, k=cfg.candidates,
+                             every=cfg.online_every, steps=cfg.online_steps, batch=cfg.online_batch,
+                             lr=cfg.online_lr, target_temperature=cfg.distill_temperature, seed=cfg.seed)
+        return cls(cfg.candidates, None, scorer=scorer, objective=objective)
 
 
 def _check_finite(scores: torch.Tensor, what: str) -> torch.Tensor:
@@ -465,8 +810,8 @@ class NoiseSelector:
         if rater is not None and device is not None:
             rater = rater.to(device)
         if k is None:  # vanilla draws one noise; every selection policy defaults to the study's k=4
-            k = 1 if policy == "vanilla" else 4
-        self.policy = SelectionPolicy(policy, k, rater, temperature, scorer)
+            k = 1 if policy_class(policy).k_rule == "one" else 4
+        self.policy = get_policy(policy, k, rater=rater, temperature=temperature, scorer=scorer)
         self.calls = 0  # training steps seen, for the state-dependent scorers' refresh cadence
 
     @classmethod
@@ -474,8 +819,9 @@ class NoiseSelector:
                mode: str = "align", *, refresh_every: int = 1, val_batch: int = 256, seed: int = 0) -> "NoiseSelector":
         """The alignment oracle on ``model`` (the live model you are training) with your validation split:
         each call picks, per image, the candidate most aligned with the validation gradient."""
-        name = {v: n for n, v in ORACLE_POLICIES.items()}[mode] if mode in ORACLE_MODES else mode
-        scorer = AlignmentOracle(model, val_images, val_labels, mode=ORACLE_POLICIES.get(name, mode),
+        oracles = {c.mode: c.name for c in _REGISTRY.values() if issubclass(c, OracleAlignment)}  # mode -> policy
+        name = oracles.get(mode, mode)  # ``mode`` may also be the policy's name
+        scorer = AlignmentOracle(model, val_images, val_labels, mode={n: m for m, n in oracles.items()}.get(name, mode),
                                  val_batch=val_batch, refresh_every=refresh_every, seed=seed)
         return cls(name, k, scorer=scorer)
 
@@ -488,8 +834,9 @@ class NoiseSelector:
         ``model`` (a DiT, a DiTSpec or anything with input_size / in_channels / num_classes) makes a rater
         trained for another image size, channel count or class count a clear error up front.
         """
-        if policy not in RATER_POLICIES:
-            raise ValueError(f"from_checkpoint is for the rater policies ({', '.join(RATER_POLICIES)}); "
+        if policy_class(policy).uses_rater != "required":
+            raters = ", ".join(c.name for c in _REGISTRY.values() if c.uses_rater == "required")
+            raise ValueError(f"from_checkpoint is for the rater policies ({raters}); "
                              f"for {policy!r} use NoiseSelector({policy!r}, k={k})")
         return cls(policy, k, load_rater(path, expect=model), temperature, device)
 
@@ -548,10 +895,14 @@ class NoiseSelector:
 # ---- run-folder provenance ---------------------------------------------------------------------------
 
 
-def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None) -> dict[str, Any]:
-    """What a run used for noise selection: policy, k, temperature, and the rater file, spec and sha256."""
+def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None,
+                   images_per_process: int | None = None) -> dict[str, Any]:
+    """What a run used for noise selection: policy, k, temperature, and the rater file, spec and sha256; for a
+    batch coupling, how many images each assignment couples (each process's share of the batch)."""
     info: dict[str, Any] = {"policy": policy.name, "candidates": policy.k, "temperature": policy.temperature,
                             "rater": None}
+    if policy.batch_coupled:
+        info["coupling"] = {"scope": "each process's share of the batch", "images": images_per_process}
     rater = policy.rater if policy.rater is not None else getattr(policy.scorer, "rater", None)
     if rater_path and rater is not None:
         info["rater"] = {
@@ -571,11 +922,11 @@ def selection_info(policy: SelectionPolicy, rater_path: str | os.PathLike | None
 
 
 def record_selection(run_dir: str | os.PathLike, policy: SelectionPolicy, rater_path: str | os.PathLike | None,
-                     resume: bool = False) -> dict[str, Any]:
+                     resume: bool = False, images_per_process: int | None = None) -> dict[str, Any]:
     """Write ``selection`` into ``<run_dir>/run_info.json`` (other keys kept). On resume, a rater file
     whose sha256 differs from the one the run started with is refused."""
     path = Path(run_dir) / "run_info.json"
-    info = selection_info(policy, rater_path)
+    info = selection_info(policy, rater_path, images_per_process)
     existing: dict[str, Any] = {}
     if path.exists():
         try:

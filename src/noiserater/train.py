@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ from .config import ConfigError, dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
 from .models.loading import load_diffusion, load_rater
-from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec
+from .models.rater import RATER_CONFIGS
 from .objectives import OBJECTIVES, TIME_SAMPLINGS, Objective, objective_from_config
 from .randomness import batch_indices, condition_labels, step_generator
 from .run.folder import truncate_metrics
@@ -44,22 +45,18 @@ from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_ru
 from .run.speed import autocast, set_tf32
 from .sampling import sample_grid_labels, save_grid
 from .selection import (
-    ORACLE_POLICIES,
-    POLICIES,
-    RATER_POLICIES,
-    AlignmentOracle,
+    RENAMED_POLICIES,
     NoiseNormStats,
     NonFiniteError,
-    OnlineRater,
     SelectionPolicy,
+    policy_class,
+    policy_names,
     record_selection,
     soft_selection_loss,
 )
 
 # the fixed seed of the sample grids written during training (the same noise at every sample step)
 SAMPLE_GRID_SEED_OFFSET = 12345
-# the initial weights of a fresh rater_online rater, apart from the DiT's (seed + 0)
-ONLINE_RATER_SEED_OFFSET = 1
 
 
 @dataclass
@@ -117,6 +114,12 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
 
+    def __post_init__(self) -> None:
+        if self.policy in RENAMED_POLICIES:  # an old config or run folder: read it with the policy's new name
+            warnings.warn(f"policy {self.policy!r} is now called {RENAMED_POLICIES[self.policy]!r}; "
+                          "write that in new configs", FutureWarning, stacklevel=3)
+            self.policy = RENAMED_POLICIES[self.policy]
+
     def validate(self) -> None:
         require(self.model in DIT_CONFIGS, "model", f"{self.model!r} is not one of {', '.join(DIT_CONFIGS)}")
         require(self.steps >= 1, "steps", "must be >= 1 (with 0 there is nothing to train)")
@@ -127,15 +130,8 @@ class TrainConfig:
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         require(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
-        require(self.policy in POLICIES, "policy", f"choose one of {', '.join(POLICIES)}")
-        require(self.candidates >= 1, "candidates", "k must be >= 1")
-        require(self.policy != "vanilla" or self.candidates == 1, "candidates", "vanilla uses k=1")
-        require(self.policy == "vanilla" or self.candidates >= 2, "candidates",
-                f"policy {self.policy} chooses among k candidates: pass --candidates 2 or more (k=1 is vanilla)")
-        require(self.policy not in RATER_POLICIES or bool(self.rater), "rater",
-                f"policy {self.policy} needs --rater PATH")
-        require(not self.rater or self.policy in (*RATER_POLICIES, "rater_online"), "rater",
-                f"policy {self.policy} does not use a rater; drop --rater")
+        require(self.policy in policy_names(), "policy", f"choose one of {', '.join(policy_names())}")
+        policy_class(self.policy).check_run(self)  # k and --rater rules, each policy's own limits
         require(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
                 "must be in [0, 1) with val_fraction + test_fraction < 1")
         require(self.split_seed is None or 0 <= self.split_seed < 2**32, "split_seed", "must be in [0, 2**32)")
@@ -242,8 +238,10 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> 
 
 def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module | None = None,
                  train_data: ImageData | None = None) -> SelectionPolicy:
-    """The run's selection policy; the state-dependent ones score with ``model`` (the live model) against
-    the meta-validation split, and ``rater_online`` distils on ``train_data``."""
+    """The run's selection policy (:meth:`SelectionPolicy.from_config` of its registered class); the
+    state-dependent ones score with ``model`` (the live model) against the meta-validation split, and
+    ``rater_online`` distils on ``train_data``."""
+    cls = policy_class(cfg.policy)
     rater = load_rater(cfg.rater, expect=spec).to(device) if cfg.rater else None
     objective = train_objective(cfg)
     if cfg.rater:  # a rater scores (eps, t) in the units of the objective it was meta-trained with
@@ -252,23 +250,9 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
             raise ConfigError(f"rater {cfg.rater} was meta-trained on a {trained} checkpoint, but this run trains "
                               f"--objective {objective.name}: meta-train a rater on a {objective.name} checkpoint "
                               "(noiserater metatrain)")
-    if cfg.policy not in (*ORACLE_POLICIES, "rater_online"):
-        return SelectionPolicy(cfg.policy, cfg.candidates, rater, cfg.temperature, objective=objective)
-    val = load_splits(cfg, "val")
-    oracle = AlignmentOracle(model, val.images, val.labels, mode=ORACLE_POLICIES.get(cfg.policy, "align"),
-                             val_batch=cfg.oracle_val_batch, refresh_every=cfg.oracle_every, seed=cfg.seed,
-                             objective=objective)
-    if cfg.policy != "rater_online":
-        return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, oracle, objective)
-    if rater is None:  # a fresh rater of the chosen architecture, seeded apart from the DiT's init
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed + ONLINE_RATER_SEED_OFFSET)
-            rater = NoiseRater(RaterSpec(cfg.online_rater, spec.input_size, spec.in_channels, spec.num_classes)).to(device)
-    rater.requires_grad_(True)
-    scorer = OnlineRater(rater, oracle, train_data.images, train_data.labels, k=cfg.candidates,
-                         every=cfg.online_every, steps=cfg.online_steps, batch=cfg.online_batch, lr=cfg.online_lr,
-                         target_temperature=cfg.distill_temperature, seed=cfg.seed)
-    return SelectionPolicy(cfg.policy, cfg.candidates, None, cfg.temperature, scorer, objective)
+    val = load_splits(cfg, "val") if cls.state_dependent else None
+    return cls.from_config(cfg, rater=rater, model=model, val=val, train_data=train_data, spec=spec,
+                           objective=objective)
 
 
 def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
@@ -372,7 +356,7 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
                 old = None  # check_run_config says the folder is damaged
             if isinstance(old, dict):
                 check_objective_matches(cfg, {"config": old}, f"--resume: the run in {run_dir}")
-        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
+        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES, renamed={"policy": RENAMED_POLICIES})
     data = load_splits(cfg, "train")
     num_classes = data.num_classes
     spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
@@ -411,7 +395,8 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        record_selection(run_dir, policy, cfg.rater, resume)  # policy, k, rater path + sha256 -> run_info.json
+        # policy, k, rater path + sha256 (a batch coupling: the images each process couples) -> run_info.json
+        record_selection(run_dir, policy, cfg.rater, resume, cfg.batch_size // run.world)
         truncate_metrics(run_dir / "metrics.jsonl", step)
     fwd = model
     if run.world > 1:

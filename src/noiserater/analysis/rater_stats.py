@@ -40,7 +40,7 @@ from ..models import DiTSpec
 from ..models.loading import load_rater
 from ..plotting import figure, label_axes, legend, savefig
 from ..run.folder import read_metrics
-from ..selection import SelectionPolicy, draw_candidates
+from ..selection import RENAMED_POLICIES, draw_candidates, get_policy
 
 NUM_TIMESTEPS = 1000
 # An odd prime that mixes (seed, image index) into one generator seed for the candidate noises an analysis
@@ -134,7 +134,8 @@ def policy_agreement(score_fn: Callable[..., torch.Tensor], images: torch.Tensor
     ``score_fn(x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]) -> scores [B,k]``. Every image is drawn
     ``draws`` times with new candidates and a uniform integer timestep. Chance agreement is 1/k; a rater
     that agrees with ``max_norm`` far above chance acts as a norm filter, one near chance with every
-    heuristic selects by something else. Returns {policy: fraction, 'chance': 1/k, 'n': picks}."""
+    heuristic selects by something else. Returns {policy: fraction, 'chance': 1/k, 'n': picks} (``nearest``,
+    the key of earlier records, is the policy now called ``knn``)."""
     g = torch.Generator().manual_seed(seed)
     x0, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
     t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), generator=g)
@@ -144,7 +145,8 @@ def policy_agreement(score_fn: Callable[..., torch.Tensor], images: torch.Tensor
         sl = slice(i, i + batch_size)
         pick = score_fn(x0[sl], t[sl], y[sl], cand[sl]).argmax(dim=1).cpu()
         for p in policies:
-            hits[p] += int((SelectionPolicy(p, k).select(x0[sl], t[sl], y[sl], cand[sl])[1].cpu() == pick).sum())
+            hits[p] += int((get_policy(RENAMED_POLICIES.get(p, p), k).select(x0[sl], t[sl], y[sl], cand[sl])[1].cpu()
+                            == pick).sum())
     return {**{p: hits[p] / x0.shape[0] for p in policies}, "chance": 1.0 / k, "k": k, "n": int(x0.shape[0])}
 
 
@@ -339,7 +341,7 @@ def analyze_rater(cfg: AnalyzeConfig, device: str | torch.device | None = None, 
         "pooled": {"spearman": summarize(stats["spearman"]), "score_std": summarize(stats["score_std"])},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    scorer = SelectionPolicy("rater", 4, rater.to(device))
+    scorer = get_policy("rater", 4, rater=rater.to(device))
     summary["agreement_k4"] = policy_agreement(
         lambda x, t, y, c: scorer.scores(x.to(device), t.to(device), y.to(device), c.to(device)),
         images, labels, k=4, draws=8, seed=cfg.seed)

@@ -35,7 +35,7 @@ import torch
 
 from ..config import ConfigError
 from ..models import build_rater
-from ..selection import SelectionPolicy
+from ..selection import get_policy, min_cost_assignment, squared_distances
 from ..train import TrainConfig
 from .common import TrainingStep, live_memory_probe, machine_info, ratio_stats, tensor_bytes, time_call
 
@@ -66,7 +66,7 @@ class Setup:
 
 def build_configs(raters: list[str], ks: list[int], soft_raters: list[str], soft_ks: list[int]) -> list[BenchConfig]:
     out = [BenchConfig("vanilla", None, 1)]
-    for policy in ("max_norm", "min_norm", "nearest"):
+    for policy in ("max_norm", "min_norm", "knn", "batch_ot", "class_ot"):
         out += [BenchConfig(policy, None, k) for k in ks]
     for r in raters:
         out += [BenchConfig("rater", r, k) for k in ks]
@@ -84,14 +84,14 @@ class _Stepper:
         self.device = torch.device(setup.device)
         tc = TrainConfig(model=setup.model, batch_size=setup.batch, seed=setup.seed, learn_sigma=True)
         self.runner = TrainingStep(tc, setup.input_size, setup.channels, setup.classes, self.device,
-                                   policy=SelectionPolicy("vanilla"))
+                                   policy=get_policy("vanilla"))
         self.model, self.ema, self.opt = self.runner.model, self.runner.ema, self.runner.opt
         raters = {}
         for name in sorted({c.rater for c in configs if c.rater}):
             raters[name] = build_rater(name, input_size=setup.input_size, in_channels=setup.channels,
                                        num_classes=setup.classes).to(self.device)
         self.rater_params = {n: sum(p.numel() for p in r.parameters()) for n, r in raters.items()}
-        self.policies = {c.key: SelectionPolicy(c.policy, c.k, raters.get(c.rater)) for c in configs}
+        self.policies = {c.key: get_policy(c.policy, c.k, rater=raters.get(c.rater)) for c in configs}
         g = torch.Generator().manual_seed(setup.seed)
         B, C, S = setup.batch, setup.channels, setup.input_size
         self.x0 = torch.randn(B, C, S, S, generator=g)  # the data: one batch, in memory
@@ -195,6 +195,50 @@ def run_benchmark(setup: Setup, configs: list[BenchConfig], repeats: int, memory
             "machine": machine,
         })
     return records
+
+
+def assignment_cost(batch_sizes: list[int], ks: list[int], shape: tuple[int, int, int], classes: int,
+                    device: str = "cpu", repeats: int = 3, seed: int = 0) -> list[dict]:
+    """What the exact assignment of ``batch_ot`` / ``class_ot`` costs per training step at each batch size B
+    (the images of one process) and k: the squared-distance matrix [B, kB] on ``device`` plus scipy's
+    linear_sum_assignment on the CPU, exactly as the policies compute it, on Gaussian images and noises of
+    ``shape`` (C, H, W); ``class_ot`` with labels uniform over ``classes``. Median wall and process CPU time
+    over ``repeats``."""
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    records = []
+    for B in batch_sizes:
+        for k in ks:
+            x0 = torch.randn((B, *shape), generator=g).to(dev)
+            cand = torch.randn((B, k, *shape), generator=g).to(dev)
+            y = torch.randint(0, classes, (B,), generator=g).to(dev)
+            t = torch.zeros(B, dtype=torch.long, device=dev)
+            for policy in ("batch_ot", "class_ot"):
+                pol = get_policy(policy, k)
+                times = [time_call(lambda: pol.select(x0, t, y, cand), dev) for _ in range(repeats)]
+                dist = [time_call(lambda: squared_distances(x0, cand.reshape(B * k, *shape)), dev)[0]
+                        for _ in range(repeats)]
+                cost = squared_distances(x0, cand.reshape(B * k, *shape))
+                solve = [time_call(lambda: min_cost_assignment(cost), dev)[0] for _ in range(repeats)]
+                records.append({"kind": "assignment", "policy": policy, "k": k, "batch": B,
+                                "input": list(shape), "num_classes": classes if policy == "class_ot" else None,
+                                "select_wall_s": statistics.median(w for w, _ in times),
+                                "select_cpu_s": statistics.median(c for _, c in times),
+                                "distance_wall_s": statistics.median(dist) if policy == "batch_ot" else None,
+                                "solve_wall_s": statistics.median(solve) if policy == "batch_ot" else None,
+                                "repeats": repeats, "device": device, "machine": machine_info(device)})
+    return records
+
+
+def format_assignment_table(records: list[dict]) -> str:
+    """A markdown table of :func:`assignment_cost` records."""
+    lines = ["| policy | images B | k | cost matrix | select per step, wall (s) | of which scipy (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        solve = f"{r['solve_wall_s']:.4f}" if r.get("solve_wall_s") is not None else "-"
+        lines.append(f"| {r['policy']} | {r['batch']} | {r['k']} | {r['batch']} x {r['batch'] * r['k']} | "
+                     f"{r['select_wall_s']:.4f} | {solve} |")
+    return "\n".join(lines)
 
 
 def format_table(records: list[dict]) -> str:

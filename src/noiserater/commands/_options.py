@@ -7,6 +7,7 @@ import functools
 import math
 import re
 import typing
+import warnings
 from typing import Any, Callable
 
 import click
@@ -69,9 +70,16 @@ def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = (),
                 if ctx.get_parameter_source(f.name) != click.core.ParameterSource.DEFAULT:
                     given[f.name] = value
             try:
-                cfg = load_yaml(cls, cfg_file, given) if cfg_file else from_dict(cls, given)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", FutureWarning)
+                    cfg = load_yaml(cls, cfg_file, given) if cfg_file else from_dict(cls, given)
             except ConfigError as e:
                 raise click.UsageError(_name_the_flag(str(e), [f.name for f in fields], bool(cfg_file), flags)) from None
+            for w in caught:  # a renamed value (an old config): one line, like a deprecated flag
+                if issubclass(w.category, FutureWarning):
+                    click.echo(f"warning: {w.message}", err=True)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return wrapper.__wrapped__(cfg=cfg, **kwargs)  # (looked up here so tests can stub the body)
 
         functools.update_wrapper(wrapper, fn)  # keeps options declared below this decorator

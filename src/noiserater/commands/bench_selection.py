@@ -13,7 +13,9 @@ from ..bench.common import write_result
 from ..bench.selection import (
     DEFAULT_RATERS,
     Setup,
+    assignment_cost,
     build_configs,
+    format_assignment_table,
     format_table,
     run_benchmark,
 )
@@ -61,8 +63,11 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--clock", type=click.Choice(["cpu", "wall"]), default=None,
               help="Time with process CPU time (default on CPU) or wall clock (default on CUDA).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Measure peak memory per config.")
+@click.option("--assignment-batch-sizes", "assign_sizes", default="", show_default=True,
+              help="Comma-separated images per process B at which to time batch_ot / class_ot's exact assignment "
+                   "alone (B x kB, at each of --candidates-list); empty to skip.")
 def command(json_path, model, input_size, channels, classes, batch, raters, ks, soft_raters, soft_ks, repeats,
-            device, threads, clock, memory) -> None:
+            device, threads, clock, memory, assign_sizes) -> None:
     """Step time of each selection policy at k=1,2,4,8 relative to vanilla, and peak memory."""
     if model not in DIT_CONFIGS:
         raise click.BadParameter(f"unknown model {model!r}; choose one of {', '.join(DIT_CONFIGS)}", param_hint="--model")
@@ -82,5 +87,11 @@ def command(json_path, model, input_size, channels, classes, batch, raters, ks, 
         threads = 1  # process CPU time counts every thread's spinning; one thread measures the work
     records = run_benchmark(setup, configs, repeats, memory=memory, threads=threads, clock=clock,
                             log=lambda m: click.echo(m, err=True))
-    write_result(json_path, records)
+    assign = []
+    if assign_sizes.strip():
+        assign = assignment_cost(_int_list(assign_sizes, "--assignment-batch-sizes"), _int_list(ks, "--candidates-list"),
+                                 (channels, input_size, input_size), classes, device, repeats)
+    write_result(json_path, records + assign)
     click.echo(format_table(records))
+    if assign:
+        click.echo("\n" + format_assignment_table(assign))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..selection import policy_help
 from ..train import TrainConfig, train
 from ._options import config_options, deprecated_alias
 from ._summary import echo_run_summary
@@ -35,12 +36,9 @@ TRAIN_HELP = {
     "time_sampling": "flow: how t is drawn: uniform, or logit-normal (SD3: t = sigmoid(mean + std * N(0, 1))).",
     "logit_mean": "flow, logit-normal: mean of the normal before the sigmoid (SD3: 0).",
     "logit_std": "flow, logit-normal: standard deviation of the normal before the sigmoid (SD3: 1).",
-    "policy": "Noise selection: vanilla; max_norm, min_norm, nearest (heuristics); rater (argmax), rater_sample "
-              "(one candidate drawn from softmax(score/T)), rater_soft (all k, rater weights) with a frozen "
-              "--rater; uniform_soft (all k, weights 1/k: rater_soft's control); oracle_alignment, oracle_anti, "
-              "oracle_cosine (Theorem 4.2 at the current weights); rater_online (a rater re-distilled onto the "
-              "oracle every --online-every steps).",
-    "candidates": "Number k of candidate noises per image (vanilla: 1; every other policy: 2 or more).",
+    "policy": "Noise selection (the policies of noiserater.selection's registry; this text is generated from it).",
+    "candidates": "Number k of candidate noises per image (vanilla: 1; batch_ot, class_ot: 1 or more; every other "
+                  "policy: 2 or more).",
     "rater": "Rater checkpoint (from `noiserater metatrain`) for rater, rater_sample and rater_soft; the "
              "initial rater for rater_online (optional).",
     "temperature": "Softmax temperature of the rater's scores: rater_soft's weights, rater_sample's draw.",
@@ -76,7 +74,18 @@ TRAIN_HELP = {
 }
 
 
-@click.command("train")
+class _TrainCommand(click.Command):
+    """``train``: the --policy help is read from the policy registry when help is shown, so a policy
+    registered after import (a plugin, a test) is listed too."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for param in self.params:
+            if param.name == "policy":
+                param.help = policy_help()
+        super().format_help(ctx, formatter)
+
+
+@click.command("train", cls=_TrainCommand)
 @deprecated_alias("--online-rater", "--online-rater-arch")
 @deprecated_alias("--online-batch", "--online-batch-size")
 @deprecated_alias("--oracle-val-batch", "--oracle-val-batch-size")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .selection import policy_class
+
 # arm name -> (policy, uses k, TrainConfig overrides, rater kind or None). A ``noise_scale`` of "max_norm"
 # is the study's E[max-of-k chi_d] / E[chi_d] for the data's dimension d (max_norm's k=1 control), and
 # "1/max_norm" its inverse; rater kind "random" runs once per fresh, never-trained rater initialisation.
@@ -37,8 +39,9 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "rater_random": ("rater", True, {}, "random"),
     "rater_random_sample": ("rater_sample", True, {"temperature": 1.0}, "random"),
 }
-# policies that change the norm of the noise: also judged against the k=1 noise-scale control
-NORM_CHANGING = ("max_norm", "min_norm", "nearest")
+# arms whose policy changes the norm of the noise (the registry's ``changes_norm``): also judged against the
+# k=1 noise-scale control
+NORM_CHANGING = tuple(a for a, (policy, uses_k, _, _) in ARMS.items() if uses_k and policy_class(policy).changes_norm)
 # each trained-rater arm and the random-rater arm that is its null distribution
 RANDOM_NULL = {"rater": "rater_random", "rater_sample": "rater_random_sample", "distilled": "rater_random",
                "distilled_sample": "rater_random_sample"}

@@ -40,7 +40,7 @@ from ..models.rater import NoiseRater, RaterSpec
 from ..objectives import objective_from_config
 from ..run.folder import read_metrics
 from ..run.provenance import version_info
-from ..selection import dit_passes, equal_cost_control, max_norm_scale
+from ..selection import dit_passes, equal_cost_control, max_norm_scale, policy_class
 from ..train import TrainConfig, train
 from .arms import ARMS, BANDS, band_key
 from .evidence_report import write_evidence_report
@@ -302,8 +302,9 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
     extra = resolve_overrides(p, extra)
     k = p.k if uses_k else 1
     folder = root / f"stage-{stage}" / "runs" / arm / (f"init{init}" if init is not None else "") / f"seed{seed}"
-    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy.startswith(
-        ("oracle", "rater_online")) else {}
+    # the state-dependent policies' scorer settings come from the preset
+    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy_class(
+        policy).state_dependent else {}
 
     def fn(folder: Path) -> dict:
         cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=p.continue_steps, batch_size=p.batch_size,
