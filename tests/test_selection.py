@@ -348,3 +348,23 @@ def test_policies_listed_in_cli_help():
     res = CliRunner().invoke(main, ["train", "--help"])
     for p in policy_names():
         assert p in res.output
+
+
+def test_from_checkpoint_reads_the_rater_objective_and_scores_flow_time(tmp_path):
+    """A rater meta-trained on a flow checkpoint scores t in [0, 1] as the DiT sees it (1000 t)."""
+    torch.manual_seed(0)
+    rater = build_rater("Rater-N/2", input_size=8, in_channels=1, num_classes=10)
+    path = tmp_path / "flow_rater.pt"
+    save_rater(path, rater, {"diffusion": {"objective": "flow"}})
+    sel = NoiseSelector.from_checkpoint(path, k=4)
+    assert sel.policy.objective.name == "flow"
+    g = torch.Generator().manual_seed(1)
+    x0, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    cand = torch.randn(6, 4, 1, 8, 8, generator=g)
+    _, index = sel.select(x0, 0.3, y, cand)
+    with torch.no_grad():
+        want = rater.eval().score_candidates(cand, torch.full((6,), 300.0), x0, y).argmax(1)
+    assert torch.equal(index, want)
+    ddpm_path = tmp_path / "ddpm_rater.pt"
+    save_rater(ddpm_path, rater)  # no record: a rater from before objectives existed is ddpm
+    assert NoiseSelector.from_checkpoint(ddpm_path, k=4).policy.objective.name == "ddpm"

@@ -43,7 +43,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .checkpoint import RunDirError, sha256_file, write_json
+from .checkpoint import RunDirError, load_checkpoint, sha256_file, write_json
 from .config import require
 from .meta.losses import Batch, weighted_loss
 from .meta.oracle import (
@@ -55,7 +55,7 @@ from .meta.oracle import (
 )
 from .models.loading import load_rater
 from .models.rater import NoiseRater, RaterSpec, group_weights
-from .objectives import Objective, default_objective
+from .objectives import Objective, default_objective, get_objective, objective_from_config
 from .randomness import STEP_MIX
 
 
@@ -806,12 +806,14 @@ class NoiseSelector:
 
     def __init__(self, policy: str = "max_norm", k: int | None = None, rater: NoiseRater | None = None,
                  temperature: float = 1.0, device: str | torch.device | None = None,
-                 scorer: "AlignmentOracle | OnlineRater | None" = None):
+                 scorer: "AlignmentOracle | OnlineRater | None" = None, objective: "str | Objective | None" = None):
         if rater is not None and device is not None:
             rater = rater.to(device)
         if k is None:  # vanilla draws one noise; every selection policy defaults to the study's k=4
             k = 1 if policy_class(policy).k_rule == "one" else 4
-        self.policy = get_policy(policy, k, rater=rater, temperature=temperature, scorer=scorer)
+        if isinstance(objective, str):
+            objective = get_objective(objective)
+        self.policy = get_policy(policy, k, rater=rater, temperature=temperature, scorer=scorer, objective=objective)
         self.calls = 0  # training steps seen, for the state-dependent scorers' refresh cadence
 
     @classmethod
@@ -838,7 +840,10 @@ class NoiseSelector:
             raters = ", ".join(c.name for c in _REGISTRY.values() if c.uses_rater == "required")
             raise ValueError(f"from_checkpoint is for the rater policies ({raters}); "
                              f"for {policy!r} use NoiseSelector({policy!r}, k={k})")
-        return cls(policy, k, load_rater(path, expect=model), temperature, device)
+        # the rater scores t in the units of the objective its checkpoint was trained with (ddpm: integer
+        # steps; flow: t in [0, 1]); the rater file records it
+        objective = objective_from_config(load_checkpoint(path, kind="rater").get("diffusion"))
+        return cls(policy, k, load_rater(path, expect=model), temperature, device, objective=objective)
 
     @property
     def name(self) -> str:
@@ -859,9 +864,11 @@ class NoiseSelector:
         return torch.full((x0.shape[0],), null, dtype=torch.long, device=x0.device)
 
     @staticmethod
-    def _timesteps(x0: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        if isinstance(t, int):
-            return torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    def _timesteps(x0: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        """t [B] in the training objective's units (ddpm: integer steps; flow: floats in [0, 1])."""
+        if isinstance(t, (int, float)):
+            dtype = torch.long if isinstance(t, int) else torch.float32
+            return torch.full((x0.shape[0],), t, dtype=dtype, device=x0.device)
         return t
 
     def select(self, x0: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None,
