@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .selection import policy_class
+from ..selection import policy_class
 
 # arm name -> (policy, uses k, TrainConfig overrides, rater kind or None). A ``noise_scale`` of "max_norm"
 # is the study's E[max-of-k chi_d] / E[chi_d] for the data's dimension d (max_norm's k=1 control), and
