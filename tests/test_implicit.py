@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -292,3 +293,21 @@ def test_metatrain_cli_implicit_cg(tiny_checkpoint, tmp_path):  # noqa: F811
     res = CliRunner().invoke(main, ["metatrain", "--checkpoint", tiny_checkpoint, "--run-dir", str(tmp_path / "r2"),
                                     "--method", "implicit_cg", "--implicit-damping", "-1"])
     assert res.exit_code != 0 and "--implicit-damping" in res.output
+
+
+def test_bench_implicit_cli(tiny_checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "bias.json"
+    res = CliRunner().invoke(main, ["bench", "implicit", "--checkpoint", tiny_checkpoint, "--json", str(out),
+                                    "--methods", "implicit_cg,implicit_neumann:0.5", "--inner-steps-list", "1,2",
+                                    "--draws", "1", "--batch-size", "2", "--candidates", "3", "--val-batch-size", "4",
+                                    "--implicit-iterations", "3", "--inner-lr", "0.01"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert [(x["method"], x["inner_steps"], x["damping"]) for x in result["summary"]] == [
+        ("implicit_cg", 1, 100.0), ("implicit_cg", 2, 50.0), ("implicit_neumann", 1, 0.5), ("implicit_neumann", 2, 0.5)]
+    for r in result["records"]:  # law of cosines: the three reported figures describe one pair of vectors
+        assert r["rel_error"] ** 2 == pytest.approx(1 + r["norm_ratio"] ** 2 - 2 * r["norm_ratio"] * r["cosine"],
+                                                    rel=1e-6, abs=1e-9)
+        assert -1 <= r["cosine"] <= 1 and r["norm_ratio"] > 0
+    res = CliRunner().invoke(main, ["bench", "implicit", "--checkpoint", tiny_checkpoint, "--methods", "reverse"])
+    assert res.exit_code != 0 and "--methods" in res.output
