@@ -98,6 +98,7 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--oracle-every": ({"int"}, "oracle refresh interval"),
     "--oracle-val-batch-size": ({"int"}, "oracle: validation triples per gradient"),
     "--out": ({"dir", "text"}, "the output folder of the command"),
+    "--outer-batches": ({"int"}, "outer batches measured per setting"),
     "--outer-steps": ({"int"}, "rater updates"),
     "--patience": ({"int"}, "early-stopping patience"),
     "--planted-scale": ({"float"}, "planted-candidate scale"),
@@ -205,7 +206,7 @@ def test_every_command_is_walked():
     names = {n for n, _ in ALL}
     for n in ("demo", "train", "sample", "metatrain", "signal check", "evaluate", "analyze rater", "analyze stages",
               "analyze match-stage", "reproduce", "evidence", "report", "cache-latents", "bench loader",
-              "bench metagrad", "bench selection", "bench train"):
+              "bench metagrad", "bench selection", "bench train", "bench implicit"):
         assert n in names, n
 
 

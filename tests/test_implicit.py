@@ -299,7 +299,7 @@ def test_bench_implicit_cli(tiny_checkpoint, tmp_path):  # noqa: F811
     out = tmp_path / "bias.json"
     res = CliRunner().invoke(main, ["bench", "implicit", "--checkpoint", tiny_checkpoint, "--json", str(out),
                                     "--methods", "implicit_cg,implicit_neumann:0.5", "--inner-steps-list", "1,2",
-                                    "--draws", "1", "--batch-size", "2", "--candidates", "3", "--val-batch-size", "4",
+                                    "--outer-batches", "1", "--batch-size", "2", "--candidates", "3", "--val-batch-size", "4",
                                     "--implicit-iterations", "3", "--inner-lr", "0.01"])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())

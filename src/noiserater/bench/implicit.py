@@ -6,8 +6,9 @@ far they land from the exact meta-gradient of the S steps (``unrolled``): for ea
 ``draws`` outer batches (drawn exactly as ``noiserater metatrain`` draws them from the checkpoint's own
 train/validation split), the cosine between the implicit and the unrolled meta-gradient, the norm ratio
 |implicit| / |unrolled| and the relative error |implicit - unrolled| / |unrolled|, over all rater
-parameters. The rater is freshly initialised (seeded): its weights are those every meta-training starts from.
-Time is the process CPU time of one call with one torch thread.
+parameters; ``alignment`` (Theorem 4.2, first order in the inner lr) is measured the same way beside them.
+The rater is freshly initialised (seeded): its weights are those every meta-training starts from. Time is
+the process CPU time of one call with one torch thread.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from ..models.loading import load_diffusion
 from ..models.rater import NoiseRater, RaterSpec
 from .common import machine_info
 
-DEFAULT_VARIANTS = "implicit_cg,implicit_neumann,implicit_cg:1,implicit_cg:0"
+DEFAULT_VARIANTS = "implicit_cg,implicit_neumann,implicit_cg:1,implicit_cg:0,alignment"
 
 
 def parse_variants(text: str) -> list[tuple[str, float | None]]:
-    """'implicit_cg,implicit_cg:0.5' -> [(method, damping or None for the default 1/(S * inner_lr))]."""
+    """'implicit_cg,implicit_cg:0.5,alignment' -> [(method, damping or None for the default 1/(S * inner_lr))].
+    ``alignment`` (Theorem 4.2's first-order estimate, no damping) is the cheap baseline beside them."""
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         method, _, damping = item.partition(":")
-        if method not in ("implicit_cg", "implicit_neumann"):
-            raise ValueError(f"{item!r}: the method must be implicit_cg or implicit_neumann (optionally :DAMPING)")
+        if method not in ("implicit_cg", "implicit_neumann", "alignment") or (method == "alignment" and damping):
+            raise ValueError(f"{item!r}: the method must be implicit_cg or implicit_neumann (optionally :DAMPING) "
+                             "or alignment")
         try:
             out.append((method, float(damping) if damping else None))
         except ValueError:
@@ -83,13 +86,14 @@ def run_implicit_bias(checkpoint: str, steps: list[int], *, variants: list[tuple
                     model, rater_net, batches, val, inner_lr=inner_lr, method=method, implicit_damping=damping,
                     implicit_iterations=iterations, implicit_alpha=alpha))
                 g = _flat(got)
-                rec = {"method": method, "damping": 1.0 / (S * inner_lr) if damping is None else damping,
+                default = None if method == "alignment" else 1.0 / (S * inner_lr)
+                rec = {"method": method, "damping": default if damping is None else damping,
                        "damping_default": damping is None, "inner_steps": S, "draw": n,
                        "cosine": float(g @ r / (g.norm() * r.norm())), "norm_ratio": float(g.norm() / r.norm()),
                        "rel_error": float((g - r).norm() / r.norm()), "unrolled_norm": float(r.norm()),
                        "time_s": t, "unrolled_time_s": t_ref}
                 records.append(rec)
-                log(f"{method:16s} damping {rec['damping']:<8.4g} S={S:2d} draw {n}: cosine {rec['cosine']:+.3f}  "
+                log(f"{method:16s} damping {rec['damping'] or 0:<8.4g} S={S:2d} draw {n}: cosine {rec['cosine']:+.3f}  "
                     f"|impl|/|unrolled| {rec['norm_ratio']:.3g}  time {t:.2f} s (unrolled {t_ref:.2f} s)")
     summary = []
     for method, damping in variants:
@@ -120,7 +124,7 @@ def markdown_table(result: dict) -> str:
     lines = ["| method | damping | S | cosine (mean, min..max) | norm ratio (geomean, min..max) | time / unrolled |",
              "|---|---|---|---|---|---|"]
     for x in result["summary"]:
-        damping = f"{x['damping']:.4g}" + (" (default)" if x["damping_default"] else "")
+        damping = "-" if x["damping"] is None else f"{x['damping']:.4g}" + (" (default)" if x["damping_default"] else "")
         lines.append(f"| {x['method']} | {damping} | {x['inner_steps']} | {x['cosine_mean']:+.3f} "
                      f"({x['cosine_min']:+.3f}..{x['cosine_max']:+.3f}) | {x['norm_ratio_geomean']:.3g} "
                      f"({x['norm_ratio_min']:.3g}..{x['norm_ratio_max']:.3g}) | "

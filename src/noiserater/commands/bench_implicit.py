@@ -22,7 +22,8 @@ from ._options import SEED, FiniteFloat
 @click.option("--methods", "variants", default=DEFAULT_VARIANTS, show_default=True,
               help="Comma-separated implicit methods, each optionally METHOD:DAMPING (default damping 1/(S * inner lr)).")
 @click.option("--inner-steps-list", "steps", default="1,5,20", show_default=True, help="Comma-separated inner step counts S.")
-@click.option("--draws", default=3, show_default=True, type=click.IntRange(min=1), help="Outer batches per S.")
+@click.option("--outer-batches", "draws", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Outer batches (metatrain draws 0..N-1) measured per S.")
 @click.option("--inner-lr", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Inner SGD learning rate.")
 @click.option("--implicit-iterations", "iterations", default=IMPLICIT_ITERATIONS, show_default=True,
