@@ -58,6 +58,9 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--groups": ({"int"}, "training groups compared"),
     "--heldout-fraction": ({"float"}, "share of validation kept for held-out evaluation"),
     "--image-size": ({"int"}, "image/latent side"),
+    "--implicit-alpha": ({"float"}, "Neumann step size of the implicit meta-gradient"),
+    "--implicit-damping": ({"float"}, "damping added to the Hessian of the implicit meta-gradient"),
+    "--implicit-iterations": ({"int"}, "Hessian-vector products per implicit solve"),
     "--inception-weights": ({"text", "file"}, "InceptionV3 weights file"),
     "--init-checkpoint": ({"text", "file"}, "diffusion checkpoint to continue from"),
     "--inner-lr": ({"float", "text"}, "inner learning rate"),
@@ -99,6 +102,7 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--oracle-every": ({"int"}, "oracle refresh interval"),
     "--oracle-val-batch-size": ({"int"}, "oracle: validation triples per gradient"),
     "--out": ({"dir", "text"}, "the output folder of the command"),
+    "--outer-batches": ({"int"}, "outer batches measured per setting"),
     "--outer-steps": ({"int"}, "rater updates"),
     "--patience": ({"int"}, "early-stopping patience"),
     "--planted-scale": ({"float"}, "planted-candidate scale"),
@@ -211,7 +215,7 @@ def test_every_command_is_walked():
     names = {n for n, _ in ALL}
     for n in ("demo", "train", "sample", "metatrain", "signal check", "evaluate", "analyze rater", "analyze stages",
               "analyze match-stage", "reproduce", "evidence", "report", "cache-latents", "bench loader",
-              "bench metagrad", "bench selection", "bench train"):
+              "bench metagrad", "bench selection", "bench train", "bench implicit"):
         assert n in names, n
 
 

@@ -261,7 +261,7 @@ def _metagrad_worker(rank, world, port, out_dir):
     model, rater, train, val = _float64_problem()
     half = lambda b: tuple(x[rank * 2:(rank + 1) * 2] for x in b)  # noqa: E731
     out = {}
-    for method in ("unrolled", "reverse", "alignment"):
+    for method in ("unrolled", "reverse", "alignment", "implicit_cg", "implicit_neumann"):
         for opt in ("sgd", "adam"):
             res = meta_gradient_info(model, rater, [half(b) for b in train], half(val), inner_lr=0.02, method=method,
                                      inner_optimizer=opt, reducer=Reducer())

@@ -57,7 +57,14 @@ from .checkpoint import (
 )
 from .config import ConfigError, dump_yaml, require, to_dict
 from .meta.batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
-from .meta.gradient import METHODS, Reducer, inner_steps, meta_gradient_info
+from .meta.gradient import (
+    IMPLICIT_ITERATIONS,
+    METHODS,
+    Reducer,
+    check_implicit_options,
+    inner_steps,
+    meta_gradient_info,
+)
 from .meta.inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .meta.losses import candidate_weights, eval_mode, rater_scores_of, uniform_weights, val_loss
 from .meta.oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
@@ -80,7 +87,8 @@ DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
 # config asks for exactly that.
 LEGACY_VALUES = {"objective": "bilevel", "distill_val_batch_size": 512, "distill_temperature": 0.5,
                  "distill_oracle": "align", "eval_every": 0, "eval_batches": 8, "heldout_fraction": 0.5,
-                 "patience": 0, "planted_scale": 1.0}
+                 "patience": 0, "planted_scale": 1.0, "implicit_damping": None,
+                 "implicit_iterations": IMPLICIT_ITERATIONS, "implicit_alpha": None}
 
 
 @dataclass
@@ -98,6 +106,9 @@ class MetaTrainConfig:
     batch_size: int = 8
     val_batch_size: int = 64
     method: str = "reverse"
+    implicit_damping: float | None = None
+    implicit_iterations: int = IMPLICIT_ITERATIONS
+    implicit_alpha: float | None = None
     inner_optimizer: str = "sgd"
     inner_lr: str | float = "auto"
     sweep_lrs: str = ""
@@ -138,6 +149,8 @@ class MetaTrainConfig:
         require(self.ablation in ABLATIONS, "ablation", f"choose one of {', '.join(ABLATIONS)}")
         require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
         require(self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}")
+        check_implicit_options(self.implicit_damping, self.implicit_iterations, self.implicit_alpha,
+                               ("implicit_damping", "implicit_iterations", "implicit_alpha"))
         require(self.inner_optimizer in INNER_OPTIMIZERS, "inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")
         require(self.inner_lr == "auto" or (isinstance(self.inner_lr, float) and self.inner_lr > 0), "inner_lr",
                 "must be a number > 0 or 'auto'")
@@ -484,7 +497,9 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
                 l0 = _val(model, val, None, reducer, objective)
                 res = meta_gradient_info(model, rater, batches, val, inner_lr=inner_lr, method=cfg.method,
                                          inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer,
-                                         objective=objective)
+                                         objective=objective, implicit_damping=cfg.implicit_damping,
+                                         implicit_iterations=cfg.implicit_iterations,
+                                         implicit_alpha=cfg.implicit_alpha)
                 theta_rater, l_rater = res.params, res.val_loss
                 if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
                     theta_rater = inner_steps(model, batches, res.weights, inner_lr=inner_lr, inner_optimizer=inner_opt,

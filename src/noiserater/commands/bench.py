@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-BENCHES = ["train", "selection", "metagrad", "loader"]
+BENCHES = ["train", "selection", "metagrad", "loader", "implicit"]
 
 
 @click.group("bench")

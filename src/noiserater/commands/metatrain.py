@@ -22,7 +22,13 @@ METATRAIN_HELP = {
     "batch_size": "Images per inner batch, global over all processes (each with K noises).",
     "val_batch_size": "Images per validation batch (validation split of the checkpoint's dataset), global.",
     "method": "Meta-gradient: reverse (exact, memory flat in S), reverse_fwd (exact, forward-over-reverse), "
-              "unrolled (exact, memory grows with S), alignment (Theorem 4.2 first-order estimate).",
+              "unrolled (exact, memory grows with S), alignment (Theorem 4.2 first-order estimate), implicit_cg / "
+              "implicit_neumann (Theorem 4.1 at theta_S as if it were the inner optimum: biased, cost flat in S).",
+    "implicit_damping": "implicit_*: damping added to the Hessian, (H + damping I) v = grad L_val "
+                        "(default 1/(S * inner lr)).",
+    "implicit_iterations": "implicit_*: Hessian-vector products per solve (CG iterations or Neumann terms).",
+    "implicit_alpha": "implicit_neumann: step size of the Neumann series, < 2 / largest Hessian eigenvalue "
+                      "(default: the inner lr).",
     "inner_optimizer": "Inner optimiser: sgd, or adam (betas 0.9/0.999, eps 1e-8, fresh state each outer step).",
     "inner_lr": "Inner learning rate, or 'auto': a short sweep picks the lr with the largest uniform inner gain.",
     "sweep_lrs": "Comma-separated inner lrs tried by --inner-lr auto (default: 1e-4..1 for sgd, 1e-6..1e-3 for adam).",

@@ -1,7 +1,17 @@
 """Meta-learning the noise rater: the bilevel losses, differentiable inner optimisers, meta-gradients
-(unrolled, reverse accumulation, forward-over-reverse, Theorem 4.2 alignment) and the meta-training loop."""
+(unrolled, reverse accumulation, forward-over-reverse, Theorem 4.2 alignment, Theorem 4.1 implicit) and the meta-training loop."""
 
-from .gradient import METHODS, MetaResult, Reducer, inner_steps, meta_gradient, meta_gradient_info
+from .gradient import (
+    IMPLICIT_METHODS,
+    METHODS,
+    MetaResult,
+    Reducer,
+    implicit_hypergradient,
+    implicit_solve,
+    inner_steps,
+    meta_gradient,
+    meta_gradient_info,
+)
 from .inner_optim import INNER_OPTIMIZERS, InnerOptimizer
 from .losses import (
     candidate_losses,
@@ -15,6 +25,7 @@ from .losses import (
 )
 
 __all__ = [
+    "IMPLICIT_METHODS",
     "INNER_OPTIMIZERS",
     "METHODS",
     "InnerOptimizer",
@@ -23,6 +34,8 @@ __all__ = [
     "candidate_losses",
     "candidate_weights",
     "eval_mode",
+    "implicit_hypergradient",
+    "implicit_solve",
     "inner_loss",
     "inner_steps",
     "math_attention",

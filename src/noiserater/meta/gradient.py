@@ -22,6 +22,28 @@ Methods (``method=``):
 ``reverse_fwd`` Same recursion, with H u and <grad l_bk, u> from one forward-over-reverse product
               (``torch.func.jvp`` of ``torch.func.grad``), as MixFlow-MG (arXiv 2505.00793) does: the
               tangent pass stores no second backward graph.
+``implicit_cg`` / ``implicit_neumann``
+              Theorem 4.1 (paper eq. 8, proof in appendix A.1): the implicit-function-theorem meta-gradient
+                meta-grad = -(grad_eta grad_theta L_in(theta; eta))^T (H + damping I)^{-1} grad_theta L_val(theta)
+              evaluated at the inner iterate theta = theta_S as if it were the inner optimum theta*(eta),
+              with H = grad^2_theta L_in. L_in(theta; eta) = (1/S) sum_s L_in(theta; w_s(eta)) is the mean
+              rater-weighted loss of the S inner batches. The S inner steps run without a graph (any inner
+              optimiser; only theta_S is used). v = (H + damping I)^{-1} grad L_val(theta_S) is solved with
+              ``implicit_iterations`` Hessian-vector products (double backward), by conjugate gradients
+              (``implicit_cg``; stops early on convergence or on a direction of non-positive curvature) or
+              the truncated Neumann series v = alpha sum_{j=0..J} (I - alpha (H + damping I))^j grad L_val
+              (``implicit_neumann``, J = iterations, step ``implicit_alpha``). H is estimated on the LAST
+              inner batch (a mini-batch Hessian, as in Lorraine et al. 2020), so the solve costs the same
+              whatever S; then meta-grad = -(1/S) sum_s d/d eta <grad_theta L_in(theta_S; w_s(eta)), v> (one
+              forward-mode product and one rater backward per inner batch, like one inner step each).
+              Memory: one Hessian-vector product's graph plus a few parameter-sized vectors, whatever S.
+              Defaults: damping 1/(S * inner_lr) (with SGD the curvature an S-step horizon resolves: the
+              unrolled derivative of a direction of curvature h is (1 - (1 - lr h)^S) / h, which is lr S
+              for flat directions and 1/h for steep ones, roughly 1/(h + 1/(lr S))); alpha = inner_lr
+              (stable wherever the inner SGD steps are: lr < 2 / lambda_max(H)). With alpha = inner_lr,
+              damping 0 and J = S - 1 the Neumann series is the unrolled SGD derivative at a fixed point.
+              Biased wherever theta_S is not an optimum (Hessian indefinite, gradient non-zero): see
+              docs/meta-learning.md for the measured bias against ``unrolled``.
 ``alignment`` Theorem 4.2's first-order estimate. Every inner gradient is taken at theta_0 (the inner
               trajectory expanded to first order in the learning rate), so
                 meta-grad ~ d/d eta < grad L_val(theta_0), Delta(eta) >,  Delta = total inner update;
@@ -53,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.func import grad, jvp
 
-from ..config import ConfigError
+from ..config import ConfigError, require
 from ..models.rater import group_weights
 from ..objectives import Objective
 from .inner_optim import InnerOptimizer
@@ -69,7 +91,9 @@ from .losses import (
     weighted_loss,
 )
 
-METHODS = ("unrolled", "reverse", "reverse_fwd", "alignment")
+IMPLICIT_METHODS = ("implicit_cg", "implicit_neumann")
+METHODS = ("unrolled", "reverse", "reverse_fwd", "alignment", *IMPLICIT_METHODS)
+IMPLICIT_ITERATIONS = 20  # default Hessian-vector products per implicit solve
 
 Tensors = list[torch.Tensor]
 
@@ -340,6 +364,124 @@ def _alignment(P: _Problem) -> MetaResult:
     return MetaResult(P.full_grads(eta_grads), val, None, scores, weights)
 
 
+# ---- implicit differentiation (Theorem 4.1) ------------------------------------------------------------
+
+
+def check_implicit_options(damping: float | None, iterations: int, alpha: float | None,
+                           names: tuple[str, str, str] = ("damping", "iterations", "alpha")) -> None:
+    """ConfigError naming the option unless damping is None or finite >= 0, iterations an int >= 1 and alpha
+    None or finite > 0 (``names``: how the caller spells the three options)."""
+    def finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    require(damping is None or (finite(damping) and damping >= 0), names[0],
+            f"must be a finite number >= 0 (the Tikhonov term added to the Hessian), got {damping!r}")
+    require(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1, names[1],
+            f"must be an integer >= 1 (Hessian-vector products per solve), got {iterations!r}")
+    require(alpha is None or (finite(alpha) and alpha > 0), names[2],
+            f"must be a finite number > 0 (the Neumann step size, < 2 / largest Hessian eigenvalue), got {alpha!r}")
+
+
+def implicit_solve(hvp, b: Sequence[torch.Tensor], *, solver: str, damping: float, iterations: int,
+                   alpha: float | None = None) -> Tensors:
+    """v ~ (H + damping I)^{-1} b from ``iterations`` calls of ``hvp(u) -> H u`` (lists of tensors shaped like b).
+
+    ``solver="cg"``: conjugate gradients from v = 0; stops early when the residual vanishes or on a search
+    direction p with p^T (H + damping I) p <= 0 (H is indefinite away from an optimum: the iterate so far is
+    kept, as truncated CG does). ``solver="neumann"``: v = alpha sum_{j=0..iterations} (I - alpha (H + damping I))^j b,
+    which converges to the inverse when 0 < alpha * eigenvalue < 2 for every eigenvalue of H + damping I."""
+    def op(u):
+        return [h + damping * x for h, x in zip(hvp(u), u)] if damping else list(hvp(u))
+
+    b = [x.detach() for x in b]
+    if solver == "neumann":
+        if alpha is None:
+            raise ConfigError("invalid alpha: the Neumann solver needs a step size alpha > 0")
+        term, v = list(b), [x.clone() for x in b]
+        for _ in range(iterations):
+            term = [t - alpha * a for t, a in zip(term, op(term))]
+            v = [x + t for x, t in zip(v, term)]
+        return [alpha * x for x in v]
+    if solver != "cg":
+        raise ValueError(f"unknown implicit solver {solver!r}; choose cg or neumann")
+    x = [torch.zeros_like(t) for t in b]
+    r, p = list(b), list(b)
+    rs = float(_dot(r, r))
+    stop = rs * 1e-24  # relative residual 1e-12: float64 round-off; continuing would divide 0 by 0
+    for _ in range(iterations):
+        if rs <= stop or rs == 0.0:
+            break
+        ap = op(p)
+        pap = float(_dot(p, ap))
+        if not pap > 0:  # non-positive curvature (or NaN): no descent step of the quadratic model along p
+            break
+        a = rs / pap
+        x = [xi + a * pi for xi, pi in zip(x, p)]
+        r = [ri - a * api for ri, api in zip(r, ap)]
+        rs_new = float(_dot(r, r))
+        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
+        rs = rs_new
+    return x
+
+
+def implicit_hypergradient(inner_loss, outer_loss, theta: Sequence[torch.Tensor], eta: Sequence[torch.Tensor], *,
+                           solver: str = "cg", damping: float = 0.0, iterations: int = IMPLICIT_ITERATIONS,
+                           alpha: float | None = None) -> Tensors:
+    """Theorem 4.1 (paper eq. 8) for any differentiable bilevel problem:
+    d outer(theta*(eta)) / d eta = -(grad_eta grad_theta inner)^T (H + damping I)^{-1} grad_theta outer,
+    evaluated at the given ``theta`` taken as the inner optimum theta*(eta).
+
+    ``inner_loss(theta, eta) -> scalar`` and ``outer_loss(theta) -> scalar`` take lists of tensors; ``theta``
+    and ``eta`` are lists of tensors (not modified). Returns one tensor per ``eta`` entry. The same solver
+    (:func:`implicit_solve`) and the same final mixed product serve ``meta_gradient(method="implicit_*")``."""
+    check_implicit_options(damping, iterations, alpha)
+    th = _leaves(theta)
+    et = _leaves(eta)
+    b = _grads_or_zeros(outer_loss(th), th)
+    eta_now = [e.detach() for e in et]  # the Hessian-vector products need no graph to eta
+
+    def hvp(u):
+        g = _grads_or_zeros(inner_loss(th, eta_now), th, create_graph=True)
+        return [h.detach() for h in _grads_or_zeros(_dot(g, u), th)]
+
+    v = implicit_solve(hvp, b, solver=solver, damping=damping, iterations=iterations, alpha=alpha)
+    g = _grads_or_zeros(inner_loss(th, et), th, create_graph=True)
+    return [-x for x in _grads_or_zeros(_dot(g, v), et)]
+
+
+def _implicit(P: _Problem, solver: str, damping: float | None, iterations: int, alpha: float | None) -> MetaResult:
+    opt = P.opt
+    S = len(P.batches)
+    damping = 1.0 / (S * opt.lr) if damping is None else damping
+    alpha = opt.lr if alpha is None else alpha
+    theta, state = list(P.theta0), opt.init_state(P.theta0)
+    scores, weights = [], []
+    # S inner steps without a graph and without snapshots: only theta_S is needed.
+    for s, batch in enumerate(P.batches, 1):
+        with torch.no_grad():
+            sc, w = P.weights(batch)
+        scores.append(sc)
+        weights.append(w)
+        th = _leaves(theta)
+        g = P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
+        with torch.no_grad():
+            theta, state = opt.step(theta, g, state, s)
+    del state
+    val, gval = P.val_grad(theta)
+
+    def hvp(u):  # the Hessian of the last inner batch's weighted loss (global under a Reducer)
+        return P.reducer.mean(_hvp_double_backward(P, P.batches[-1], theta, weights[-1], u)[0])
+
+    v = implicit_solve(hvp, gval, solver=solver, damping=damping, iterations=iterations, alpha=alpha)
+    eta_grads = [torch.zeros_like(p) for p in P.eta]
+    for batch in P.batches:
+        # d/dw_bk <grad_theta L_in(theta_S; w), v> = <grad l_bk(theta_S), v> / B: one forward-mode product.
+        _, dl = jvp(lambda *th: P.losses(batch, th), tuple(theta), tuple(v))
+        for acc, ge in zip(eta_grads, P.eta_backward(batch, -dl / (batch[0].shape[0] * S))):
+            acc.add_(ge)
+    return MetaResult(P.full_grads(eta_grads), val, P.params(theta), scores, weights)
+
+
 def inner_steps(
     model: nn.Module, train_batches: Sequence[Batch], weights: Sequence[torch.Tensor], *, inner_lr: float,
     inner_optimizer: str | InnerOptimizer = "sgd", objective: Objective | None = None,
@@ -366,10 +508,14 @@ def meta_gradient_info(
     model: nn.Module, rater: nn.Module, train_batches: Sequence[Batch], val_batch: Batch, *, inner_lr: float,
     method: str, inner_optimizer: str | InnerOptimizer = "sgd", temperature: float = 1.0,
     objective: Objective | None = None, reducer: Reducer | None = None,
+    implicit_damping: float | None = None, implicit_iterations: int = IMPLICIT_ITERATIONS,
+    implicit_alpha: float | None = None,
 ) -> MetaResult:
     """Like :func:`meta_gradient`, returning a :class:`MetaResult` (also L_val, theta_S, scores, weights)."""
     if method not in METHODS:
         raise ConfigError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
+    check_implicit_options(implicit_damping, implicit_iterations, implicit_alpha,
+                           ("implicit_damping", "implicit_iterations", "implicit_alpha"))
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
     if isinstance(inner_optimizer, InnerOptimizer):
@@ -395,6 +541,8 @@ def meta_gradient_info(
             return _reverse(P, forward_mode=False)
         if method == "reverse_fwd":
             return _reverse(P, forward_mode=True)
+        if method in IMPLICIT_METHODS:
+            return _implicit(P, method.removeprefix("implicit_"), implicit_damping, implicit_iterations, implicit_alpha)
         return _alignment(P)
 
 
@@ -406,10 +554,12 @@ def meta_gradient(
     ``rater.parameters()`` (zeros for parameters with ``requires_grad=False``).
 
     ``train_batches``: S tuples ``(x0 [B,C,H,W], y [B], t [B], eps [B,K,C,H,W])``; ``val_batch``:
-    ``(x0, y, t, eps [B,C,H,W])``. ``method``: 'unrolled', 'reverse', 'reverse_fwd' or 'alignment' (see the
-    module docstring). ``inner_optimizer``: 'sgd' or 'adam' (betas 0.9/0.999, eps 1e-8, bias correction,
+    ``(x0, y, t, eps [B,C,H,W])``. ``method``: 'unrolled', 'reverse', 'reverse_fwd', 'alignment',
+    'implicit_cg' or 'implicit_neumann' (see the module docstring). ``inner_optimizer``: 'sgd' or 'adam' (betas 0.9/0.999, eps 1e-8, bias correction,
     fresh state). ``model`` and ``rater`` are left unchanged. Extra keywords: ``objective`` (DDPM by default),
-    ``reducer`` (multi-process averaging).
+    ``reducer`` (multi-process averaging), and for the implicit methods ``implicit_damping`` (default
+    1/(S * inner_lr)), ``implicit_iterations`` (Hessian-vector products, default 20) and ``implicit_alpha``
+    (Neumann step, default inner_lr).
     """
     return meta_gradient_info(model, rater, train_batches, val_batch, inner_lr=inner_lr, method=method,
                               inner_optimizer=inner_optimizer, temperature=temperature, **kwargs).grads
