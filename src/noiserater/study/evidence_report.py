@@ -181,12 +181,14 @@ def norm_control_lines(rows: list[dict], stage: int) -> list[str]:
 
 def random_null(rows: list[dict], stage: int, trained: str, metric: str) -> dict | None:
     """The random-rater null of ``trained``: each never-trained initialisation's mean paired effect vs
-    vanilla (%), their mean, SD and range, the trained arm's effect, and whether it beats the null (lower
-    than the null mean by more than the null SD)."""
+    vanilla (%), their mean, SD and range, the trained arm's effect on the same seeds, and whether it beats
+    the null (lower than the null mean by more than the null SD)."""
     sub = [r for r in rows if r["stage"] == stage]
     null_arm = RANDOM_NULL.get(trained)
     inits = sorted({r["arm"] for r in sub if base_arm(r["arm"]) == null_arm})
-    mine = compare(sub, trained, "vanilla", metric)
+    # the trained rater on the seeds the random raters ran, so both sides see the same seeds
+    null_seeds = {r["seed"] for r in sub if base_arm(r["arm"]) == null_arm}
+    mine = compare([r for r in sub if r["seed"] in null_seeds], trained, "vanilla", metric)
     effects = [c["mean"] for c in (compare(sub, a, "vanilla", metric) for a in inits) if c is not None]
     if mine is None or len(effects) < 2:
         return None
