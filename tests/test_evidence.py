@@ -73,3 +73,29 @@ def test_evidence_study_end_to_end_tiny(tmp_path, monkeypatch):
     assert not (torch.cdist(train_imgs, test_imgs) == 0).any()
     again = CliRunner().invoke(main, args)  # a rerun skips everything
     assert again.exit_code == 0 and "[run ]" not in again.output
+
+
+def test_random_rater_null_and_noise_scale_control_by_hand():
+    from noiserater.study.evidence_report import norm_control_lines, random_null
+
+    rows = []
+    for seed in range(4):
+        rows.append({"stage": 1, "arm": "vanilla", "seed": seed, "fid": 10.0, "test_loss": 1.0})
+        rows.append({"stage": 1, "arm": "rater", "seed": seed, "fid": 9.0 if seed < 2 else 11.0, "test_loss": 1.0})
+        rows.append({"stage": 1, "arm": "max_norm", "seed": seed, "fid": 9.0, "test_loss": 0.99})
+        rows.append({"stage": 1, "arm": "noise_scale", "seed": seed, "fid": 9.0 + 0.1 * seed, "test_loss": 0.99})
+    for init, fid in enumerate((10.5, 11.0, 12.0)):  # the null ran seeds 0 and 1 only
+        rows += [{"stage": 1, "arm": f"rater_random/init{init}", "seed": s, "fid": fid, "test_loss": 1.0} for s in (0, 1)]
+    nr = random_null(rows, 1, "rater", "fid")
+    effects = [5.0, 10.0, 20.0]
+    assert nr["inits"] == 3 and nr["null_mean"] == pytest.approx(np.mean(effects))
+    assert nr["null_sd"] == pytest.approx(np.std(effects, ddof=1))
+    assert (nr["null_min"], nr["null_max"]) == (5.0, 20.0)
+    assert nr["effect"] == pytest.approx(-10.0)  # on the null's seeds 0-1, not -10/+10 over all four
+    assert nr["beats_null"]
+    rows = [r for r in rows if r["arm"] != "rater" or r["seed"] >= 2] + \
+        [{"stage": 1, "arm": "rater", "seed": s, "fid": 10.8, "test_loss": 1.0} for s in (0, 1)]
+    assert not random_null(rows, 1, "rater", "fid")["beats_null"]  # +8% is inside the null's spread
+    lines = norm_control_lines(rows, 1)
+    want = np.mean([100 * (9.0 - (9.0 + 0.1 * s)) / (9.0 + 0.1 * s) for s in range(4)])
+    assert len(lines) == 3 and lines[2].startswith("| max_norm vs noise_scale | ") and f"{want:+.2f}%" in lines[2]
