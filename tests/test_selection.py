@@ -139,10 +139,14 @@ def test_noise_selector_plain_policies_and_soft(rater_file):
     cand = torch.randn(5, 3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(eps, cand[torch.arange(5), _np_norms(cand.numpy()).argmax(1)])
     assert NoiseSelector("vanilla", 1)(x0, t).shape == x0.shape
-    default = NoiseSelector()  # the evidence study's recommendation: max_norm over 4 candidates
-    assert default.name == "max_norm" and default.k == 4
+    default = NoiseSelector()  # the evidence: no policy beats all its controls, so plain Gaussian noise
+    assert default.name == "vanilla" and default.k == 1
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(default(x0, t, generator=g), torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)))
+    picker = NoiseSelector("max_norm")  # a selection policy named without k draws the study's 4 candidates
+    assert picker.k == 4
     cand = torch.randn(x0.shape[0], 4, *x0.shape[1:])
-    eps, idx = default.select(x0, t, None, cand)
+    eps, idx = picker.select(x0, t, None, cand)
     assert torch.equal(idx, cand.flatten(2).norm(dim=-1).argmax(1))
     soft = NoiseSelector.from_checkpoint(rater_file, k=3, policy="rater_soft", temperature=2.0)
     with pytest.raises(ValueError, match="weighted"):
