@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from scipy import stats
 
+from noiserater.checkpoint import load_checkpoint
 from noiserater.cli import main
 from noiserater.config import from_dict
 from noiserater.data import load_dataset
@@ -99,3 +100,26 @@ def test_random_rater_null_and_noise_scale_control_by_hand():
     lines = norm_control_lines(rows, 1)
     want = np.mean([100 * (9.0 - (9.0 + 0.1 * s)) / (9.0 + 0.1 * s) for s in range(4)])
     assert len(lines) == 3 and lines[2].startswith("| max_norm vs noise_scale | ") and f"{want:+.2f}%" in lines[2]
+
+
+def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev"
+    args = ["evidence", "--out", str(out), "--set", "objective=flow", "--set", "model=DiT-N/2",
+            "--set", "rater=FastRater-N/2", "--set", "batch_size=8", "--set", "pretrain_steps=6",
+            "--set", "stages=[6]", "--set", "seeds=[0, 1]", "--set", "continue_steps=2",
+            "--set", "arms=[vanilla, knn, batch_ot, class_ot, noise_scale, rater_random]", "--set", "random_raters=2",
+            "--set", "fid_large_arms=[]", "--set", "eval_samples=20", "--set", "eval_ddim_steps=2",
+            "--set", "test_draws=1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["arm"].split("/init")[0] for r in rows} == {"vanilla", "knn", "batch_ot", "class_ot", "noise_scale", "rater_random"}
+    assert len(rows) == 2 * (5 + 2)  # the random rater once per initialisation
+    ckpt = out / rows[0]["checkpoint"]
+    assert load_checkpoint(ckpt, kind="diffusion")["config"]["objective"] == "flow"
+    assert all(r["fid"] is not None and r["test_loss"] > 0 for r in rows)
+    knn = [r["noise_sq_norm_per_dim"] for r in rows if r["arm"] == "knn"]
+    assert all(v < 1.0 for v in knn)  # the nearest noise to an image is shorter (||x0 - eps||^2 favours small eps)
+    report = (out / "report.md").read_text()
+    assert "objective `flow`" in report and "| knn vs noise_scale |" in report

@@ -17,6 +17,9 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "vanilla": ("vanilla", False, {}, None),
     "max_norm": ("max_norm", True, {}, None),
     "min_norm": ("min_norm", True, {}, None),
+    "knn": ("knn", True, {}, None),
+    "batch_ot": ("batch_ot", False, {}, None),
+    "class_ot": ("class_ot", False, {}, None),
     "noise_scale": ("vanilla", False, {"noise_scale": "max_norm"}, None),
     "noise_scale_down": ("vanilla", False, {"noise_scale": "1/max_norm"}, None),
     "noise_scale_x0.95": ("vanilla", False, {"noise_scale": 0.95}, None),
@@ -41,7 +44,7 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
 }
 # arms whose policy changes the norm of the noise (the registry's ``changes_norm``): also judged against the
 # k=1 noise-scale control
-NORM_CHANGING = tuple(a for a, (policy, uses_k, _, _) in ARMS.items() if uses_k and policy_class(policy).changes_norm)
+NORM_CHANGING = tuple(a for a, (policy, _, _, _) in ARMS.items() if policy_class(policy).changes_norm)
 # each trained-rater arm and the random-rater arm that is its null distribution
 RANDOM_NULL = {"rater": "rater_random", "rater_sample": "rater_random_sample", "distilled": "rater_random",
                "distilled_sample": "rater_random_sample"}

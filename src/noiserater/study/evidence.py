@@ -37,7 +37,7 @@ from ..eval.reference import default_reference, reference_features
 from ..metatrain import MetaTrainConfig, metatrain
 from ..models.loading import load_diffusion, save_rater
 from ..models.rater import NoiseRater, RaterSpec
-from ..objectives import objective_from_config
+from ..objectives import OBJECTIVES, objective_from_config
 from ..run.folder import read_metrics
 from ..run.provenance import version_info
 from ..selection import dit_passes, equal_cost_control, max_norm_scale, policy_class
@@ -62,6 +62,7 @@ class EvidencePreset:
 
     name: str
     data: str = "digits"
+    objective: str = "ddpm"  # the training objective of every run: ddpm or flow (noiserater.objectives)
     model: str = "DiT-T/2"
     batch_size: int = 64
     pretrain_steps: int = 1500
@@ -111,6 +112,7 @@ class EvidencePreset:
         require(len(self.seeds) >= 2, "seeds", "a paired interval needs at least 2 seeds")
         require(self.test_fraction > 0, "test_fraction", "the evidence study evaluates on a test split: set it > 0")
         require(set(self.run_stages) <= set(self.stages), "run_stages", f"each must be one of stages {self.stages}")
+        require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
         require(self.eval_reference_split in ("all", "test"), "eval_reference_split",
                 "use test (held-out images) or all")
         require(set(self.fid_large_arms) <= set(ARMS), "fid_large_arms", f"each must be an arm: {', '.join(ARMS)}")
@@ -177,6 +179,12 @@ def _finite_or_none(x: float) -> float | None:
     return x if x == x else None  # stage records are strict JSON: no NaN
 
 
+def _objective_kw(p: EvidencePreset) -> dict[str, Any]:
+    """The study's training objective as TrainConfig / stage-record keys (none for ddpm: the records of
+    studies from before objectives existed stay valid)."""
+    return {} if p.objective == "ddpm" else {"objective": p.objective}
+
+
 def _split_kw(p: EvidencePreset) -> dict[str, Any]:
     return {"data": p.data, "split_seed": p.split_seed, "val_fraction": p.val_fraction, "test_fraction": p.test_fraction}
 
@@ -188,12 +196,12 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
             return TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=s, batch_size=p.batch_size,
                                lr=p.pretrain_lr, seed=PRETRAIN_SEED, log_every=10, sample_every=max(s, 1),
                                ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
-                               **_split_kw(p))
+                               **_split_kw(p), **_objective_kw(p))
 
         return {"checkpoints": pretrain_segments(folder, root, p.stages, p.pretrain_steps, config_at)}
 
     cfg = {"model": p.model, "steps": p.pretrain_steps, "stages": sorted(p.stages), "batch_size": p.batch_size,
-           "lr": p.pretrain_lr, **_split_kw(p)}
+           "lr": p.pretrain_lr, **_split_kw(p), **_objective_kw(p)}
     return run_stage(root / "pretrain", cfg, fn, log)["checkpoints"]
 
 
@@ -237,7 +245,8 @@ def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log
                 torch.manual_seed(RANDOM_RATER_SEED + i)
                 rater = NoiseRater(RaterSpec(p.rater, spec.input_size, spec.in_channels, spec.num_classes))
             path = folder / f"init{i}.pt"
-            save_rater(path, rater, {"init_seed": RANDOM_RATER_SEED + i, "trained": False})
+            save_rater(path, rater, {"init_seed": RANDOM_RATER_SEED + i, "trained": False,
+                                     "diffusion": {"objective": p.objective}})  # the units of t it would score
             paths.append(str(path.relative_to(root)))
         return {"raters": paths}
 
@@ -311,7 +320,8 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
                           lr=p.continue_lr, ema_decay=p.continue_ema, seed=seed, init_checkpoint=str(root / ckpt),
                           policy=policy, candidates=k, rater=str(root / rater) if rater else None, log_every=10,
                           sample_every=p.continue_steps, ckpt_every=max(50, p.continue_steps // 3), progress=False,
-                          tensorboard=False, ema_warmup=p.continue_ema_warmup, **_split_kw(p), **overrides, **extra)
+                          tensorboard=False, ema_warmup=p.continue_ema_warmup, **_split_kw(p), **_objective_kw(p),
+                          **overrides, **extra)
         t0 = time.perf_counter()
         summary = finished(train(cfg, resume=True), str(folder))
         train_s = time.perf_counter() - t0
@@ -335,7 +345,8 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
            "ema_warmup": p.continue_ema_warmup,
            "batch_size": p.batch_size, "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps,
            "cfg_scale": p.cfg_scale, "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
-           "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p)}
+           "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p),
+           **_objective_kw(p)}
     return run_stage(folder, cfg, fn, log)
 
 

@@ -265,7 +265,9 @@ def write_evidence_report(root: str | Path) -> Path:
     prov = study.get("provenance", {})
     stages = sorted({r["stage"] for r in rows}, key=lambda s: -s)
     out = [f"# Evidence study: {study.get('preset', root.name)} — does any rater beat its equal-cost control?", ""]
-    out.append(f"Data `{settings.get('data')}`, DiT `{settings.get('model')}`, k = {settings.get('k')}, "
+    out.append(f"Data `{settings.get('data')}`, DiT `{settings.get('model')}`"
+               + (f", objective `{settings['objective']}`" if settings.get("objective", "ddpm") != "ddpm" else "")
+               + f", k = {settings.get('k')}, "
                f"{settings.get('continue_steps')} continuation steps at lr {settings.get('continue_lr')} "
                f"(EMA {settings.get('continue_ema')}{' with warmup' if settings.get('continue_ema_warmup') else ''}), "
                f"batch {settings.get('batch_size')}. Splits by seed "
