@@ -29,7 +29,6 @@ import torch
 from click.testing import CliRunner
 
 import noiserater.objectives as objectives
-import noiserater.train as tr
 from noiserater.checkpoint import (
     FORMAT,
     HASH_KEY,
@@ -39,14 +38,13 @@ from noiserater.checkpoint import (
     RunLock,
     content_sha256,
     load_checkpoint,
-    load_rater,
     save_checkpoint,
-    save_rater,
 )
 from noiserater.cli import main
 from noiserater.errors import NumericsError
 from noiserater.models import build_rater
 from noiserater.models.dit import load_reference_dit
+from noiserater.models.loading import load_diffusion, load_rater, save_rater
 from noiserater.randomness import batch_indices
 from noiserater.train import TrainConfig, train
 
@@ -608,7 +606,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
         lambda p: load_checkpoint(p),
         lambda p: load_checkpoint(p, kind="diffusion"),
         lambda p: load_rater(p),
-        lambda p: tr.load_diffusion(p),
+        lambda p: load_diffusion(p),
         lambda p: load_reference_dit(str(p), "DiT-S/8", image_size=64, num_classes=10),
     ]
     for f in files:
@@ -681,7 +679,7 @@ def test_truncated_and_garbage_files_get_clear_errors(tmp_path):
     for n in cuts:
         p = tmp_path / f"cut{n}.pt"
         p.write_bytes(data[:n])
-        for load in (load_checkpoint, load_rater, tr.load_diffusion):
+        for load in (load_checkpoint, load_rater, load_diffusion):
             with pytest.raises(CheckpointError):
                 load(p)
         with pytest.raises(CheckpointError):
