@@ -94,23 +94,6 @@ def test_the_library_does_not_import_the_cli():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("name, names", [
-    ("train", ["CONFIGS", "FORMULATIONS", "PlainDiT", "_memory_child", "_Ours", "_Plain", "bench_speed",
-               "bench_memory", "bench_train_loop", "markdown_table", "time_steps"]),
-    ("selection", ["BenchConfig", "Setup", "_Stepper", "build_configs", "format_table", "run_benchmark"]),
-    ("metagrad", ["_build", "goal_lines", "markdown_table", "plot", "run_child"]),
-    ("loader", ["run_loader_benchmark"]),
-])
-def test_the_commands_reexport_the_library(name, names):
-    """The benchmarks' old module paths name the library's own objects (one implementation, not two)."""
-    import importlib
-
-    cmd = importlib.import_module(f"noiserater.commands.bench_{name}")
-    lib = importlib.import_module(f"noiserater.bench.{name}")
-    for n in names:
-        assert getattr(cmd, n) is getattr(lib, n), n
-
-
 def test_timing_is_one_clock(monkeypatch):
     """time_call reads the module's clock once before and once after the call."""
     class Clock:
