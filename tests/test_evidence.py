@@ -123,3 +123,15 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
     assert all(v < 1.0 for v in knn)  # the nearest noise to an image is shorter (||x0 - eps||^2 favours small eps)
     report = (out / "report.md").read_text()
     assert "objective `flow`" in report and "| knn vs noise_scale |" in report
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
+def test_shipped_presets_are_valid_studies_with_their_controls(name):
+    from noiserater.study.evidence import get_evidence_preset
+
+    p = get_evidence_preset(name)
+    p.validate()
+    # every study with a rater arm carries its random-rater null, every norm-changing arm its noise-scale control
+    assert "rater_random" in p.arms and "rater" in p.arms and p.random_raters >= 5
+    assert {"max_norm", "noise_scale", "vanilla"} <= set(p.arms) and set(p.fid_large_arms) <= set(p.arms)
+    assert p.eval_reference_split in ("test", "all") and p.test_fraction > 0 and len(p.seeds) >= 5
