@@ -331,6 +331,10 @@ def write_evidence_report(root: str | Path) -> Path:
         if recs:
             fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png")
             out += ["", f"![stage {stage}]({fig.name})"]
+    planned = {a for inv in study.get("invocations", []) for a in (inv.get("settings") or {}).get("arms", [])}
+    not_run = sorted(planned - {base_arm(r["arm"]) for r in rows}, key=lambda a: list(ARMS).index(a) if a in ARMS else 0)
+    if not_run:
+        out += ["", f"Planned in the preset and not run (yet): {', '.join(not_run)}."]
     n_int = sum(1 for r in records for key, _ in METRICS if r.get(f"{key}_vs_control"))
     if n_int:
         out += ["", f"Multiplicity: this report shows {n_int} arm-vs-control intervals at 95% each; about "
