@@ -249,6 +249,16 @@ def _unrolled(P: _Problem) -> MetaResult:
     return MetaResult(P.full_grads(eta_grads), val, params, scores, weights)
 
 
+def _inner_gradient(P: _Problem, theta: Tensors, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+    """One inner step's rater scores and weights [B,K] (no graph) and the gradient g_s of the weighted inner
+    loss at ``theta`` (averaged over processes), without a graph: the forward sweep of the reverse and
+    implicit methods."""
+    with torch.no_grad():
+        sc, w = P.weights(batch)
+    th = _leaves(theta)
+    return sc, w, P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
+
+
 def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
     opt = P.opt
     theta, state = list(P.theta0), opt.init_state(P.theta0)
@@ -256,12 +266,9 @@ def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
     scores, weights = [], []
     # Forward: S inner steps without a graph, keeping theta_{s-1} (and Adam's m, v, g_s).
     for s, batch in enumerate(P.batches, 1):
-        with torch.no_grad():
-            sc, w = P.weights(batch)
+        sc, w, g = _inner_gradient(P, theta, batch)
         scores.append(sc)
         weights.append(w)
-        th = _leaves(theta)
-        g = P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
         snaps.append((theta, state, g if opt.state_size else None))
         with torch.no_grad():
             theta, state = opt.step(theta, g, state, s)
@@ -458,12 +465,9 @@ def _implicit(P: _Problem, solver: str, damping: float | None, iterations: int, 
     scores, weights = [], []
     # S inner steps without a graph and without snapshots: only theta_S is needed.
     for s, batch in enumerate(P.batches, 1):
-        with torch.no_grad():
-            sc, w = P.weights(batch)
+        sc, w, g = _inner_gradient(P, theta, batch)
         scores.append(sc)
         weights.append(w)
-        th = _leaves(theta)
-        g = P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
         with torch.no_grad():
             theta, state = opt.step(theta, g, state, s)
     del state
