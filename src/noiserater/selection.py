@@ -768,12 +768,12 @@ class NoiseNormStats:
         """noise [B, C, H, W] (or [B, k, C, H, W]: every candidate counts)."""
         flat = noise.detach().reshape(-1, noise[0].numel() if noise.dim() == 4 else noise[0, 0].numel())
         self.dim = flat.shape[1]
-        self.norms.append(flat.double().norm(dim=1).cpu())
+        self.norms.append(flat.double().norm(dim=1))  # stays on the device: no host sync in the training step
 
     def summary(self) -> dict[str, float]:
         if not self.norms:
             return {}
-        norms = torch.cat(self.norms)
+        norms = self._cpu_norms()
         return {"noise_sq_norm_per_dim": float(norms.pow(2).mean() / self.dim),
                 "noise_norm_ks": ks_distance_from_chi(norms, self.dim)}
 
@@ -781,7 +781,12 @@ class NoiseNormStats:
         self.norms = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dim": self.dim, "norms": torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)}
+        return {"dim": self.dim,
+                "norms": self._cpu_norms() if self.norms else torch.zeros(0, dtype=torch.float64)}
+
+    def _cpu_norms(self) -> torch.Tensor:
+        # one host copy per log record; a resumed run's restored norms are already on the CPU
+        return torch.cat([n.cpu() for n in self.norms])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dim = int(state.get("dim", 0))
