@@ -98,6 +98,36 @@ def test_fashion_mnist_idx_reader_pads_to_32_and_scales(tmp_path, monkeypatch):
     assert d.images.min().item() == -1.0 and d.images.max().item() == 1.0
 
 
+def test_resized_source_is_the_block_mean_of_the_full_images(tmp_path, monkeypatch):
+    """fashion-mnist@16: each pixel is the mean of a 2x2 block of the 32x32 image (numpy reference)."""
+    _fake_fashion(tmp_path)
+    monkeypatch.setenv("NOISERATER_FASHION_MNIST_DIR", str(tmp_path))
+    full, half = load_source("fashion-mnist"), load_source("fashion-mnist@16")
+    ref = full.images.numpy().reshape(5, 1, 16, 2, 16, 2).mean(axis=(3, 5))
+    assert half.images.shape == (5, 1, 16, 16) and half.name == "fashion-mnist@16"
+    np.testing.assert_allclose(half.images.numpy(), ref, rtol=0, atol=1e-6)
+    assert torch.equal(half.labels, full.labels)
+    odd = load_source("fashion-mnist@12")  # not a divisor: antialiased bilinear, still in [-1, 1]
+    assert odd.images.shape == (5, 1, 12, 12) and odd.images.abs().max() <= 1.0
+    assert load_source("digits@4").images.shape == (1797, 1, 4, 4)
+
+
+@pytest.mark.parametrize("bad", ["fashion-mnist@x", "fashion-mnist@2", "digits@0"])
+def test_bad_resolution_suffix_names_the_fix(bad):
+    with pytest.raises(DatasetError, match=r"resolution after '@'.*--data"):
+        load_source(bad)
+
+
+def test_resized_sources_have_their_own_family_and_reference():
+    from noiserater.eval.cache import source_slug
+    from noiserater.eval.classifier import dataset_family
+    from noiserater.eval.reference import default_reference
+    assert dataset_family("fashion-mnist-test@16") == "fashion-mnist@16"
+    assert default_reference("fashion-mnist@16") == ("fashion-mnist-test@16", "all")
+    assert default_reference("fashion-mnist") == ("fashion-mnist-test", "all")
+    assert source_slug("fashion-mnist@16") == "fashion-mnist@16"
+
+
 def test_fashion_mnist_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
     _fake_fashion(tmp_path)
     raw = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()

@@ -18,7 +18,7 @@ from ..study.evidence_report import write_evidence_report
               help="Study folder (default runs/evidence-<preset>). Rerunning skips finished runs.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a preset field, repeatable: --set 'seeds=[0, 1]' --set 'arms=[vanilla, oracle]'. "
-                   "Fields: EvidencePreset in noiserater/evidence.py (also in the study's study.json).")
+                   "Fields: EvidencePreset in noiserater/study/evidence.py (also in the study's study.json).")
 @click.option("--report-only", is_flag=True, help="Only (re)write report.md from the finished runs in --out.")
 @click.option("--publish", "publish", default=None, type=click.Path(file_okay=False),
               help="After the report, copy the study's small artefacts (records, report, plots, trained raters; no "

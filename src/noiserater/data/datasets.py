@@ -3,6 +3,9 @@
 Sources (the ``--data`` option):
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, 1 channel). Always available.
 - ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` package (28x28 padded to 32x32, 10 classes).
+- ``NAME@RES`` for a named source above (``fashion-mnist@16``): its images resized to RES x RES (area
+  averaging when RES divides the size, which is exact 2x2 pooling for 32 -> 16; antialiased bilinear
+  otherwise): the same images at another dimension d, for the dimension ladder.
 - a directory of class subfolders of images (ImageFolder; all images must share one size).
 - a latent cache written by ``noiserater cache-latents`` (a directory with ``header.json``).
 
@@ -140,8 +143,40 @@ def load_image_folder(root: str | os.PathLike) -> ImageData:
     return ImageData(images, torch.tensor(labels, dtype=torch.long), len(classes), f"folder:{root}", classes)
 
 
+NAMED_SOURCES = ("digits", "fashion-mnist", "fashion-mnist-test")
+
+
+def parse_source(source: str) -> tuple[str, int | None]:
+    """(named source, resolution or None) of ``NAME@RES``; any other source is returned as it is."""
+    base, sep, res = source.rpartition("@")
+    if not sep or base not in NAMED_SOURCES:
+        return source, None
+    if not res.isdigit() or not 4 <= int(res) <= 1024:
+        raise DatasetError(f"dataset {source!r}: the resolution after '@' must be a whole number of pixels in "
+                           f"[4, 1024] (e.g. --data {base}@16)")
+    return base, int(res)
+
+
+def resize_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[N, C, H, H] images in [-1, 1] resized to [N, C, resolution, resolution]: area averaging when the
+    size is a multiple of ``resolution`` (an exact mean of each block), antialiased bilinear otherwise."""
+    size = x.shape[-1]
+    if size == resolution:
+        return x
+    if size % resolution == 0:
+        return torch.nn.functional.avg_pool2d(x, size // resolution)
+    y = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    return y.clamp(-1.0, 1.0)
+
+
 def load_source(source: str) -> ImageData:
     """Load all images of a source (see module docstring) before the train/validation split."""
+    base, resolution = parse_source(source)
+    if resolution is not None:
+        data = load_source(base)
+        return ImageData(resize_images(data.images, resolution), data.labels, data.num_classes, source,
+                         data.class_names)
     if source == "digits":
         return load_digits_data()
     if source == "fashion-mnist":
@@ -158,8 +193,8 @@ def load_source(source: str) -> ImageData:
     if os.sep in source or source.startswith("."):
         raise DatasetError(f"dataset folder {source} does not exist; check the path given to --data")
     raise DatasetError(
-        f"unknown dataset {source!r}: use 'digits', 'fashion-mnist', a folder of class subfolders, "
-        "or a latent cache directory"
+        f"unknown dataset {source!r}: use 'digits', 'fashion-mnist' (NAME@RES resizes, e.g. fashion-mnist@16), "
+        "a folder of class subfolders, or a latent cache directory"
     )
 
 

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from ..data.datasets import NAMED_SOURCES, parse_source
+
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """The cache folder: ``path``, else ``$NOISERATER_CACHE``, else ``~/.cache/noiserater``."""
@@ -20,8 +22,8 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 def source_slug(source: str) -> str:
     """A data source as a file name: a named dataset as it is, a folder as its name and a hash of its path."""
-    if source in ("digits", "fashion-mnist", "fashion-mnist-test"):
-        return source
+    if parse_source(source)[0] in NAMED_SOURCES:
+        return source  # a named dataset (NAME@RES too: '@' is safe in file names)
     p = Path(source).resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.name)[:40] or "data"
     return f"{name}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"

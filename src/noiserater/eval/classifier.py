@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file, write_json
 from ..config import ConfigError
 from ..data import ImageData, load_dataset
-from ..data.datasets import DatasetError, split_indices
+from ..data.datasets import DatasetError, parse_source, split_indices
 from .cache import cache_dir, source_slug
 
 
@@ -52,8 +52,11 @@ class DatasetClassifier(nn.Module):
 
 
 def dataset_family(source: str) -> str:
-    """The dataset a source belongs to: 'fashion-mnist-test' is Fashion-MNIST's test file."""
-    return "fashion-mnist" if source == "fashion-mnist-test" else source
+    """The dataset a source belongs to: 'fashion-mnist-test' is Fashion-MNIST's test file (and
+    'fashion-mnist-test@16' belongs to 'fashion-mnist@16': a resolution is its own dataset)."""
+    base, resolution = parse_source(source)
+    family = "fashion-mnist" if base == "fashion-mnist-test" else base
+    return family if resolution is None else f"{family}@{resolution}"
 
 
 
@@ -61,8 +64,10 @@ def classifier_splits(source: str, seed: int = 0) -> tuple[ImageData, ImageData]
     """(train, test) data of the classifier: Fashion-MNIST's train and test files; otherwise a seeded
     80/20 split of all images (digits: 1437 / 360)."""
     family = dataset_family(source)
-    if family == "fashion-mnist":
-        return load_dataset("fashion-mnist", "all"), load_dataset("fashion-mnist-test", "all")
+    base, resolution = parse_source(family)
+    if base == "fashion-mnist":
+        at = "" if resolution is None else f"@{resolution}"
+        return load_dataset(f"fashion-mnist{at}", "all"), load_dataset(f"fashion-mnist-test{at}", "all")
     data = load_dataset(family, "all")
     if data.channels not in (1, 3):
         raise DatasetError(f"{source} holds {data.channels}-channel latents; the classifier needs pixel images")

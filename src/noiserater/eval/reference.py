@@ -24,22 +24,22 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write_bytes
 from ..config import ConfigError
 from ..data import load_dataset
-from ..data.datasets import DatasetError
+from ..data.datasets import NAMED_SOURCES, DatasetError, parse_source
 from ..data.latents import HEADER_NAME, ImageFolderFiles, LatentCacheError, list_images, read_header
 from .cache import cache_dir, source_slug
 from .classifier import dataset_family
 from .extractors import Extractor
 
 # the named dataset sources a latent checkpoint's --reference may be instead of an image folder
-NAMED_SOURCES = ("digits", "fashion-mnist", "fashion-mnist-test")
 
 
 def default_reference(data_source: str) -> tuple[str, str]:
     """(source, split) of the reference images for a training source: Fashion-MNIST's test file;
     otherwise all images of the source (digits: all 1797; its 180-image validation split is too small
     for a stable FID)."""
-    if dataset_family(data_source) == "fashion-mnist":
-        return "fashion-mnist-test", "all"
+    base, resolution = parse_source(dataset_family(data_source))
+    if base == "fashion-mnist":
+        return "fashion-mnist-test" + ("" if resolution is None else f"@{resolution}"), "all"
     return data_source, "all"
 
 
@@ -61,7 +61,7 @@ def latent_reference(checkpoint: str, latent: dict, reference: str | None = None
                 raise LatentCacheError(f"{checkpoint} was trained on the latent cache {cache}, whose header (which "
                                        f"names the source images) cannot be read: {e}. {hint}") from None
     resolution = latent.get("resolution") or header.get("resolution")
-    if reference in NAMED_SOURCES:
+    if parse_source(reference)[0] in NAMED_SOURCES:
         return {"source": reference, "split": reference_split or "all", "folder": False, "resolution": None}
     if reference:
         folder = Path(reference)
