@@ -11,7 +11,7 @@ import click
 from . import __version__
 
 # Subcommands, in the order ``--help`` lists them. Bench subcommands are gathered the same way.
-COMMANDS = ["demo", "train", "sample", "metatrain", "signal", "evaluate", "analyze", "reproduce", "evidence", "report",
+COMMANDS = ["demo", "train", "sample", "metatrain", "signal", "evaluate", "analyze", "reproduce", "evidence", "ladder", "report",
             "cache_latents", "bench"]
 
 

@@ -170,6 +170,20 @@ def resize_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return y.clamp(-1.0, 1.0)
 
 
+# C, H, W of the named sources' images (as loaded): their dimension without reading them
+NAMED_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 32, 32), "fashion-mnist-test": (1, 32, 32)}
+
+
+def source_dimension(source: str) -> int:
+    """d = C*H*W of one image of ``source``: from :data:`NAMED_SHAPES` for a named source (and NAME@RES),
+    otherwise read from the data."""
+    base, resolution = parse_source(source)
+    if base in NAMED_SHAPES:
+        c, h, w = NAMED_SHAPES[base]
+        return c * (h * w if resolution is None else resolution * resolution)
+    return int(load_source(source).images[0].numel())
+
+
 def load_source(source: str) -> ImageData:
     """Load all images of a source (see module docstring) before the train/validation split."""
     base, resolution = parse_source(source)

@@ -31,6 +31,7 @@ import torch
 from ..checkpoint import atomic_write_text, write_json
 from ..config import ConfigError, from_dict, require
 from ..data import load_dataset
+from ..data.datasets import source_dimension
 from ..eval.extractors import build_extractor
 from ..eval.frechet import feature_stats, frechet_distance
 from ..eval.reference import default_reference, reference_features
@@ -265,18 +266,11 @@ def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log
     return run_stage(root / f"stage-{stage}" / "rater-random", cfg, fn, log)["raters"]
 
 
-def data_dimension(p: EvidencePreset) -> int:
-    """d = C*H*W of one training image of the study."""
-    x = load_dataset(p.data, "val", seed=p.split_seed, val_fraction=p.val_fraction,
-                     test_fraction=p.test_fraction).images[:1]
-    return int(x[0].numel())
-
-
 def resolve_overrides(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:
     """An arm's TrainConfig overrides with the symbolic noise scales made numbers (see ``ARMS``)."""
     out = dict(extra)
     if isinstance(out.get("noise_scale"), str):
-        c = max_norm_scale(data_dimension(p), p.k)
+        c = max_norm_scale(source_dimension(p.data), p.k)
         out["noise_scale"] = {"max_norm": c, "1/max_norm": 1.0 / c}[out["noise_scale"]]
     return out
 
