@@ -61,7 +61,7 @@ def latent_reference(checkpoint: str, latent: dict, reference: str | None = None
                 raise LatentCacheError(f"{checkpoint} was trained on the latent cache {cache}, whose header (which "
                                        f"names the source images) cannot be read: {e}. {hint}") from None
     resolution = latent.get("resolution") or header.get("resolution")
-    if parse_source(reference)[0] in NAMED_SOURCES:
+    if reference and parse_source(reference)[0] in NAMED_SOURCES:
         return {"source": reference, "split": reference_split or "all", "folder": False, "resolution": None}
     if reference:
         folder = Path(reference)

@@ -152,6 +152,13 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         online_rater="Rater-N/4", pretrain_steps=6000, stages=[6000], seeds=list(range(6)),
         eval_reference_split="all", arms=LADDER_ARMS, random_raters=5, random_rater_seeds=[0, 1],
         fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20, meta_patience=2, test_draws=1),
+    # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
+    # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
+    # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
+    # the paper's dimension; the images keep digits' content, so it tests the radial argument, not latents.
+    "digits-4096": EvidencePreset(
+        name="digits-4096", data="digits@64", model="DiT-T/8", test_fraction=0.25, seeds=list(range(6)),
+        stages=[1500], arms=["vanilla", "max_norm", "noise_scale"], fid_large_arms=[], random_raters=5),
 }
 
 
