@@ -56,27 +56,18 @@ from .checkpoint import (
     write_json,
 )
 from .config import ConfigError, dump_yaml, require, to_dict
-from .meta.batches import EVAL_SEED_OFFSET, SWEEP_SEED_OFFSET, MetaBatches, checkpoint_splits, split_heldout
-from .meta.gradient import (
-    IMPLICIT_ITERATIONS,
-    METHODS,
-    Reducer,
-    check_implicit_options,
-    inner_steps,
-    meta_gradient_info,
-)
+from .meta.batches import MetaBatches, checkpoint_splits, split_heldout
+from .meta.gradient import IMPLICIT_ITERATIONS, METHODS, Reducer, check_implicit_options
 from .meta.inner_optim import INNER_OPTIMIZERS, InnerOptimizer
-from .meta.losses import candidate_weights, eval_mode, rater_scores_of, uniform_weights, val_loss
-from .meta.oracle import ORACLE_MODES, distillation_loss, oracle_at, rank_agreement
+from .meta.oracle import ORACLE_MODES
+from .meta.outer import BilevelStep, DistillStep, set_params, sweep_inner_lr, trainable_params, weight_entropy
 from .models.loading import load_diffusion, save_rater
 from .models.rater import ABLATIONS, RATER_CONFIGS, NoiseRater, RaterSpec
-from .objectives import Objective, objective_from_config
+from .objectives import objective_from_config
 from .plotting import figure, label_axes, legend, savefig
 from .run.folder import eval_records, truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
-from .stats import mean_se
 
-SHIFT_ONLY_PARAMS = ("head.bias", "head_norm.bias")
 OBJECTIVES = ("bilevel", "distill")
 DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
                  "adam": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)}
@@ -193,118 +184,6 @@ class MetaTrainConfig:
 # ---- the batches of one outer step -----------------------------------------------------------------
 
 
-# ---- helpers -----------------------------------------------------------------------------------------
-
-
-def _val(model, batch, params, reducer: Reducer, objective: Objective) -> float:
-    with torch.no_grad(), eval_mode(model):
-        lv = val_loss(model, batch, params=params, objective=objective)
-    return float(reducer.mean([lv])[0])
-
-
-def _set_params(model, params: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in params:
-                p.copy_(params[n])
-
-
-def _entropy(w: torch.Tensor) -> torch.Tensor:
-    return -(w * w.clamp_min(1e-30).log()).sum(dim=1)
-
-
-def sweep_inner_lr(model, sampler: MetaBatches, grid, opt_name: str, steps: int, rank: int, world: int, device,
-                   reducer: Reducer) -> tuple[float, list[dict]]:
-    """Pick the inner lr with the largest mean uniform inner gain L_val(theta_0) - L_val(theta_S^unif)
-    over ``steps`` outer batches (drawn apart from the training batches). Falls back to the smallest lr."""
-    rows = []
-    draws = [sampler.outer(n, rank, world, device, seed_offset=SWEEP_SEED_OFFSET) for n in range(steps)]
-    obj = sampler.objective
-    base = [_val(model, val, None, reducer, obj) for _, val in draws]
-    for lr in grid:
-        gains = []
-        for (batches, val), l0 in zip(draws, base):
-            theta = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=lr,
-                                inner_optimizer=opt_name, reducer=reducer, objective=obj)
-            gains.append(l0 - _val(model, val, theta, reducer, obj))
-        mean = sum(gains) / len(gains)
-        rows.append({"inner_lr": lr, "uniform_gain": mean if math.isfinite(mean) else None})
-    finite = [r for r in rows if r["uniform_gain"] is not None]
-    best = max(finite, key=lambda r: r["uniform_gain"]) if finite else None
-    if best is None or best["uniform_gain"] <= 0:
-        return min(grid), rows
-    return best["inner_lr"], rows
-
-
-class _BilevelEval:
-    """Held-out rater advantage on ``n`` fixed outer batches (their own seed stream; validation batches
-    from the held-out half): L_ho(theta_S^uniform) - L_ho(theta_S^rater) per batch, mean and SE."""
-
-    metric = "rater_advantage"
-
-    def __init__(self, model, sampler: MetaBatches, n: int, inner_lr: float, inner_opt, temperature: float,
-                 reducer: Reducer, rank: int, world: int, device, cache_uniform: bool):
-        self.model, self.inner_lr, self.inner_opt, self.temperature = model, inner_lr, inner_opt, temperature
-        self.reducer, self.cache_uniform = reducer, cache_uniform
-        self.objective = sampler.objective
-        self.draws = [sampler.outer(i, rank, world, device, seed_offset=EVAL_SEED_OFFSET) for i in range(n)]
-        self._uniform: list[tuple[float, float]] | None = None
-
-    def _baseline(self) -> list[tuple[float, float]]:
-        if self._uniform is not None:
-            return self._uniform
-        out = []
-        for batches, val in self.draws:
-            l0 = _val(self.model, val, None, self.reducer, self.objective)
-            theta = inner_steps(self.model, batches, [uniform_weights(b) for b in batches], inner_lr=self.inner_lr,
-                                inner_optimizer=self.inner_opt, reducer=self.reducer, objective=self.objective)
-            out.append((l0, _val(self.model, val, theta, self.reducer, self.objective)))
-        if self.cache_uniform:  # the starting weights are the frozen checkpoint's at every evaluation
-            self._uniform = out
-        return out
-
-    def __call__(self, rater) -> dict:
-        adv, gain = [], []
-        for (batches, val), (l0, l_unif) in zip(self.draws, self._baseline()):
-            with torch.no_grad(), eval_mode(rater):
-                weights = [candidate_weights(rater, b, self.temperature, self.objective) for b in batches]
-            theta = inner_steps(self.model, batches, weights, inner_lr=self.inner_lr, inner_optimizer=self.inner_opt,
-                                reducer=self.reducer, objective=self.objective)
-            adv.append(l_unif - _val(self.model, val, theta, self.reducer, self.objective))
-            gain.append(l0 - l_unif)
-        m, se = mean_se(adv)
-        g, g_se = mean_se(gain)
-        return {"metric": self.metric, "value": m, "se": se, "n": len(adv), "rater_advantage": m,
-                "rater_advantage_se": se, "uniform_gain": g, "uniform_gain_se": g_se,
-                "relative_advantage": m / g if g > 0 else None}
-
-
-class _DistillEval:
-    """Agreement of the rater with the oracle on ``n`` fixed group batches (their own seed stream), the
-    oracle's validation gradients drawn from the held-out half; the alignments are computed once (the
-    diffusion model is frozen under distillation)."""
-
-    metric = "spearman"
-
-    def __init__(self, model, sampler: MetaBatches, n: int, val_size: int, reducer: Reducer, rank: int, world: int,
-                 device, mode: str = "align"):
-        self.reducer, self.objective = reducer, sampler.objective
-        self.groups, self.targets = [], []
-        for i in range(n):
-            batch = sampler.train_batch(i, 0, rank, world, device, seed_offset=EVAL_SEED_OFFSET)
-            self.groups.append(batch)
-            self.targets.append(oracle_at(model, batch, sampler.val_batch(i, val_size, rank, world, device,
-                                                                       seed_offset=EVAL_SEED_OFFSET), reducer, mode,
-                                              objective=self.objective)[1])
-
-    def __call__(self, rater) -> dict:
-        with torch.no_grad(), eval_mode(rater):
-            scores = torch.cat([rater_scores_of(rater, g, self.objective) for g in self.groups])
-        agree = rank_agreement(scores, torch.cat(self.targets), self.reducer)
-        return {"metric": self.metric, "value": agree["spearman"], "se": agree["spearman_se"], "n": agree["groups"],
-                **agree}
-
-
 def plot_heldout_curve(evals: list[dict], path: Path, objective: str) -> Path:
     """The held-out curve (mean ± 1 SE per evaluation) as a PNG, the best evaluation marked."""
     steps = [r["step"] for r in evals]
@@ -348,18 +227,16 @@ def metatrain(cfg: MetaTrainConfig, resume: bool = False) -> dict:
         return _metatrain(cfg, resume, run)
 
 
-def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
-    run_dir, rank, world, device, is_main = run.run_dir, run.rank, run.world, run.device, run.is_main
+def _load_inputs(cfg: MetaTrainConfig, device, is_main: bool) -> tuple:
+    """The frozen diffusion model and the meta batches: (model, spec, dstate, sampler, split_info, val_data,
+    heldout_data). The split is the checkpoint's own; the validation split is cut into its meta and held-out halves."""
     distill = cfg.objective == "distill"
-    if is_main:
-        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
     model, spec, dstate = load_diffusion(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     model.eval()
     dcfg = dstate.get("config", {}) or {}
     objective = objective_from_config(dcfg)  # the checkpoint's own objective decides every loss below
     source = cfg.data or dcfg.get("data", "digits")
     train_data, val_all, split_info = checkpoint_splits(dcfg, source)
-    split_seed = split_info["split_seed"]
     if (train_data.channels, train_data.image_size, train_data.num_classes) != (spec.in_channels, spec.input_size, spec.num_classes):
         raise CheckpointError(
             f"dataset {source!r} has {train_data.channels}x{train_data.image_size}px images in {train_data.num_classes} classes, "
@@ -367,76 +244,117 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
             "pass the dataset the checkpoint was trained on (--data)"
         )
     # the meta half feeds every outer loss; the held-out half only the held-out check (none without one)
-    val_data, heldout_data = split_heldout(val_all, cfg.heldout_fraction if cfg.eval_every > 0 else 0.0, split_seed)
+    val_data, heldout_data = split_heldout(val_all, cfg.heldout_fraction if cfg.eval_every > 0 else 0.0,
+                                           split_info["split_seed"])
     if not distill and len(val_data) < cfg.val_batch_size:
         _warn(f"the meta-validation split has {len(val_data)} images, fewer than --val-batch-size {cfg.val_batch_size}: "
               "validation batches repeat images", is_main)
     label_dropout = cfg.label_dropout if cfg.label_dropout is not None else float(dcfg.get("label_dropout", 0.1))
     sampler = MetaBatches(train_data, val_data, spec.num_classes, cfg.seed, 1 if distill else cfg.inner_steps,
-                       cfg.candidates, cfg.batch_size, cfg.val_batch_size, label_dropout,
-                       bool(dcfg.get("unconditional", False)), planted_scale=cfg.planted_scale, objective=objective)
+                          cfg.candidates, cfg.batch_size, cfg.val_batch_size, label_dropout,
+                          bool(dcfg.get("unconditional", False)), planted_scale=cfg.planted_scale, objective=objective)
+    return model, spec, dstate, sampler, split_info, val_data, heldout_data
+
+
+def _choose_inner_lr(cfg: MetaTrainConfig, model, sampler: MetaBatches, run: Run, reducer: Reducer) -> tuple:
+    """(inner lr, sweep rows or None): the configured lr, or the sweep's best uniform inner gain (``auto``)."""
+    if cfg.inner_lr != "auto":
+        return float(cfg.inner_lr), None
+    inner_lr, sweep = sweep_inner_lr(model, sampler, cfg.sweep_grid(), cfg.inner_optimizer, cfg.sweep_steps,
+                                     run.rank, run.world, run.device, reducer)
+    if all(r["uniform_gain"] is None or r["uniform_gain"] <= 0 for r in sweep):
+        _warn(f"no inner lr in {list(cfg.sweep_grid())} lowers the validation loss with uniform weights; "
+              f"using the smallest, {inner_lr}; try smaller --sweep-lrs", run.is_main)
+    return inner_lr, sweep
+
+
+def _score_stats(res, reducer: Reducer, world: int, candidates: int) -> tuple[dict, float]:
+    """Global moments of the step's scores and weights (equal slices per rank: N processes log what one does),
+    and the mean weight of candidate 0 (the planted one in a planted-signal check)."""
+    scores, w = torch.cat(res.scores).double(), torch.cat(res.weights).double()
+    m1, m2, in_group, ent, wmax, w0 = reducer.mean([scores.mean(), scores.pow(2).mean(), scores.std(dim=1).mean(),
+                                                    weight_entropy(w).mean(), w.max(dim=1).values.mean(), w[:, 0].mean()])
+    n = scores.numel() * world
+    return {"score_mean": float(m1), "score_std": math.sqrt(max(float(m2 - m1 * m1), 0.0) * n / max(n - 1, 1)),
+            "score_std_in_group": float(in_group), "weight_entropy": float(ent),
+            "weight_entropy_uniform": math.log(candidates), "weight_max": float(wmax)}, float(w0)
+
+
+def _heldout_evaluator(cfg: MetaTrainConfig, outer, sampler: MetaBatches, heldout_data, run: Run):
+    """The held-out evaluation of the meta-objective (None without ``eval_every``), on the held-out half."""
+    if cfg.eval_every <= 0:
+        return None
+    if heldout_data is None:
+        _warn("--heldout-fraction 0: the held-out check draws fresh batches from the same validation images the "
+              "outer loss uses", run.is_main)
+    return outer.evaluator(replace(sampler, val=heldout_data if heldout_data is not None else sampler.val),
+                           run.rank, run.world, run.device)
+
+
+def _finish_summary(summary: dict, cfg: MetaTrainConfig, run: Run, outer, evaluator, heldout: dict, plateau: bool,
+                    window: list[dict]) -> dict:
+    """The run's summary: why it stopped, the best held-out rater and its curve, the last steps' means."""
+    if plateau:
+        summary["stopped"] = (f"plateau: {heldout['since_best']} held-out evaluations without an improvement beyond "
+                              f"one standard error (patience {cfg.patience})")
+    if evaluator is not None and heldout["best"] is not None:
+        summary["best_rater"] = str(run.run_dir / "rater_best.pt")
+        summary["best_eval"] = dict(heldout["best"], metric=evaluator.metric)
+        evals = eval_records(run.run_dir / "metrics.jsonl") if run.is_main else []
+        if evals:
+            summary["heldout_curve"] = str(plot_heldout_curve(evals, run.run_dir / "heldout_curve.png", cfg.objective))
+    if window:
+        summary["last_steps"] = outer.last_steps(window)
+        if cfg.planted_scale != 1.0:
+            summary["last_steps"]["planted_weight"] = sum(r["planted_weight"] for r in window) / len(window)
+    return summary
+
+
+def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
+    run_dir, rank, world, device, is_main = run.run_dir, run.rank, run.world, run.device, run.is_main
+    distill = cfg.objective == "distill"
+    if is_main:
+        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES)
+    model, spec, dstate, sampler, split_info, val_data, heldout_data = _load_inputs(cfg, device, is_main)
     torch.manual_seed(cfg.seed)
     rater = NoiseRater(RaterSpec(cfg.rater, spec.input_size, spec.in_channels, spec.num_classes, cfg.ablation)).to(device)
-    # The group softmax ignores a shift shared by all K scores, so the head's bias and its LayerNorm's bias
-    # (which only shift every score) have an exactly zero meta-gradient (and distillation gradient); Adam
-    # would scale its round-off to lr-sized steps. They stay at their initial values.
-    trainable = [p for n, p in rater.named_parameters() if p.requires_grad and n not in SHIFT_ONLY_PARAMS]
+    trainable = trainable_params(rater)
     opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reducer = Reducer()
-    ckpt_path = run_dir / "checkpoints" / "latest.pt"
-    best_path = run_dir / "rater_best.pt"
+    ckpt_path, best_path = run_dir / "checkpoints" / "latest.pt", run_dir / "rater_best.pt"
     step, inner_lr, sweep, carried = 0, None, None, None
     guard = BadStepGuard(cfg.max_bad_steps, f"{'distillation' if distill else 'meta'}-gradient or loss",
                          "lower --inner-lr or --lr, or use --grad-clip", unit="outer steps")
     heldout: dict = {"best": None, "since_best": 0}
     if resume and ckpt_path.exists():
         state = resume_from(ckpt_path, "rater", rater.spec.to_dict(), rater, "rater", opt, "rater")
-        step, sweep = int(state["step"]), state.get("sweep")
+        step, sweep, carried = int(state["step"]), state.get("sweep"), state.get("inner_params")
         inner_lr = None if state.get("inner_lr") is None else float(state["inner_lr"])
         guard.in_row = int(state.get("bad_in_row", 0))
-        carried = state.get("inner_params")
         heldout = state.get("heldout") or heldout
     if inner_lr is None and not distill:
-        if cfg.inner_lr == "auto":
-            inner_lr, sweep = sweep_inner_lr(model, sampler, cfg.sweep_grid(), cfg.inner_optimizer, cfg.sweep_steps,
-                                             rank, world, device, reducer)
-            if all(r["uniform_gain"] is None or r["uniform_gain"] <= 0 for r in sweep):
-                _warn(f"no inner lr in {list(cfg.sweep_grid())} lowers the validation loss with uniform weights; "
-                      f"using the smallest, {inner_lr}; try smaller --sweep-lrs", is_main)
-        else:
-            inner_lr = float(cfg.inner_lr)
+        inner_lr, sweep = _choose_inner_lr(cfg, model, sampler, run, reducer)
     if carried is not None:
-        _set_params(model, carried)
+        set_params(model, carried)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         truncate_metrics(run_dir / "metrics.jsonl", step, events_count_done=True)
         if sweep is not None and step == 0:
             write_json(run_dir / "inner_lr_sweep.json", {"chosen": inner_lr, "grid": sweep})
-    inner_opt = InnerOptimizer(cfg.inner_optimizer, inner_lr) if not distill else None
+    # the one dispatch on the meta-objective: everything below is the same for both
+    outer = DistillStep(cfg, model, sampler, reducer, trainable) if distill else \
+        BilevelStep(cfg, model, sampler, reducer, inner_lr, InnerOptimizer(cfg.inner_optimizer, inner_lr))
     data_info = {**split_info, "meta_val_images": len(val_data),
                  "heldout_val_images": len(heldout_data) if heldout_data is not None else 0}
-
-    evaluator = None
-    if cfg.eval_every > 0:
-        ho_sampler = replace(sampler, val=heldout_data if heldout_data is not None else val_data)
-        if heldout_data is None:
-            _warn("--heldout-fraction 0: the held-out check draws fresh batches from the same validation images the "
-                  "outer loss uses", is_main)
-        if distill:
-            evaluator = _DistillEval(model, ho_sampler, cfg.eval_batches, cfg.distill_val_batch_size, reducer, rank,
-                                     world, device, cfg.distill_oracle)
-        else:
-            evaluator = _BilevelEval(model, ho_sampler, cfg.eval_batches, inner_lr, inner_opt, cfg.temperature,
-                                     reducer, rank, world, device, cache_uniform=not cfg.carry_inner)
+    evaluator = _heldout_evaluator(cfg, outer, sampler, heldout_data, run)
 
     def rater_extra() -> dict:
         return {"step": step, "config": to_dict(cfg), "inner_lr": inner_lr, "objective": cfg.objective,
                 "diffusion": {"checkpoint": str(cfg.checkpoint), "step": int(dstate.get("step", 0)), "spec": spec.to_dict(),
-                              **objective.options()},
-                "data": data_info}
+                              **sampler.objective.options()}, "data": data_info}
 
-    def save(final: bool = False) -> None:
+    def save() -> None:
         check_finite_weights(step, ckpt_path, "lower --lr or use --grad-clip", rater)
         if not is_main:
             return
@@ -450,131 +368,60 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
     def evaluate() -> bool:
         """One held-out evaluation at ``step``: log it, keep the best rater; True when the run has plateaued."""
         res = evaluator(rater)
-        best = heldout["best"]
-        improved = best is None or res["value"] > best["value"] + res["se"]
+        improved = heldout["best"] is None or res["value"] > heldout["best"]["value"] + res["se"]
+        heldout["since_best"] = 0 if improved else heldout["since_best"] + 1
         if improved:
             heldout["best"] = {"step": step, "value": res["value"], "se": res["se"]}
-            heldout["since_best"] = 0
             if is_main:
                 save_rater(best_path, rater, {**rater_extra(), "eval": res})
-        else:
-            heldout["since_best"] += 1
-        res["best"] = improved
-        res["evals_since_best"] = heldout["since_best"]
-        run.log({"step": step, "eval": res, "time": time.time()})
+        run.log({"step": step, "eval": {**res, "best": improved, "evals_since_best": heldout["since_best"]},
+                 "time": time.time()})
         return cfg.patience > 0 and heldout["since_best"] >= cfg.patience
 
     bar = tqdm(total=cfg.outer_steps, initial=step, desc="metatrain", dynamic_ncols=True) if is_main and cfg.progress else None
-
     summary: dict = {"run_dir": str(run_dir), "start_step": step, "inner_lr": inner_lr, "method": cfg.method,
                      "objective": cfg.objective}
     window: list[dict] = []
-    warned = False
     plateau = cfg.patience > 0 and heldout["since_best"] >= cfg.patience  # a resumed run that had stopped
     if evaluator is not None and step == 0 and heldout["best"] is None:
         plateau = evaluate()  # the initial rater: the level every later evaluation is compared with
     with StopFlag() as stopper:
         while step < cfg.outer_steps and not plateau:
             t0 = time.perf_counter()
-            if distill:
-                groups = sampler.train_batch(step, 0, rank, world, device)
-                l0, align = oracle_at(model, groups, sampler.val_batch(step, cfg.distill_val_batch_size, rank, world,
-                                                                     device), reducer, cfg.distill_oracle,
-                                      objective=objective)
-                scores_b = rater_scores_of(rater, groups, objective)
-                loss = distillation_loss(scores_b, align, cfg.distill_temperature)
-                grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # e.g. the last block's image MLP
-                grads = reducer.mean([torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)])
-                for p, g in zip(trainable, grads):
-                    p.grad = g.detach().clone()
-                loss_value = float(reducer.mean([loss.detach().double()])[0])
-                scores_list = [scores_b.detach()]
-                weights_list = [torch.softmax(scores_b.detach() / cfg.temperature, dim=1)]
-                agree = rank_agreement(scores_b.detach(), align, reducer)
-                l_rater = loss_value
-            else:
-                batches, val = sampler.outer(step, rank, world, device)
-                l0 = _val(model, val, None, reducer, objective)
-                res = meta_gradient_info(model, rater, batches, val, inner_lr=inner_lr, method=cfg.method,
-                                         inner_optimizer=inner_opt, temperature=cfg.temperature, reducer=reducer,
-                                         objective=objective, implicit_damping=cfg.implicit_damping,
-                                         implicit_iterations=cfg.implicit_iterations,
-                                         implicit_alpha=cfg.implicit_alpha)
-                theta_rater, l_rater = res.params, res.val_loss
-                if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
-                    theta_rater = inner_steps(model, batches, res.weights, inner_lr=inner_lr, inner_optimizer=inner_opt,
-                                              reducer=reducer, objective=objective)
-                    l_rater = _val(model, val, theta_rater, reducer, objective)
-                theta_unif = inner_steps(model, batches, [uniform_weights(b) for b in batches], inner_lr=inner_lr,
-                                         inner_optimizer=inner_opt, reducer=reducer, objective=objective)
-                l_unif = _val(model, val, theta_unif, reducer, objective)
-                for (name, p), g in zip(rater.named_parameters(), res.grads):
-                    p.grad = g.detach().clone() if p.requires_grad and name not in SHIFT_ONLY_PARAMS else None
-                scores_list, weights_list = res.scores, res.weights
+            res = outer(rater, step, rank, world, device)
             gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            finite = math.isfinite(float(gnorm)) and math.isfinite(l_rater)
+            finite = math.isfinite(float(gnorm)) and math.isfinite(res.loss)
             if finite:  # the gradient and loss are all-reduced: every rank decides alike
                 opt.step()
                 guard.good()
             else:
-                run.log({"step": step + 1, "event": "nonfinite_skipped",
-                         ("distill_loss" if distill else "val_loss_rater"): l_rater, "meta_grad_norm": float(gnorm)})
+                run.log({"step": step + 1, "event": "nonfinite_skipped", outer.loss_key: res.loss,
+                         "meta_grad_norm": float(gnorm)})
                 guard.bad(step + 1, ckpt_path)
             opt.zero_grad(set_to_none=True)
             if cfg.carry_inner and finite:
-                _set_params(model, theta_rater)
+                set_params(model, res.theta)
             step += 1
-            scores = torch.cat(scores_list).double()
-            w = torch.cat(weights_list).double()
-            # global moments (equal slices per rank), so N processes log what one process logs
-            m1, m2, in_group, ent, wmax, w0 = reducer.mean([scores.mean(), scores.pow(2).mean(),
-                                                            scores.std(dim=1).mean(), _entropy(w).mean(),
-                                                            w.max(dim=1).values.mean(), w[:, 0].mean()])
-            n_scores = scores.numel() * world
-            score_std = math.sqrt(max(float(m2 - m1 * m1), 0.0) * n_scores / max(n_scores - 1, 1))
-            if distill:
-                rec = {"step": step, "distill_loss": loss_value, "val_loss_init": l0,
-                       "spearman": agree["spearman"], "argmax_agreement": agree["argmax_agreement"],
-                       "grad_norm": float(gnorm)}
-            else:
-                rec = {"step": step, "val_loss_init": l0, "val_loss_rater": l_rater, "val_loss_uniform": l_unif,
-                       "uniform_gain": l0 - l_unif, "rater_advantage": l_unif - l_rater, "meta_grad_norm": float(gnorm)}
-            rec.update({
-                "score_mean": float(m1), "score_std": score_std, "score_std_in_group": float(in_group),
-                "weight_entropy": float(ent), "weight_entropy_uniform": math.log(cfg.candidates),
-                "weight_max": float(wmax), "inner_lr": inner_lr, "time_s": time.perf_counter() - t0,
-                "time": time.time(),
-            })
+            stats, planted = _score_stats(res, reducer, world, cfg.candidates)
+            rec = {"step": step, **res.fields, outer.grad_key: float(gnorm), **stats, "inner_lr": inner_lr,
+                   "time_s": time.perf_counter() - t0, "time": time.time()}
             if cfg.planted_scale != 1.0:
-                rec["planted_weight"] = float(w0)  # mean weight of the planted candidate 0 (uniform: 1/K)
-            window.append(rec)
-            window = window[-50:]
+                rec["planted_weight"] = planted  # mean weight of the planted candidate 0 (uniform: 1/K)
+            window = (window + [rec])[-50:]
             if step % cfg.log_every == 0 or step == cfg.outer_steps:
                 run.log(rec)
-            if not distill and not warned and len(window) >= min(10, cfg.outer_steps) \
-                    and sum(r["uniform_gain"] for r in window) <= 0:
-                _warn(f"uniform inner steps do not lower the validation loss (mean uniform gain "
-                      f"{sum(r['uniform_gain'] for r in window) / len(window):.3g} over {len(window)} steps at inner lr "
-                      f"{inner_lr}): the rater can only learn to undo damage; use --inner-lr auto or a smaller lr", is_main)
-                warned = True
+            outer.check(window, is_main)
             if bar is not None:
                 bar.update(1)
-                if distill:
-                    rho = sum(r["spearman"] for r in window) / len(window)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", rho=f"{rho:+.3f}")
-                else:
-                    adv = sum(r["rater_advantage"] for r in window) / len(window)
-                    bar.set_postfix(val=f"{l_rater:.4f}", adv=f"{adv:+.2e}", gain=f"{rec['uniform_gain']:+.2e}")
+                bar.set_postfix(**outer.postfix(window, rec))
             if evaluator is not None and step % cfg.eval_every == 0:  # on the grid only: a run extended by
-                # --resume with a larger --outer-steps evaluates exactly where a straight run does
-                plateau = evaluate()
+                plateau = evaluate()  # --resume with a larger --outer-steps evaluates exactly where a straight run does
             # a signal may reach one rank only: all stop together or the others hang in a collective
             _, stop_now = run.agree(True, stopper.stop)
             if run.should_save(step, cfg.outer_steps, cfg.ckpt_every, stop_now or plateau):
                 save()
                 if stop_now:
-                    summary["interrupted"] = True
-                    summary["signal"] = stopper.signum
+                    summary.update(interrupted=True, signal=stopper.signum)
                     break
     if bar is not None:
         bar.close()
@@ -582,30 +429,4 @@ def _metatrain(cfg: MetaTrainConfig, resume: bool, run: Run) -> dict:
     if step == summary["start_step"] and is_main and not (run_dir / "rater.pt").exists():
         save()
     summary.update({"step": step, "rater": str(run_dir / "rater.pt"), "checkpoint": str(ckpt_path)})
-    if plateau:
-        summary["stopped"] = (f"plateau: {heldout['since_best']} held-out evaluations without an improvement beyond "
-                              f"one standard error (patience {cfg.patience})")
-    if evaluator is not None and heldout["best"] is not None:
-        summary["best_rater"] = str(best_path)
-        summary["best_eval"] = dict(heldout["best"], metric=evaluator.metric)
-        if is_main:
-            evals = eval_records(run_dir / "metrics.jsonl")
-            if evals:
-                summary["heldout_curve"] = str(plot_heldout_curve(evals, run_dir / "heldout_curve.png", cfg.objective))
-    if window:
-        n = len(window)
-        mean = lambda key: sum(r[key] for r in window) / n  # noqa: E731
-        if distill:
-            summary["last_steps"] = {"n": n, "distill_loss": mean("distill_loss"), "spearman": mean("spearman"),
-                                     "argmax_agreement": mean("argmax_agreement")}
-        else:
-            summary["last_steps"] = {
-                "n": n, "val_loss_init": mean("val_loss_init"), "val_loss_rater": mean("val_loss_rater"),
-                "val_loss_uniform": mean("val_loss_uniform"), "rater_advantage": mean("rater_advantage"),
-                "rater_better_fraction": sum(r["rater_advantage"] > 0 for r in window) / n,
-            }
-        if cfg.planted_scale != 1.0:
-            summary["last_steps"]["planted_weight"] = mean("planted_weight")
-    return summary
-
-
+    return _finish_summary(summary, cfg, run, outer, evaluator, heldout, plateau, window)
