@@ -16,7 +16,8 @@ from noiserater.checkpoint import load_checkpoint
 from noiserater.cli import main
 from noiserater.config import from_dict
 from noiserater.data import load_dataset
-from noiserater.study.evidence_report import compare, paired_interval, seeds_for_half_width
+from noiserater.stats import paired_interval
+from noiserater.study.evidence_report import compare, seeds_for_half_width
 from noiserater.train import TrainConfig, load_splits
 
 

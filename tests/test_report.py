@@ -36,7 +36,10 @@ def test_paired_test_relative_difference_and_pvalue():
     rel = 100 * (rat - van) / van
     assert out["n"] == 4
     assert out["rel_diff_pct"] == pytest.approx(rel.mean())
-    assert out["p"] == pytest.approx(stats.ttest_rel(rat, van).pvalue)
+    # one p-value definition (noiserater.stats.paired_interval): the t-test of the relative differences shown,
+    # so p < 0.05 exactly when the 95% interval excludes 0
+    assert out["p"] == pytest.approx(stats.ttest_1samp(rel, 0).pvalue)
+    assert (out["p"] < 0.05) == (abs(out["rel_diff_pct"]) > out["ci_pct"])
     # only shared seeds are paired
     assert paired_test(rat.iloc[:1], van)["n"] == 1
 

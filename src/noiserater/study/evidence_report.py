@@ -19,6 +19,7 @@ from ..checkpoint import atomic_write_text
 from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
+from ..stats import paired_interval
 from .arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
@@ -41,18 +42,6 @@ def load_rows(root: Path) -> list[dict]:
 def base_arm(arm: str) -> str:
     """The registry name of a report arm (``rater_random/init2`` -> ``rater_random``)."""
     return arm.split("/init")[0]
-
-
-def paired_interval(diffs: list[float], level: float = 0.95) -> dict[str, float]:
-    """Mean, sample SD, t-interval half-width and two-sided p-value of paired differences."""
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "sd": math.nan, "half": math.nan, "p": math.nan}
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if mean else 1.0)
-    return {"n": n, "mean": mean, "sd": sd, "half": float(half), "p": p}
 
 
 def seeds_for_half_width(sd: float, half: float = 2.0, level: float = 0.95, max_n: int = 10_000) -> int | None:

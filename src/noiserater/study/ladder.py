@@ -26,7 +26,8 @@ from scipy import stats
 
 from ..checkpoint import atomic_write_text
 from ..data.datasets import source_dimension
-from .evidence_report import base_arm, compare, load_rows, paired_interval
+from ..stats import paired_interval
+from .evidence_report import base_arm, compare, load_rows
 
 PAPER_D = 4096  # DiT-S/2 on 256x256 images: 4x32x32 sd-vae latents
 # the arms the ladder reports, in order, with what each is (the random null pools its initialisations)

@@ -19,6 +19,7 @@ from ..plotting import figure, label_axes, legend, policy_color, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import read_metrics
 from ..run.provenance import version_info, version_line
+from ..stats import paired_interval
 from .presets import paper_table
 
 METRICS = ("fid", "heldout_loss", "precision", "recall", "class_accuracy")
@@ -67,16 +68,14 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, floa
 
 def paired_test(a: pd.Series, b: pd.Series) -> dict:
     """Paired comparison of two policies over the seeds they share: mean relative difference of a vs b,
-    its 95% CI, and the two-sided paired t-test p-value."""
+    its 95% CI and its two-sided p-value (:func:`noiserater.stats.paired_interval`)."""
     common = sorted(set(a.index) & set(b.index))
     if len(common) < 2:
         return {"n": len(common), "rel_diff_pct": float("nan"), "ci_pct": float("nan"), "p": float("nan"),
                 "rel_sd_pct": float("nan")}
     x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
-    rel = 100.0 * (x - y) / y
-    m, sd, hw = mean_ci(rel)
-    p = float(stats.ttest_rel(x, y).pvalue) if np.any(x != y) else 1.0
-    return {"n": len(common), "rel_diff_pct": m, "ci_pct": hw, "p": p, "rel_sd_pct": sd}
+    ci = paired_interval((100.0 * (x - y) / y).tolist())  # the p-value of the interval shown (noiserater.stats)
+    return {"n": len(common), "rel_diff_pct": ci["mean"], "ci_pct": ci["half"], "p": ci["p"], "rel_sd_pct": ci["sd"]}
 
 
 def seeds_needed(rel_diffs: np.ndarray, effect_pct: float = 1.0, alpha: float = 0.05, power: float = 0.8) -> float:
