@@ -19,13 +19,14 @@ this interface, so a checkpoint's objective (``config["objective"]``) decides al
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, require
 from .diffusion import GaussianDiffusion, ddim_sample, epsilon_prediction, per_sample_loss
 
 TIME_SAMPLINGS = ("uniform", "logit-normal")
@@ -250,6 +251,43 @@ def objective_from_config(config: Mapping | None) -> Objective:
         return FlowObjective(config.get("time_sampling", "uniform"), float(config.get("logit_mean", 0.0)),
                              float(config.get("logit_std", 1.0)))
     return get_objective(name)
+
+
+@dataclass
+class ObjectiveOptions:
+    """A run's training objective and its settings (a run's config inherits them: see
+    :class:`noiserater.train.TrainConfig`); :meth:`training_objective` builds the :class:`Objective`."""
+
+    objective: str = "ddpm"  # ddpm (epsilon prediction) or flow (rectified flow)
+    time_sampling: str = "uniform"  # flow: t ~ uniform or logit-normal (SD3)
+    logit_mean: float = 0.0  # flow, logit-normal: t = sigmoid(mean + std * n)
+    logit_std: float = 1.0
+
+    # settings added after runs were first written, with the value that reproduces those runs (resume checks)
+    LEGACY_VALUES: ClassVar[dict[str, Any]] = {"objective": "ddpm", "time_sampling": "uniform", "logit_mean": 0.0,
+                                               "logit_std": 1.0}
+
+    def training_objective(self) -> Objective:
+        return objective_from_config({"objective": self.objective, "time_sampling": self.time_sampling,
+                                      "logit_mean": self.logit_mean, "logit_std": self.logit_std})
+
+    def check_matches(self, state: dict, what: str) -> None:
+        """A checkpoint (``state``, with its ``config``) continues with the objective it was trained with: a
+        mismatch is a one-line error naming ``what`` and the flag."""
+        theirs = objective_from_config(state.get("config")).name
+        if theirs != self.objective:
+            raise ConfigError(f"{what} was trained with the {theirs} objective, but this run asks for --objective "
+                              f"{self.objective}: pass --objective {theirs} (a model continues with the objective it "
+                              "was trained with)")
+
+    def validate_objective_options(self) -> None:
+        require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
+        require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", f"choose one of {', '.join(TIME_SAMPLINGS)}")
+        require(math.isfinite(self.logit_mean), "logit_mean", "must be a finite number")
+        require(math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", "must be a finite number > 0")
+        for key, ddpm_value in (("time_sampling", "uniform"), ("logit_mean", 0.0), ("logit_std", 1.0)):
+            require(self.objective == "flow" or getattr(self, key) == ddpm_value, key,
+                    "only the flow objective draws real-valued t: drop it or pass --objective flow")
 
 
 _DEFAULT: DDPMObjective | None = None

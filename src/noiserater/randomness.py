@@ -51,3 +51,27 @@ def condition_labels(y: torch.Tensor, null_class: int, prob: float, unconditiona
     if unconditional:
         return torch.full_like(y, null_class)
     return drop_labels(y, null_class, prob, generator, draw_at_zero)
+
+
+def draw_step_randomness(cfg, step: int, y: torch.Tensor, num_classes: int, shape: tuple, objective):
+    """(t [B] in the objective's units, y after dropout [B], candidates [B,k,C,H,W]) for the global batch of
+    ``step``; ``cfg`` is a run config (seed, label_dropout, unconditional, candidates), ``objective`` draws t.
+
+    Candidates are drawn candidate-major ([k,B,...], then viewed [B,k,...]): candidate j of every image is
+    the same whatever k is, so vanilla (k=1) trains on exactly candidate 0 of every k>1 arm of the same
+    seed, and arms of a study share their noises, not only their data order and timesteps."""
+    g = step_generator(cfg.seed, step)
+    B = y.shape[0]
+    t = objective.sample_t(B, g)
+    y = condition_labels(y, num_classes, cfg.label_dropout, cfg.unconditional, g)
+    candidates = torch.randn((cfg.candidates, B, *shape), generator=g).transpose(0, 1)
+    return t, y, candidates
+
+
+def draw_input_perturbation(cfg, step: int, shape: tuple, batch: int) -> torch.Tensor | None:
+    """gamma * xi [B,C,H,W] of DDPM-IP for the global batch of ``step`` (its own stream, so the candidates
+    stay paired with the other arms), or None when ``input_perturbation`` is 0."""
+    if cfg.input_perturbation <= 0:
+        return None
+    g = step_generator(cfg.seed, step, stream=2)
+    return cfg.input_perturbation * torch.randn((batch, *shape), generator=g)

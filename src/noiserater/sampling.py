@@ -113,3 +113,16 @@ def sample_from_checkpoint(checkpoint, num, labels="random", cfg_scale=1.25, ste
     if latent and decode:
         samples = LatentDecoder.from_recorded(latent["vae"], vae, device).decode(samples, min(batch_size, 32))
     return samples, y
+
+
+def save_sample_grid(model, objective, data, path, *, seed: int, unconditional: bool, cfg_scale: float,
+                     sampler: str | None, steps: int, device) -> None:
+    """A grid of samples from ``model`` (2 per class, or 16 unconditional) at a fixed noise (``seed``) to
+    ``path``: what training writes every ``sample_every`` steps. ``data`` gives the shape and classes."""
+    n = 2 * data.num_classes if not unconditional else 16
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, data.channels, data.image_size, data.image_size), generator=g).to(device)
+    y = sample_grid_labels(data.num_classes, n, unconditional).to(device)
+    x = objective.sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=1.0 if unconditional else cfg_scale,
+                         clip=True)
+    save_grid(x, path, nrow=data.num_classes if not unconditional else None)

@@ -36,7 +36,9 @@ builds one by name, and the class says what it needs and costs (:class:`Selectio
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -54,7 +56,7 @@ from .meta.oracle import (
     validation_gradient,
 )
 from .models.loading import load_rater
-from .models.rater import NoiseRater, RaterSpec, group_weights
+from .models.rater import RATER_CONFIGS, NoiseRater, RaterSpec, group_weights
 from .objectives import Objective, default_objective, get_objective, objective_from_config
 from .randomness import STEP_MIX
 
@@ -73,6 +75,35 @@ def _norms(candidates: torch.Tensor) -> torch.Tensor:
 
 def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
+
+
+@dataclass
+class PolicyOptions:
+    """The policies' own settings, declared here with the policies (a run's config inherits them: see
+    :class:`noiserater.train.TrainConfig`); each is read only by the policies whose ``config_fields`` name it."""
+
+    temperature: float = 1.0  # rater_sample / rater_soft: softmax(score / temperature)
+    oracle_val_batch: int = 256  # oracle*, rater_online: meta-validation triples behind the validation gradient
+    oracle_every: int = 1  # oracle*, rater_online: refresh that gradient every N steps (amortised oracle: N > 1)
+    online_every: int = 50  # rater_online: re-distil the rater onto the oracle every N steps
+    online_steps: int = 10  # rater_online: distillation steps per refresh
+    online_batch: int = 32  # rater_online: images per distillation step (x k candidates)
+    online_lr: float = 1e-3
+    online_rater: str = "Rater-N/2"  # rater_online: architecture when --rater gives no initial rater
+    distill_temperature: float = 0.5  # rater_online: sharpness of the oracle's ranking as a distillation target
+
+    # options added after runs were first written, with the value that reproduces those runs (resume checks)
+    LEGACY_VALUES: ClassVar[dict[str, Any]] = {
+        "oracle_val_batch": 256, "oracle_every": 1, "online_every": 50, "online_steps": 10, "online_batch": 32,
+        "online_lr": 1e-3, "online_rater": "Rater-N/2", "distill_temperature": 0.5}
+
+    def validate_policy_options(self) -> None:
+        for key in ("oracle_val_batch", "oracle_every", "online_every", "online_steps", "online_batch"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(math.isfinite(self.online_lr) and self.online_lr > 0, "online_lr", "must be a finite number > 0")
+        require(self.online_rater in RATER_CONFIGS, "online_rater", f"choose one of {', '.join(RATER_CONFIGS)}")
+        for key in ("distill_temperature", "temperature"):
+            require(math.isfinite(getattr(self, key)) and getattr(self, key) > 0, key, "must be a finite number > 0")
 
 
 def gumbel_argmax(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

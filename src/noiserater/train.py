@@ -13,12 +13,10 @@ So a resumed run and a 2-process run see exactly the noise a straight 1-process 
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -28,7 +26,6 @@ from .checkpoint import (
     CheckpointError,
     atomic_write_text,
     check_run_config,
-    get_rng_state,
     load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
@@ -36,23 +33,22 @@ from .checkpoint import (
 from .config import ConfigError, dump_yaml, require, to_dict
 from .data import ImageData, load_dataset
 from .models import DIT_CONFIGS, DiTSpec, build_dit_from_spec
-from .models.loading import load_diffusion, load_rater
-from .models.rater import RATER_CONFIGS
-from .objectives import OBJECTIVES, TIME_SAMPLINGS, Objective, objective_from_config
-from .randomness import batch_indices, condition_labels, step_generator
-from .run.folder import truncate_metrics
+from .models.loading import diffusion_state, load_diffusion, load_rater
+from .objectives import ObjectiveOptions, objective_from_config
+from .randomness import batch_indices, draw_input_perturbation, draw_step_randomness, step_generator
+from .run.folder import tensorboard_writer, truncate_metrics
 from .run.loop import BadStepGuard, Run, StopFlag, check_finite_weights, open_run, resume_from
-from .run.speed import autocast, set_tf32
-from .sampling import sample_grid_labels, save_grid
+from .run.speed import make_adamw, set_tf32
+from .run.step import apply_update, train_step
+from .sampling import save_sample_grid
 from .selection import (
     RENAMED_POLICIES,
     NoiseNormStats,
-    NonFiniteError,
+    PolicyOptions,
     SelectionPolicy,
     policy_class,
     policy_names,
     record_selection,
-    soft_selection_loss,
 )
 
 # the fixed seed of the sample grids written during training (the same noise at every sample step)
@@ -60,8 +56,9 @@ SAMPLE_GRID_SEED_OFFSET = 12345
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
+class TrainConfig(ObjectiveOptions, PolicyOptions):
+    """Everything a training run depends on; saved as ``config.yaml`` in the run folder. The objective's and
+    the policies' own settings are declared with them (:class:`ObjectiveOptions`, :class:`PolicyOptions`)."""
 
     data: str = "digits"
     model: str = "DiT-T/2"
@@ -82,24 +79,11 @@ class TrainConfig:
     test_fraction: float = 0.0  # a test split nobody trains or selects with (held-out evaluation only)
     split_seed: int | None = None  # seed of the train/val/test split; None = ``seed`` (earlier releases)
     init_checkpoint: str | None = None  # continue from a pretrained diffusion checkpoint (stage iii)
-    objective: str = "ddpm"  # ddpm (epsilon prediction) or flow (rectified flow); see noiserater.objectives
-    time_sampling: str = "uniform"  # flow: t ~ uniform or logit-normal (SD3)
-    logit_mean: float = 0.0  # flow, logit-normal: t = sigmoid(mean + std * n)
-    logit_std: float = 1.0
-    policy: str = "vanilla"
+    policy: str = "vanilla"  # its own options: selection.PolicyOptions; the objective's: objectives.ObjectiveOptions
     candidates: int = 1
     rater: str | None = None
-    temperature: float = 1.0
     noise_scale: float = 1.0  # every chosen noise times C (the k=1 control of a norm-changing policy)
     input_perturbation: float = 0.0  # DDPM-IP gamma: x_t from eps + gamma * xi, the target stays eps
-    oracle_val_batch: int = 256  # meta-validation triples behind the oracle's validation gradient
-    oracle_every: int = 1  # refresh the oracle's validation gradient every N steps (amortised oracle: N > 1)
-    online_every: int = 50  # rater_online: re-distil the rater onto the oracle every N steps
-    online_steps: int = 10  # rater_online: distillation steps per refresh
-    online_batch: int = 32  # rater_online: images per distillation step (x k candidates)
-    online_lr: float = 1e-3
-    online_rater: str = "Rater-N/2"  # rater_online: architecture when --rater gives no initial rater
-    distill_temperature: float = 0.5  # sharpness of the oracle's ranking as a distillation target
     log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 500
@@ -135,13 +119,7 @@ class TrainConfig:
         require(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
                 "must be in [0, 1) with val_fraction + test_fraction < 1")
         require(self.split_seed is None or 0 <= self.split_seed < 2**32, "split_seed", "must be in [0, 2**32)")
-        for key in ("oracle_val_batch", "oracle_every", "online_every", "online_steps", "online_batch"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
-        require(math.isfinite(self.online_lr) and self.online_lr > 0, "online_lr", "must be a finite number > 0")
-        require(self.online_rater in RATER_CONFIGS, "online_rater", f"choose one of {', '.join(RATER_CONFIGS)}")
-        require(math.isfinite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
-                "must be a finite number > 0")
-        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
+        self.validate_policy_options()
         require(math.isfinite(self.noise_scale) and 0.25 <= self.noise_scale <= 4.0, "noise_scale",
                 "must be in [0.25, 4] (1 = plain N(0, I) noise; max_norm's k=1 control is about 1.09 at d=64, k=4)")
         require(math.isfinite(self.input_perturbation) and 0 <= self.input_perturbation <= 1, "input_perturbation",
@@ -151,14 +129,8 @@ class TrainConfig:
         require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", "must be a finite number >= 0")
         require(math.isfinite(self.grad_clip), "grad_clip", "must be finite (0 disables clipping)")
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
-        require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
-        require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", f"choose one of {', '.join(TIME_SAMPLINGS)}")
-        require(math.isfinite(self.logit_mean), "logit_mean", "must be a finite number")
-        require(math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", "must be a finite number > 0")
-        for key, ddpm_value in (("time_sampling", "uniform"), ("logit_mean", 0.0), ("logit_std", 1.0)):
-            require(self.objective == "flow" or getattr(self, key) == ddpm_value, key,
-                    "only the flow objective draws real-valued t: drop it or pass --objective flow")
-        objective = train_objective(self)
+        self.validate_objective_options()
+        objective = self.training_objective()
         require(self.sampler is None or self.sampler in objective.samplers, "sampler",
                 f"{self.sampler!r} does not fit the {self.objective} objective: choose one of "
                 f"{', '.join(objective.samplers)}")
@@ -168,26 +140,8 @@ class TrainConfig:
 
 # Config keys added after runs were first written, with the value that reproduces what those runs did:
 # a run folder from before a key existed resumes when the config asks for exactly that value.
-LEGACY_VALUES = {"ema_warmup": False, "test_fraction": 0.0, "split_seed": None, "oracle_val_batch": 256,
-                 "oracle_every": 1, "online_every": 50, "online_steps": 10, "online_batch": 32, "online_lr": 1e-3,
-                 "online_rater": "Rater-N/2", "distill_temperature": 0.5, "objective": "ddpm",
-                 "time_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "sampler": None,
-                 "noise_scale": 1.0, "input_perturbation": 0.0}
-
-
-def train_objective(cfg: TrainConfig) -> Objective:
-    """The run's training objective (:mod:`noiserater.objectives`), from its config."""
-    return objective_from_config({"objective": cfg.objective, "time_sampling": cfg.time_sampling,
-                                  "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std})
-
-
-def check_objective_matches(cfg: TrainConfig, state: dict, what: str) -> None:
-    """A checkpoint continues with the objective it was trained with: a mismatch is a one-line error."""
-    theirs = objective_from_config(state.get("config")).name
-    if theirs != cfg.objective:
-        raise ConfigError(f"{what} was trained with the {theirs} objective, but this run asks for --objective "
-                          f"{cfg.objective}: pass --objective {theirs} (a model continues with the objective it was "
-                          "trained with)")
+LEGACY_VALUES = {"ema_warmup": False, "test_fraction": 0.0, "split_seed": None, "sampler": None, "noise_scale": 1.0,
+                 "input_perturbation": 0.0, **PolicyOptions.LEGACY_VALUES, **ObjectiveOptions.LEGACY_VALUES}
 
 
 def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
@@ -198,42 +152,10 @@ def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def draw_step_randomness(cfg: TrainConfig, step: int, y: torch.Tensor, num_classes: int, shape: tuple,
-                         objective: Objective):
-    """(t [B] in the objective's units, y after dropout [B], candidates [B,k,C,H,W]) for the global batch of
-    ``step``.
-
-    Candidates are drawn candidate-major ([k,B,...], then viewed [B,k,...]): candidate j of every image is
-    the same whatever k is, so vanilla (k=1) trains on exactly candidate 0 of every k>1 arm of the same
-    seed, and arms of a study share their noises, not only their data order and timesteps."""
-    g = step_generator(cfg.seed, step)
-    B = y.shape[0]
-    t = objective.sample_t(B, g)
-    y = condition_labels(y, num_classes, cfg.label_dropout, cfg.unconditional, g)
-    candidates = torch.randn((cfg.candidates, B, *shape), generator=g).transpose(0, 1)
-    return t, y, candidates
-
-
-def draw_input_perturbation(cfg: TrainConfig, step: int, shape: tuple, batch: int) -> torch.Tensor | None:
-    """gamma * xi [B,C,H,W] of DDPM-IP for the global batch of ``step`` (its own stream, so the candidates
-    stay paired with the other arms), or None when ``input_perturbation`` is 0."""
-    if cfg.input_perturbation <= 0:
-        return None
-    g = step_generator(cfg.seed, step, stream=2)
-    return cfg.input_perturbation * torch.randn((batch, *shape), generator=g)
-
-
 def load_splits(cfg: TrainConfig, split: str) -> ImageData:
     """One split ('train', 'val' or 'test') of the run's data, by its split seed and fractions."""
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     return load_dataset(cfg.data, split, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-
-
-def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fused kernel on CUDA and CPU (one pass over all parameters; on a 2-core CPU it
-    takes a third of the time of the default per-tensor loop), the default implementation elsewhere."""
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module | None = None,
@@ -243,7 +165,7 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     ``rater_online`` distils on ``train_data``."""
     cls = policy_class(cfg.policy)
     rater = load_rater(cfg.rater, expect=spec).to(device) if cfg.rater else None
-    objective = train_objective(cfg)
+    objective = cfg.training_objective()
     if cfg.rater:  # a rater scores (eps, t) in the units of the objective it was meta-trained with
         trained = objective_from_config(load_checkpoint(cfg.rater, kind="rater").get("diffusion")).name
         if trained != objective.name:
@@ -253,86 +175,6 @@ def build_policy(cfg: TrainConfig, spec: DiTSpec, device, model: torch.nn.Module
     val = load_splits(cfg, "val") if cls.state_dependent else None
     return cls.from_config(cfg, rater=rater, model=model, val=val, train_data=train_data, spec=spec,
                            objective=objective)
-
-
-def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg: TrainConfig, data: ImageData) -> dict:
-    """Everything a diffusion checkpoint holds (resume: weights, EMA, optimiser, RNG; reuse: spec, config, data)."""
-    return {
-        "step": step,
-        "spec": spec.to_dict(),
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict() if opt is not None else {},
-        "rng": get_rng_state(),
-        "config": to_dict(cfg),
-        "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-                 **({"latent": data.latent_info} if getattr(data, "latent_info", None) else {})},
-    }
-
-
-# ---- one step ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # scalar, detached
-    grad_norm: torch.Tensor  # before clipping
-    cause: str | None  # why the step must be skipped even if the numbers are finite (NaN rater scores)
-
-    @property
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm)) and self.cause is None
-
-
-def train_step(fwd: Callable, model: torch.nn.Module, objective: Objective, policy: SelectionPolicy,
-               opt: torch.optim.Optimizer, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               candidates: torch.Tensor, generator: torch.Generator, grad_clip: float, amp: bool,
-               noise_scale: float = 1.0, perturbation: torch.Tensor | None = None,
-               noise_stats: NoiseNormStats | None = None) -> StepResult:
-    """The loss of one step and its gradient in ``model``'s ``.grad``, clipped (``grad_clip`` 0: not clipped).
-
-    x0 [B,C,H,W], t [B], y [B], candidates [B,k,C,H,W]; ``fwd`` is ``model`` or its DDP / compiled
-    wrapper. A hard policy picks one noise per image (``generator`` for its random draws) and the loss is
-    the mean loss of ``objective``; ``rater_soft`` / ``uniform_soft`` weigh all k losses. The chosen noise
-    (every candidate, for the soft policies) is multiplied by ``noise_scale`` after selection;
-    ``perturbation`` ([B,C,H,W], DDPM-IP's gamma * xi) is added to the noise that builds x_t, not to the
-    target; ``noise_stats`` records the norms of the noise the model trains on. Non-finite rater scores
-    still run a forward/backward (on the first candidate), so DDP ranks stay in step; the step is then
-    marked to be skipped. The optimiser update is :func:`apply_update`, once every process agrees.
-    """
-    cause = None
-    with autocast(x0.device, amp):
-        try:
-            if policy.soft:
-                w = policy.weights(x0, t, y, candidates)
-                k = candidates.shape[1]
-                noises = candidates * noise_scale if noise_scale != 1.0 else candidates
-                perturb = None if perturbation is None else perturbation.repeat_interleave(k, 0)
-                loss = soft_selection_loss(
-                    lambda n: objective.loss(fwd, x0.repeat_interleave(k, 0), y.repeat_interleave(k, 0),
-                                             t.repeat_interleave(k, 0), n, None if perturb is None else n + perturb),
-                    noises, w)
-            else:
-                noise, _ = policy.select(x0, t, y, candidates, generator)
-                noises = noise * noise_scale if noise_scale != 1.0 else noise
-                loss = objective.loss(fwd, x0, y, t, noises,
-                                      None if perturbation is None else noises + perturbation).mean()
-            if noise_stats is not None:
-                noise_stats.update(noises)
-        except NonFiniteError as e:
-            cause = str(e)
-            loss = objective.loss(fwd, x0, y, t, candidates[:, 0]).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return StepResult(loss.detach(), gnorm, cause)
-
-
-def apply_update(opt: torch.optim.Optimizer, model: torch.nn.Module, ema: torch.nn.Module, decay: float) -> None:
-    """The optimiser step, then ema <- decay * ema + (1 - decay) * model."""
-    opt.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 # ---- the training loop ------------------------------------------------------------------------------
@@ -345,39 +187,48 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return _train(cfg, resume, run)
 
 
+def _check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """The run folder may be (re)used with this config: a resumed run keeps its objective and its settings."""
+    saved = run_dir / "config.yaml"
+    if resume and saved.exists() and (run_dir / "checkpoints" / "latest.pt").exists():
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError:
+            old = None  # check_run_config says the folder is damaged
+        if isinstance(old, dict):
+            cfg.check_matches({"config": old}, f"--resume: the run in {run_dir}")
+    check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES, renamed={"policy": RENAMED_POLICIES})
+
+
+def _load_init_checkpoint(cfg: TrainConfig, spec: DiTSpec, model: torch.nn.Module) -> dict:
+    """Stage iii: load the pretrained model's weights into ``model``; returns its checkpoint (its EMA too)."""
+    _, init_spec, init_state = load_diffusion(cfg.init_checkpoint)
+    cfg.check_matches(init_state, f"--init-checkpoint {cfg.init_checkpoint}")
+    if (init_spec.input_size, init_spec.in_channels, init_spec.num_classes) != (spec.input_size, spec.in_channels, spec.num_classes) or init_spec.name != spec.name:
+        raise CheckpointError(
+            f"--init-checkpoint {cfg.init_checkpoint} is a {init_spec.name} at {init_spec.in_channels}x{init_spec.input_size}px "
+            f"with {init_spec.num_classes} classes; this run is {spec.name} on {cfg.data} "
+            f"({spec.in_channels}x{spec.input_size}px, {spec.num_classes} classes)"
+        )
+    load_state_dict_checked(model, init_state["model"], f"checkpoint {cfg.init_checkpoint}")
+    return init_state
+
+
 def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     run_dir, device, is_main = run.run_dir, run.device, run.is_main
     if is_main:
-        saved = run_dir / "config.yaml"
-        if resume and saved.exists() and (run_dir / "checkpoints" / "latest.pt").exists():
-            try:
-                old = yaml.safe_load(saved.read_text())
-            except yaml.YAMLError:
-                old = None  # check_run_config says the folder is damaged
-            if isinstance(old, dict):
-                check_objective_matches(cfg, {"config": old}, f"--resume: the run in {run_dir}")
-        check_run_config(run_dir, to_dict(cfg), resume, legacy=LEGACY_VALUES, renamed={"policy": RENAMED_POLICIES})
+        _check_run_folder(cfg, run_dir, resume)
     data = load_splits(cfg, "train")
     num_classes = data.num_classes
     spec = DiTSpec(cfg.model, data.image_size, data.channels, num_classes, cfg.learn_sigma, 0.0)
-    objective = train_objective(cfg)
+    objective = cfg.training_objective()
     torch.manual_seed(cfg.seed)
     model = build_dit_from_spec(spec).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     if device.type == "cuda":
         set_tf32(cfg.tf32)
-    init_step = 0
-    if cfg.init_checkpoint:  # stage iii: continue from a pretrained model (its EMA too)
-        _, init_spec, init_state = load_diffusion(cfg.init_checkpoint)
-        check_objective_matches(cfg, init_state, f"--init-checkpoint {cfg.init_checkpoint}")
-        if (init_spec.input_size, init_spec.in_channels, init_spec.num_classes) != (spec.input_size, spec.in_channels, spec.num_classes) or init_spec.name != spec.name:
-            raise CheckpointError(
-                f"--init-checkpoint {cfg.init_checkpoint} is a {init_spec.name} at {init_spec.in_channels}x{init_spec.input_size}px "
-                f"with {init_spec.num_classes} classes; this run is {spec.name} on {cfg.data} "
-                f"({spec.in_channels}x{spec.input_size}px, {spec.num_classes} classes)"
-            )
-        load_state_dict_checked(model, init_state["model"], f"checkpoint {cfg.init_checkpoint}")
-        init_step = int(init_state["step"])
+    init_state = _load_init_checkpoint(cfg, spec, model) if cfg.init_checkpoint else None
+    init_step = int(init_state["step"]) if init_state else 0
     ema = build_dit_from_spec(spec).to(device)
     ema.load_state_dict(model.state_dict() if not cfg.init_checkpoint else init_state["ema"])
     ema.requires_grad_(False).eval()
@@ -403,7 +254,7 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
-    writer = _tensorboard(run_dir, step) if is_main and cfg.tensorboard else None
+    writer = tensorboard_writer(run_dir, step) if is_main and cfg.tensorboard else None
     local_bs = cfg.batch_size // run.world
     shape = (data.channels, data.image_size, data.image_size)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True) if is_main and cfg.progress else None
@@ -457,7 +308,9 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
             if is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_to_disk(ema, objective, data, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+                save_sample_grid(ema, objective, data, run_dir / "samples" / f"step_{step:07d}.png",
+                                 seed=cfg.seed + SAMPLE_GRID_SEED_OFFSET, unconditional=cfg.unconditional,
+                                 cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, steps=cfg.sample_steps, device=device)
             if run.should_save(step, cfg.steps, cfg.ckpt_every, stop_now):
                 check_finite_weights(step, ckpt_path, "the loss and gradient were finite: the update overflowed, "
                                      "is --lr too large?", model, ema)
@@ -478,24 +331,3 @@ def _train(cfg: TrainConfig, resume: bool, run: Run) -> dict:
     run.barrier()
     summary.update({"step": step, "final_loss": last_loss, "checkpoint": str(ckpt_path), "init_step": init_step})
     return summary
-
-
-def _tensorboard(run_dir: Path, step: int):
-    """A TensorBoard writer for run_dir/tb, or None (with a warning) when the optional [tb] extra is missing."""
-    try:  # lazy: tensorboard is optional; metrics.jsonl has the same numbers without it
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("warning: tensorboard is not installed (pip install 'noiserater[tb]'): no TensorBoard events, "
-              "metrics.jsonl is still written", file=sys.stderr)
-        return None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=step)
-
-
-def _sample_to_disk(ema, objective: Objective, data: ImageData, cfg: TrainConfig, path: Path, device) -> None:
-    n = 2 * data.num_classes if not cfg.unconditional else 16
-    g = torch.Generator().manual_seed(cfg.seed + SAMPLE_GRID_SEED_OFFSET)
-    noise = torch.randn((n, data.channels, data.image_size, data.image_size), generator=g).to(device)
-    y = sample_grid_labels(data.num_classes, n, cfg.unconditional).to(device)
-    scale = 1.0 if cfg.unconditional else cfg.cfg_scale
-    x = objective.sample(ema, noise, y, sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=scale, clip=True)
-    save_grid(x, path, nrow=data.num_classes if not cfg.unconditional else None)

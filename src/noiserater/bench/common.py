@@ -1,7 +1,7 @@
 """What the benchmarks share: the training step they time, clocks, peak memory, fresh processes, output.
 
 - :class:`TrainingStep`: a training run's model, EMA, optimiser and selection policy, built and stepped by
-  :func:`noiserater.train.train`'s own functions (``make_adamw``, ``build_policy``,
+  :func:`noiserater.train.train`'s own functions (``run.speed.make_adamw``, ``build_policy``,
   ``draw_step_randomness``, ``train_step``, ``apply_update``, ``ema_decay_at``; ``batch_indices`` and
   ``step_generator`` of :mod:`noiserater.run.randomness`), so every benchmark times the step ``train()``
   runs, fused AdamW included on CPU.
@@ -34,21 +34,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..checkpoint import write_json
 from ..models import DiTSpec, build_dit_from_spec
-from ..randomness import batch_indices, step_generator
+from ..randomness import batch_indices, draw_step_randomness, step_generator
 from ..run.distributed import resolve_device
-from ..run.speed import machine_info, set_tf32
+from ..run.speed import machine_info, make_adamw, set_tf32
+from ..run.step import StepResult, apply_update, train_step
 from ..selection import SelectionPolicy
-from ..train import (
-    StepResult,
-    TrainConfig,
-    apply_update,
-    build_policy,
-    draw_step_randomness,
-    ema_decay_at,
-    make_adamw,
-    train_objective,
-    train_step,
-)
+from ..train import TrainConfig, build_policy, ema_decay_at
 
 try:
     import resource
@@ -84,7 +75,7 @@ class TrainingStep:
                  policy: SelectionPolicy | None = None):
         self.tc, self.device = tc, torch.device(device)
         self.spec = DiTSpec(tc.model, input_size, channels, num_classes, tc.learn_sigma, 0.0)  # as train() builds it
-        self.objective = train_objective(tc)
+        self.objective = tc.training_objective()
         torch.manual_seed(tc.seed)
         self.model = build_dit_from_spec(self.spec).to(self.device)
         self.model.grad_checkpointing = tc.grad_checkpointing

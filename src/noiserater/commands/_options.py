@@ -59,6 +59,8 @@ def config_options(cls: type, helps: dict[str, str], skip: tuple[str, ...] = (),
     missing = [f.name for f in fields if f.name not in helps]
     if missing:
         raise RuntimeError(f"undocumented options for {cls.__name__}: {missing}")
+    order = {name: i for i, name in enumerate(helps)}  # --help lists options as their help texts are written,
+    fields.sort(key=lambda f: order[f.name])  # not in dataclass order (inherited option groups come first)
 
     def decorate(fn: Callable) -> Callable:
         def wrapper(**kwargs: Any):

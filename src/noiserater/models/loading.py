@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
+from ..checkpoint import CheckpointError, get_rng_state, load_checkpoint, load_state_dict_checked, save_checkpoint
+from ..config import to_dict
 from .dit import DiTSpec, build_dit_from_spec
 from .rater import NoiseRater, RaterSpec
 
@@ -50,3 +51,19 @@ def load_diffusion(path: str | os.PathLike, use_ema: bool = True, device: str | 
         raise CheckpointError(f"{path} has an invalid model spec: {e}") from None
     load_state_dict_checked(model, state["ema" if use_ema else "model"], f"checkpoint {path}")
     return model.to(device), spec, state
+
+
+def diffusion_state(step: int, spec: DiTSpec, model, ema, opt, cfg, data) -> dict:
+    """Everything a diffusion checkpoint holds (resume: weights, EMA, optimiser, RNG; reuse: spec, config, data):
+    ``cfg`` is the run's config dataclass, ``data`` its :class:`noiserater.data.ImageData`."""
+    return {
+        "step": step,
+        "spec": spec.to_dict(),
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "rng": get_rng_state(),
+        "config": to_dict(cfg),
+        "data": {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
+                 **({"latent": data.latent_info} if getattr(data, "latent_info", None) else {})},
+    }

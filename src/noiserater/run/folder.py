@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
@@ -70,3 +71,14 @@ def remove_if_only_lock(run_dir: Path) -> None:
     files = [p for p in Path(run_dir).rglob("*") if p.is_file() and p.name != ".lock"]
     if not files:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def tensorboard_writer(run_dir: Path, step: int):
+    """A TensorBoard writer for run_dir/tb, or None (with a warning) when the optional [tb] extra is missing."""
+    try:  # lazy: tensorboard is optional; metrics.jsonl has the same numbers without it
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("warning: tensorboard is not installed (pip install 'noiserater[tb]'): no TensorBoard events, "
+              "metrics.jsonl is still written", file=sys.stderr)
+        return None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=step)
