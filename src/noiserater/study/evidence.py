@@ -104,6 +104,11 @@ class EvidencePreset:
     random_raters: int = 5  # fresh, never-trained rater initialisations: the null of every rater arm
     random_rater_seeds: list[int] = field(default_factory=list)  # of ``seeds``, those the random raters run (empty: all)
     run_stages: list[int] = field(default_factory=list)  # the stages this invocation continues (empty: all)
+    # From scratch (the peers' protocol): when set, every arm trains a fresh DiT (initial weights by its seed) at
+    # pretrain_lr and is evaluated at each of these steps, instead of continuing a stage checkpoint. Rater arms
+    # use the rater meta-trained on the first of ``stages`` (the study still pretrains for it).
+    scratch_steps: list[int] = field(default_factory=list)
+    scratch_ema: float = 0.999  # EMA decay of the from-scratch runs (with warmup)
 
     def validate(self) -> None:
         require(all(0 < s <= self.pretrain_steps for s in self.stages), "stages", "each in [1, pretrain_steps]")
@@ -119,6 +124,8 @@ class EvidencePreset:
         require(set(self.fid_large_arms) <= set(ARMS), "fid_large_arms", f"each must be an arm: {', '.join(ARMS)}")
         require(self.random_raters >= 2 or not any(ARMS[a][3] == "random" for a in self.arms), "random_raters",
                 "a null distribution needs at least 2 random initialisations")
+        require(all(s >= 1 for s in self.scratch_steps), "scratch_steps", "each evaluation step must be >= 1")
+        require(0 <= self.scratch_ema < 1, "scratch_ema", "must be in [0, 1)")
 
 
 # A study is its preset: every setting and the seed plan are fixed here before its runs start, and the shipped
@@ -152,6 +159,21 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         online_rater="Rater-N/4", pretrain_steps=6000, stages=[6000], seeds=list(range(6)),
         eval_reference_split="all", arms=LADDER_ARMS, random_raters=5, random_rater_seeds=[0, 1],
         fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20, meta_patience=2, test_draws=1),
+    # From scratch, the protocol of the peers (Immiscible Diffusion's KNN, OT-CFM): each arm trains a fresh DiT-T/2
+    # on digits for 1500 steps, evaluated at 300, 750 and 1500; the rater arms use the rater of the mature stage.
+    # About 4 CPU-hours on 2 cores: runs are seed-major, so a part of ~2 hours compares every arm on seeds 0-1.
+    "digits-scratch": EvidencePreset(
+        name="digits-scratch", test_fraction=0.25, seeds=list(range(4)), stages=[1500],
+        scratch_steps=[300, 750, 1500], arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater",
+                                             "rater_random"],
+        random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
+        meta_patience=3, test_draws=8),
+    "digits-flow-scratch": EvidencePreset(
+        name="digits-flow-scratch", objective="flow", test_fraction=0.25, seeds=list(range(4)), stages=[1500],
+        scratch_steps=[300, 750, 1500], arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater",
+                                             "rater_random"],
+        random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
+        meta_patience=3, test_draws=8),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
     # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
     # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
@@ -335,21 +357,9 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
                           **overrides, **extra)
         t0 = time.perf_counter()
         summary = finished(train(cfg, resume=True), str(folder))
-        train_s = time.perf_counter() - t0
-        ckpt_out = Path(summary["checkpoint"])
-        control = equal_cost_control(policy, k)
-        result = {"stage": stage, "arm": arm, "policy": policy, "k": k, "seed": seed, "rater": rater,
-                  "rater_init": init, "noise_scale": cfg.noise_scale, "input_perturbation": cfg.input_perturbation,
-                  "dit_passes": dit_passes(policy, k), "control": "uniform_soft" if control[0] == "uniform_soft" else "vanilla",
-                  "train_wall_s": train_s, "images_per_s": _finite_or_none(median_throughput(ckpt_out)),
-                  "checkpoint": str(ckpt_out.relative_to(root)), "commit": version_info().get("git_commit")}
-        result.update(test_split_loss(ckpt_out, p.data, p.split_seed, p.val_fraction, p.test_fraction, p.test_draws))
-        result.update(noise_norm_summary(folder / "run"))
-        result.update(sample_metrics(p, str(ckpt_out), folder))  # reads eval_samples, eval_ddim_steps, cfg_scale
-        if arm in p.fid_large_arms and p.fid_large_samples > 0:
-            big = sample_metrics(p, str(ckpt_out), folder, num_samples=p.fid_large_samples)
-            result.update({f"{key}_{p.fid_large_samples}": big[key] for key in ("fid", "precision", "recall")})
-        return result
+        return _evaluate_arm(p, root, Path(summary["checkpoint"]), folder, folder / "run", cfg,
+                             {"stage": stage, "arm": arm, "seed": seed, "rater": rater, "rater_init": init},
+                             time.perf_counter() - t0)
 
     cfg = {"init": ckpt, "arm": arm, "policy": policy, "k": k, "extra": extra, "overrides": overrides, "seed": seed,
            "rater": rater, "steps": p.continue_steps, "lr": p.continue_lr, "ema": p.continue_ema,
@@ -359,6 +369,66 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
            "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p),
            **_objective_kw(p)}
     return run_stage(folder, cfg, fn, log)
+
+
+def _evaluate_arm(p: EvidencePreset, root: Path, ckpt: Path, folder: Path, run_dir: Path, cfg: TrainConfig,
+                  ident: dict, train_s: float) -> dict:
+    """One arm's record at one checkpoint: what it is, its cost, its test-split loss (overall and by band), the
+    norms of its noise, FID / precision / recall / class accuracy against held-out references."""
+    policy, k, arm = cfg.policy, cfg.candidates, ident["arm"]
+    control = equal_cost_control(policy, k)
+    result = {**{key: ident[key] for key in ("stage", "arm")}, "policy": policy, "k": k,
+              **{key: ident[key] for key in ("seed", "rater", "rater_init")}, "noise_scale": cfg.noise_scale,
+              "input_perturbation": cfg.input_perturbation, "dit_passes": dit_passes(policy, k),
+              "control": "uniform_soft" if control[0] == "uniform_soft" else "vanilla", "train_wall_s": train_s,
+              "images_per_s": _finite_or_none(median_throughput(ckpt)), "checkpoint": str(ckpt.relative_to(root)),
+              "commit": version_info().get("git_commit")}
+    result.update(test_split_loss(ckpt, p.data, p.split_seed, p.val_fraction, p.test_fraction, p.test_draws))
+    result.update(noise_norm_summary(run_dir))
+    result.update(sample_metrics(p, str(ckpt), folder))  # reads eval_samples, eval_ddim_steps, cfg_scale
+    if arm in p.fid_large_arms and p.fid_large_samples > 0:
+        big = sample_metrics(p, str(ckpt), folder, num_samples=p.fid_large_samples)
+        result.update({f"{key}_{p.fid_large_samples}": big[key] for key in ("fid", "precision", "recall")})
+    return result
+
+
+def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: str | None, log=print,
+                     init: int | None = None) -> list[dict]:
+    """Train one arm and seed from initialisation (``scratch/runs/<arm>/seed<n>``, segment by segment, resumable)
+    and evaluate it at each of ``scratch_steps`` (records under ``scratch-<step>/runs/...``, whose ``stage`` is
+    the step)."""
+    policy, uses_k, extra, _ = ARMS[arm]
+    extra = resolve_overrides(p, extra)
+    k = p.k if uses_k else 1
+    sub = Path(arm) / (f"init{init}" if init is not None else "") / f"seed{seed}"
+    train_dir = root / "scratch" / "runs" / sub
+    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy_class(
+        policy).state_dependent else {}
+
+    def config_at(s: int) -> TrainConfig:
+        return TrainConfig(model=p.model, run_dir=str(train_dir / "run"), steps=s, batch_size=p.batch_size,
+                           lr=p.pretrain_lr, ema_decay=p.scratch_ema, seed=seed, policy=policy, candidates=k,
+                           rater=str(root / rater) if rater else None, log_every=10, sample_every=max(s, 1),
+                           ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=True,
+                           **_split_kw(p), **_objective_kw(p), **overrides, **extra)
+
+    rows = []
+    for s in sorted(p.scratch_steps):
+        def fn(folder: Path, s: int = s) -> dict:
+            t0 = time.perf_counter()
+            ckpt = root / pretrain_segments(train_dir, root, [s], s, config_at)[str(s)]
+            return _evaluate_arm(p, root, ckpt, folder, train_dir / "run", config_at(s),
+                                 {"stage": s, "arm": arm, "seed": seed, "rater": rater, "rater_init": init},
+                                 time.perf_counter() - t0)
+
+        cfg = {"scratch_step": s, "arm": arm, "policy": policy, "k": k, "extra": extra, "overrides": overrides,
+               "seed": seed, "rater": rater, "lr": p.pretrain_lr, "ema": p.scratch_ema, "batch_size": p.batch_size,
+               "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps, "cfg_scale": p.cfg_scale,
+               "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
+               "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init,
+               **_split_kw(p), **_objective_kw(p)}
+        rows.append(run_stage(root / f"scratch-{s}" / "runs" / sub, cfg, fn, log))
+    return rows
 
 
 def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -375,20 +445,26 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
     if p.eval_samples > 0:
         reference_floor(p, root, log)
     rows = []
-    for stage in p.run_stages or p.stages:
+    # from scratch: one pass, raters from the first stage; otherwise each stage's checkpoint is continued
+    for stage in ([p.stages[0]] if p.scratch_steps else p.run_stages or p.stages):
         ckpt = ckpts[str(stage)]
         kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3] and ARMS[a][3] != "random"})
         raters = {kind: rater_stage(p, root, stage, ckpt, kind, log) for kind in kinds}
         if any(ARMS[a][3] == "random" for a in p.arms):
             raters["random"] = random_rater_stage(p, root, stage, ckpt, log)
+
+        def one(arm: str, seed: int, rater: str | None, init: int | None = None) -> list[dict]:
+            if p.scratch_steps:
+                return scratch_arm_runs(p, root, arm, seed, rater, log, init=init)
+            return [arm_run(p, root, stage, ckpt, arm, seed, rater, log, init=init)]
+
         for seed in p.seeds:
             for arm in p.arms:
                 kind = ARMS[arm][3]
                 if kind != "random":
-                    rows.append(arm_run(p, root, stage, ckpt, arm, seed, raters[kind] if kind else None, log))
+                    rows += one(arm, seed, raters[kind] if kind else None)
                 elif seed in random_seeds(p):
-                    rows += [arm_run(p, root, stage, ckpt, arm, seed, path, log, init=i)
-                             for i, path in enumerate(raters["random"])]
+                    rows += [r for i, path in enumerate(raters["random"]) for r in one(arm, seed, path, i)]
                 _write_results(root, rows)
     _write_results(root, rows)
     return write_evidence_report(root)
@@ -402,7 +478,8 @@ PUBLISHED_FILES = ("study.json", "results.jsonl", "summary.json", "report.md", "
                    "stage-*/rater-bilevel/rater.pt", "stage-*/rater-distill/rater.pt", "stage-*/rater-*/run/metrics.jsonl",
                    "stage-*/rater-*/run/config.yaml", "stage-*/rater-*/run/heldout_curve.png",
                    "stage-*/rater-*/analysis/analysis.json", "stage-*/runs/*/seed*/stage.json",
-                   "stage-*/runs/*/init*/seed*/stage.json")
+                   "stage-*/runs/*/init*/seed*/stage.json", "scratch-*/runs/*/seed*/stage.json",
+                   "scratch-*/runs/*/init*/seed*/stage.json")
 
 
 def publish_study(root: str | Path, dest: str | Path) -> list[Path]:

@@ -30,7 +30,8 @@ def load_rows(root: Path) -> list[dict]:
     """Every finished run of the study (from each run's stage.json, so a partial study reports too). A
     random-rater run is its own arm per initialisation: ``<arm>/init<i>``."""
     rows = []
-    markers = [*root.glob("stage-*/runs/*/seed*/stage.json"), *root.glob("stage-*/runs/*/init*/seed*/stage.json")]
+    markers = [*root.glob("stage-*/runs/*/seed*/stage.json"), *root.glob("stage-*/runs/*/init*/seed*/stage.json"),
+               *root.glob("scratch-*/runs/*/seed*/stage.json"), *root.glob("scratch-*/runs/*/init*/seed*/stage.json")]
     for marker in sorted(markers):
         r = json.loads(marker.read_text())["result"]
         if r.get("rater_init") is not None:
@@ -226,10 +227,15 @@ def large_fid_lines(rows: list[dict], stage: int, n: int | None) -> list[str]:
     return lines
 
 
-def forest_plot(recs: list[dict], stage: int, path: Path) -> Path:
+def stage_label(stage: int, settings: dict) -> str:
+    """A report section's name: the pretraining stage continued, or the training step of a from-scratch study."""
+    return f"Step {stage} from scratch" if settings.get("scratch_steps") else f"Pretraining stage {stage}"
+
+
+def forest_plot(recs: list[dict], stage: int, path: Path, label: str | None = None) -> Path:
     arms = [r for r in recs if r["fid_vs_control"] is not None]
     fig, axes = figure(ncols=2, width=4.6, height=0.45 * max(len(arms), 3) + 1.2,
-                       title=f"Pretraining stage {stage}: each arm against its equal-cost control")
+                       title=f"{label or f'Pretraining stage {stage}'}: each arm against its equal-cost control")
     for ax, (key, name) in zip(axes, METRICS):
         ys = list(range(len(arms)))[::-1]
         for y, r in zip(ys, arms):
@@ -257,9 +263,13 @@ def write_evidence_report(root: str | Path) -> Path:
     out.append(f"Data `{settings.get('data')}`, DiT `{settings.get('model')}`"
                + (f", objective `{settings['objective']}`" if settings.get("objective", "ddpm") != "ddpm" else "")
                + f", k = {settings.get('k')}, "
-               f"{settings.get('continue_steps')} continuation steps at lr {settings.get('continue_lr')} "
-               f"(EMA {settings.get('continue_ema')}{' with warmup' if settings.get('continue_ema_warmup') else ''}), "
-               f"batch {settings.get('batch_size')}. Splits by seed "
+               + (f"every arm trained from initialisation at lr {settings.get('pretrain_lr')} (EMA "
+                  f"{settings.get('scratch_ema')} with warmup), evaluated at steps {settings.get('scratch_steps')}; "
+                  f"rater arms use the rater meta-trained at stage {(settings.get('stages') or [None])[0]}, "
+                  if settings.get("scratch_steps") else
+                  f"{settings.get('continue_steps')} continuation steps at lr {settings.get('continue_lr')} "
+                  f"(EMA {settings.get('continue_ema')}{' with warmup' if settings.get('continue_ema_warmup') else ''}), ")
+               + f"batch {settings.get('batch_size')}. Splits by seed "
                f"{settings.get('split_seed')}: train / meta-validation {settings.get('val_fraction')} / test "
                f"{settings.get('test_fraction')}; the test split is never trained, selected or meta-learned on. "
                f"FID: {settings.get('eval_samples')} samples, {settings.get('eval_ddim_steps')} DDIM steps, CFG "
@@ -275,7 +285,7 @@ def write_evidence_report(root: str | Path) -> Path:
     for stage in stages:
         lines, recs = stage_table(rows, stage, settings)
         records += recs
-        out += ["", f"## Pretraining stage {stage}", ""] + lines + ["", "Absolute means:", ""] + absolute_table(rows, stage)
+        out += ["", f"## {stage_label(stage, settings)}", ""] + lines + ["", "Absolute means:", ""] + absolute_table(rows, stage)
         norm = norm_control_lines(rows, stage)
         if norm:
             out += ["", "Norm-changing policies against the k=1 noise-scale control of the same mean norm "
@@ -318,7 +328,7 @@ def write_evidence_report(root: str | Path) -> Path:
                              + (f", top pick = max_norm's {100 * agree:.0f}% of the time (chance 25%)" if agree else ""))
                 out += ["", line + "."]
         if recs:
-            fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png")
+            fig = forest_plot(recs, stage, root / f"forest-stage{stage}.png", stage_label(stage, settings))
             out += ["", f"![stage {stage}]({fig.name})"]
     planned = {a for inv in study.get("invocations", []) for a in (inv.get("settings") or {}).get("arms", [])}
     not_run = sorted(planned - {base_arm(r["arm"]) for r in rows}, key=lambda a: list(ARMS).index(a) if a in ARMS else 0)
