@@ -159,6 +159,14 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         online_rater="Rater-N/4", pretrain_steps=6000, stages=[6000], seeds=list(range(6)),
         eval_reference_split="all", arms=LADDER_ARMS, random_raters=5, random_rater_seeds=[0, 1],
         fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20, meta_patience=2, test_draws=1),
+    # The ladder with the images held fixed: digits upsampled to 32x32 (bilinear; d = 1024, DiT-T/8: 16 tokens, as
+    # fashion-mnist), the digits recipe (1500-step stage, 25% test split). Beside digits (d = 64) it isolates d:
+    # the same images, 16x the noise dimension. Random-rater null on seeds 0 and 3 (two processes of 3 seeds).
+    "digits-1024": EvidencePreset(
+        name="digits-1024", data="digits@32", model="DiT-T/8", rater="Rater-N/8", online_rater="Rater-N/8",
+        test_fraction=0.25, seeds=list(range(6)), stages=[1500], arms=LADDER_ARMS, random_raters=5,
+        random_rater_seeds=[0, 3], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20, meta_patience=3,
+        test_draws=8),
     # From scratch, the protocol of the peers (Immiscible Diffusion's KNN, OT-CFM): each arm trains a fresh DiT-T/2
     # on digits for 1500 steps, evaluated at 300, 750 and 1500; the rater arms use the rater of the mature stage.
     # About 4 CPU-hours on 2 cores: runs are seed-major, so a part of ~2 hours compares every arm on seeds 0-1.
