@@ -113,11 +113,13 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
             "--set", "stages=[6]", "--set", "seeds=[0, 1]", "--set", "continue_steps=2",
             "--set", "arms=[vanilla, knn, batch_ot, class_ot, noise_scale, rater_random]", "--set", "random_raters=2",
             "--set", "fid_large_arms=[]", "--set", "eval_samples=20", "--set", "eval_ddim_steps=2",
-            "--set", "test_draws=1"]
+            "--set", "test_draws=1", "--set", "eval_extra_steps=[1]"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["arm"].split("/init")[0] for r in rows} == {"vanilla", "knn", "batch_ot", "class_ot", "noise_scale", "rater_random"}
+    # FID at 1 Euler step too: other samples than at 2 steps, so another FID
+    assert all(math.isfinite(r["fid_steps1"]) and r["fid_steps1"] != r["fid"] for r in rows)
     assert len(rows) == 2 * (5 + 2)  # the random rater once per initialisation
     ckpt = out / rows[0]["checkpoint"]
     assert load_checkpoint(ckpt, kind="diffusion")["config"]["objective"] == "flow"
@@ -126,6 +128,7 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
     assert all(v < 1.0 for v in knn)  # the nearest noise to an image is shorter (||x0 - eps||^2 favours small eps)
     report = (out / "report.md").read_text()
     assert "objective `flow`" in report and "| knn vs noise_scale |" in report
+    assert "FID vs vanilla, 1 steps" in report
 
 
 def test_from_scratch_study_trains_each_arm_from_initialisation(tmp_path, monkeypatch):

@@ -101,6 +101,8 @@ class EvidencePreset:
     eval_reference_split: str = "test"  # FID against images no run trained on (the study's test split)
     fid_large_samples: int = 2000  # a second FID at this many samples for ``fid_large_arms`` (sample-size bias)
     fid_large_arms: list[str] = field(default_factory=list)
+    # FID of every arm also at these sampler step counts (flow: Euler steps; the few-step regime OT claims)
+    eval_extra_steps: list[int] = field(default_factory=list)
     random_raters: int = 5  # fresh, never-trained rater initialisations: the null of every rater arm
     random_rater_seeds: list[int] = field(default_factory=list)  # of ``seeds``, those the random raters run (empty: all)
     run_stages: list[int] = field(default_factory=list)  # the stages this invocation continues (empty: all)
@@ -125,6 +127,7 @@ class EvidencePreset:
         require(self.random_raters >= 2 or not any(ARMS[a][3] == "random" for a in self.arms), "random_raters",
                 "a null distribution needs at least 2 random initialisations")
         require(all(s >= 1 for s in self.scratch_steps), "scratch_steps", "each evaluation step must be >= 1")
+        require(all(n >= 1 for n in self.eval_extra_steps), "eval_extra_steps", "each sampler step count must be >= 1")
         require(0 <= self.scratch_ema < 1, "scratch_ema", "must be in [0, 1)")
 
 
@@ -176,8 +179,9 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
                                              "rater_random"],
         random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
         meta_patience=3, test_draws=8),
-    "digits-flow-scratch": EvidencePreset(
+    "digits-flow-scratch": EvidencePreset(  # FID also at 4 and 8 Euler steps (25 is eval_ddim_steps)
         name="digits-flow-scratch", objective="flow", test_fraction=0.25, seeds=list(range(4)), stages=[1500],
+        eval_extra_steps=[4, 8],
         scratch_steps=[300, 750, 1500], arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater",
                                              "rater_random"],
         random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
@@ -375,7 +379,7 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
            "batch_size": p.batch_size, "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps,
            "cfg_scale": p.cfg_scale, "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
            "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p),
-           **_objective_kw(p)}
+           **_objective_kw(p), **({"eval_extra_steps": p.eval_extra_steps} if p.eval_extra_steps else {})}
     return run_stage(folder, cfg, fn, log)
 
 
@@ -397,6 +401,9 @@ def _evaluate_arm(p: EvidencePreset, root: Path, ckpt: Path, folder: Path, run_d
     if arm in p.fid_large_arms and p.fid_large_samples > 0:
         big = sample_metrics(p, str(ckpt), folder, num_samples=p.fid_large_samples)
         result.update({f"{key}_{p.fid_large_samples}": big[key] for key in ("fid", "precision", "recall")})
+    for n in p.eval_extra_steps:
+        if p.eval_samples > 0:
+            result[f"fid_steps{n}"] = sample_metrics(p, str(ckpt), folder / f"steps{n}", steps=n)["fid"]
     return result
 
 
@@ -434,7 +441,7 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
                "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps, "cfg_scale": p.cfg_scale,
                "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
                "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init,
-               **_split_kw(p), **_objective_kw(p)}
+               **_split_kw(p), **_objective_kw(p), **({"eval_extra_steps": p.eval_extra_steps} if p.eval_extra_steps else {})}
         rows.append(run_stage(root / f"scratch-{s}" / "runs" / sub, cfg, fn, log))
     return rows
 

@@ -227,6 +227,20 @@ def large_fid_lines(rows: list[dict], stage: int, n: int | None) -> list[str]:
     return lines
 
 
+def extra_steps_lines(rows: list[dict], stage: int, steps: list[int], main_steps: int | None) -> list[str]:
+    """Each arm's FID change vs vanilla at other sampler step counts (``fid_steps<n>``) beside the main one."""
+    sub = [r for r in rows if r["stage"] == stage]
+    arms = [a for a in _ordered_arms(sub) if a != "vanilla" and "/init" not in a]
+    if not arms or not any(f"fid_steps{n}" in r for r in sub for n in steps):
+        return []
+    head = "| arm | " + " | ".join(f"FID vs vanilla, {n} steps" for n in steps) + f" | {main_steps} steps |"
+    lines = [head, "|---|" + "---|" * (len(steps) + 1)]
+    for arm in arms:
+        cells = [fmt(compare(sub, arm, "vanilla", f"fid_steps{n}")) for n in steps]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {fmt(compare(sub, arm, 'vanilla', 'fid'))} |")
+    return lines
+
+
 def stage_label(stage: int, settings: dict) -> str:
     """A report section's name: the pretraining stage continued, or the training step of a from-scratch study."""
     return f"Step {stage} from scratch" if settings.get("scratch_steps") else f"Pretraining stage {stage}"
@@ -295,6 +309,9 @@ def write_evidence_report(root: str | Path) -> Path:
             out += ["", "Trained raters against the null of never-trained raters of the same architecture (each "
                         "initialisation's mean paired change vs vanilla; lower is better; a trained rater beats the "
                         "null when its change is below the null mean by more than the null SD):", ""] + null
+        few = extra_steps_lines(rows, stage, settings.get("eval_extra_steps") or [], settings.get("eval_ddim_steps"))
+        if few:
+            out += ["", "FID with fewer sampler steps (the regime straighter couplings are meant to help):", ""] + few
         big = large_fid_lines(rows, stage, settings.get("fid_large_samples"))
         if big:
             out += ["", "FID's sample-size bias: the same checkpoints at two sample counts (same seeds):", ""] + big

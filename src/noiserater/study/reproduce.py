@@ -174,14 +174,16 @@ def heldout_loss(checkpoint: str | Path, data_source: str, seed: int, num_images
     return float(sum(float(losses[i:i + batch].float().sum()) for i in range(0, len(losses), batch))) / len(losses)
 
 
-def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path, num_samples: int | None = None) -> dict:
+def sample_metrics(preset: ReproducePreset, checkpoint: str, folder: Path, num_samples: int | None = None,
+                   steps: int | None = None) -> dict:
     """Classifier-FID, precision, recall and class accuracy of EMA samples (fixed seed: repeatable), against
     the preset's reference split (``eval_reference_split``: 'test' = images the model never trained on;
-    default all images of the source); ``num_samples`` overrides the preset's ``eval_samples``."""
+    default all images of the source); ``num_samples`` and ``steps`` (of the objective's default sampler)
+    override the preset's ``eval_samples`` and ``eval_ddim_steps``."""
     n = preset.eval_samples if num_samples is None else num_samples
     if n <= 0:
         return {}
-    cfg = EvalConfig(checkpoint=checkpoint, num_samples=n, steps=preset.eval_ddim_steps,
+    cfg = EvalConfig(checkpoint=checkpoint, num_samples=n, steps=preset.eval_ddim_steps if steps is None else steps,
                      cfg_scale=preset.cfg_scale, seed=0, extractors=preset.eval_extractors, run_dir=str(folder),
                      progress=False, reference_split=getattr(preset, "eval_reference_split", None))
     rec = evaluate_checkpoint(cfg)[0]
