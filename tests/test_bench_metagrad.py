@@ -58,13 +58,19 @@ def test_child_record_against_a_known_clock_and_an_independent_meta_gradient(mon
     rater_bytes = sum(p.numel() * 4 for p in rater.parameters())
     assert rec["peak_mem_bytes"] >= rater_bytes
     assert rec["params_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # the FLOPs are those of the measured S=2 call (not the S=1 warm-up): about twice one inner step's
+    monkeypatch.setattr(common, "time", _KnownClock(cpu=[0.1], wall=[0.1]))
+    one = run_child({**cfg, "inner_steps": 1, "repeats": 1})
+    assert 1.7 < rec["flops"] / one["flops"] < 2.3 and rec["flops_per_inner_step"] == rec["flops"] / 2
 
 
 def test_goal_lines_and_table():
-    recs = [{"method": m, "inner_steps": s, "time_s": t, "time_per_inner_step_s": t / s, "peak_mem_bytes": mem}
-            for m, s, t, mem in [("unrolled", 1, 1.0, 100), ("unrolled", 4, 4.0, 400),
-                                 ("reverse", 1, 1.5, 120), ("reverse", 4, 6.0, 130)]]
+    recs = [{"method": m, "inner_steps": s, "time_s": t, "time_per_inner_step_s": t / s, "peak_mem_bytes": mem,
+             "flops": f, "flops_per_inner_step": f / s}
+            for m, s, t, mem, f in [("unrolled", 1, 1.0, 100, 10), ("unrolled", 4, 4.0, 400, 40),
+                                    ("reverse", 1, 1.5, 120, 18), ("reverse", 4, 6.0, 130, 56)]]
     lines = "\n".join(goal_lines(recs))
+    assert "reverse: FLOPs / unrolled FLOPs at equal S: 1.80 (S=1), 1.40 (S=4)" in lines
     assert "reverse: peak memory S=4 / S=1 = 1.08" in lines and "unrolled: peak memory S=4 / S=1 = 4.00" in lines
     assert "1.50 .. 1.50" in lines
     assert markdown_table(recs).count("\n") == 5
