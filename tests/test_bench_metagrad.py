@@ -64,6 +64,20 @@ def test_child_record_against_a_known_clock_and_an_independent_meta_gradient(mon
     assert 1.7 < rec["flops"] / one["flops"] < 2.3 and rec["flops_per_inner_step"] == rec["flops"] / 2
 
 
+def test_a_memory_budget_skips_the_rebuild_of_its_steps():
+    """reverse@W: each kept step saves the same FLOPs (its gradient is not computed a second time), so the count
+    falls linearly in W, and the kept graphs cost memory; the meta-gradient is unchanged."""
+    cfg = {**TINY, "inner_steps": 3, "repeats": 1}
+    recs = {m: run_child({**cfg, "method": m}) for m in ("unrolled", "reverse", "reverse@1", "reverse@3")}
+    f = {m: r["flops"] for m, r in recs.items()}
+    one_step = f["reverse"] - f["reverse@1"]
+    assert one_step > 0 and f["reverse@1"] - f["reverse@3"] == pytest.approx(2 * one_step, rel=0.02)
+    assert f["unrolled"] < f["reverse@3"]  # what remains: the rater forward each backward step recomputes
+    assert recs["reverse@3"]["peak_mem_bytes"] > recs["reverse"]["peak_mem_bytes"]
+    for m in ("reverse@1", "reverse@3"):
+        assert recs[m]["meta_grad_norm"] == pytest.approx(recs["unrolled"]["meta_grad_norm"], rel=1e-4)
+
+
 def test_goal_lines_and_table():
     recs = [{"method": m, "inner_steps": s, "time_s": t, "time_per_inner_step_s": t / s, "peak_mem_bytes": mem,
              "flops": f, "flops_per_inner_step": f / s}
@@ -80,6 +94,8 @@ def test_bad_options_are_clear():
     from noiserater.cli import main
 
     r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "magic"])
+    assert r.exit_code == 2 and "unknown methods" in r.output
+    r = CliRunner().invoke(main, ["bench", "metagrad", "--methods", "unrolled@2"])  # a budget is for reverse only
     assert r.exit_code == 2 and "unknown methods" in r.output
     r = CliRunner().invoke(main, ["bench", "metagrad", "--inner-steps-list", "1,x"])
     assert r.exit_code == 2 and "--inner-steps-list" in r.output

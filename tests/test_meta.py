@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from noiserater.config import ConfigError
 from noiserater.diffusion import GaussianDiffusion
 from noiserater.meta import InnerOptimizer, meta_gradient, meta_gradient_info
 from noiserater.models import build_dit, build_rater
@@ -155,6 +156,24 @@ def test_reverse_matches_unrolled(method, S, opt_name, lr):
     got = meta_gradient(model, rater, train, val, inner_lr=lr, method=method, inner_optimizer=opt_name)
     assert flat(ref).norm() > 1e-8
     assert rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("opt_name,lr", [("sgd", 0.05), ("adam", 0.01)])
+@pytest.mark.parametrize("budget", [1, 2, 4, 9])
+@pytest.mark.parametrize("method", ["reverse", "reverse_fwd"])
+def test_memory_budget_keeps_graphs_and_the_gradient(method, budget, opt_name, lr):
+    """memory_budget=W keeps the last W steps' graphs from the forward sweep (W >= S: all of them); the
+    meta-gradient, the validation loss and theta_S stay those of unrolled autograd."""
+    S = 4
+    model, rater = make_models(seed=7)
+    train, val = make_batches(S, seed=17)
+    ref = meta_gradient_info(model, rater, train, val, inner_lr=lr, method="unrolled", inner_optimizer=opt_name)
+    got = meta_gradient_info(model, rater, train, val, inner_lr=lr, method=method, inner_optimizer=opt_name,
+                             memory_budget=budget)
+    assert flat(ref.grads).norm() > 1e-8 and rel(got.grads, ref.grads) < 1e-6
+    assert got.val_loss == pytest.approx(ref.val_loss, rel=1e-12)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        meta_gradient(model, rater, train, val, inner_lr=lr, method=method, memory_budget=-1)
 
 
 def independent_first_order_term(model, rater, batch, val, lr):

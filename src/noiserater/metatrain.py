@@ -79,7 +79,7 @@ DEFAULT_SWEEP = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
 LEGACY_VALUES = {"objective": "bilevel", "distill_val_batch_size": 512, "distill_temperature": 0.5,
                  "distill_oracle": "align", "eval_every": 0, "eval_batches": 8, "heldout_fraction": 0.5,
                  "patience": 0, "planted_scale": 1.0, "implicit_damping": None,
-                 "implicit_iterations": IMPLICIT_ITERATIONS, "implicit_alpha": None}
+                 "implicit_iterations": IMPLICIT_ITERATIONS, "implicit_alpha": None, "memory_budget": 0}
 
 
 @dataclass
@@ -100,6 +100,7 @@ class MetaTrainConfig:
     implicit_damping: float | None = None
     implicit_iterations: int = IMPLICIT_ITERATIONS
     implicit_alpha: float | None = None
+    memory_budget: int = 0  # reverse / reverse_fwd: inner steps whose graph the forward sweep keeps (0: memory-flat)
     inner_optimizer: str = "sgd"
     inner_lr: str | float = "auto"
     sweep_lrs: str = ""
@@ -140,6 +141,7 @@ class MetaTrainConfig:
         require(self.ablation in ABLATIONS, "ablation", f"choose one of {', '.join(ABLATIONS)}")
         require(self.objective in OBJECTIVES, "objective", f"choose one of {', '.join(OBJECTIVES)}")
         require(self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}")
+        require(self.memory_budget >= 0, "memory_budget", "must be a whole number of inner steps >= 0 (0 = memory-flat)")
         check_implicit_options(self.implicit_damping, self.implicit_iterations, self.implicit_alpha,
                                ("implicit_damping", "implicit_iterations", "implicit_alpha"))
         require(self.inner_optimizer in INNER_OPTIMIZERS, "inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")

@@ -39,6 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..meta import meta_gradient
+from ..meta.gradient import METHODS
 from ..models import build_dit, build_rater
 from ..plotting import figure, label_axes, legend, savefig
 from .common import (
@@ -83,9 +84,12 @@ def run_child(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     model, rater, train, val = _build(cfg)
 
+    method, budget = parse_method(cfg["method"])
+
     def call(batches=train):
-        return meta_gradient(model, rater, batches, val, inner_lr=cfg["inner_lr"], method=cfg["method"],
-                             inner_optimizer=cfg["inner_optimizer"])
+        return meta_gradient(model, rater, batches, val, inner_lr=cfg["inner_lr"], method=method,
+                             inner_optimizer=cfg["inner_optimizer"],
+                             **({"memory_budget": min(budget, len(batches))} if budget else {}))
 
     if cfg.get("measure") == "rss":  # its own fresh process: the heap probe below allocates too
         with PeakRssGrowth() as rss:
@@ -112,6 +116,15 @@ def run_child(cfg: dict) -> dict:
         "meta_grad_norm": gnorm, "flops": int(flops.get_total_flops()),
         "flops_per_inner_step": flops.get_total_flops() / cfg["inner_steps"],
     }
+
+
+def parse_method(name: str) -> tuple[str, int]:
+    """``reverse@W`` -> ('reverse', W): a reverse method keeping the last W steps' graphs (``memory_budget``)."""
+    method, sep, budget = name.partition("@")
+    if method not in METHODS or (sep and (method not in ("reverse", "reverse_fwd") or not budget.isdigit())):
+        raise ValueError(f"unknown method {name!r}: one of {', '.join(METHODS)}, or reverse@W / reverse_fwd@W "
+                         "(keep the last W inner steps' graphs)")
+    return method, int(budget) if sep else 0
 
 
 def _in_child(cfg: dict, env: dict, timeout_s: float) -> dict:
@@ -196,7 +209,7 @@ def goal_lines(records: list[dict]) -> list[str]:
             if a and b:
                 line += f"; RSS growth ratio {a / b:.2f}"
             out.append(line)
-    for m in ("reverse", "reverse_fwd"):
+    for m in dict.fromkeys(r["method"] for r in records if r["method"].startswith("reverse")):
         ratios = [ok[(m, s)]["time_s"] / ok[("unrolled", s)]["time_s"] for s in steps if (m, s) in ok and ("unrolled", s) in ok]
         if ratios:
             out.append(f"{m}: time / unrolled time at equal S: {min(ratios):.2f} .. {max(ratios):.2f} (goal <= 1.3 at S >= 5)")

@@ -16,6 +16,7 @@ from ..bench.metagrad import (
     DEFAULT_METHODS,
     goal_lines,
     markdown_table,
+    parse_method,
     plot,
     run_child,
     run_metagrad_benchmark,
@@ -32,7 +33,9 @@ from ._options import SEED, FiniteFloat, deprecated_alias
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the records as JSON to this file: a list of {method, inner_steps, time_s, peak_mem_bytes, "
                    "...}. Without it nothing is written; the table goes to stdout.")
-@click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Comma-separated meta-gradient methods.")
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True,
+              help="Comma-separated meta-gradient methods; reverse@W / reverse_fwd@W keep the last W inner steps' "
+                   "graphs (metatrain --memory-budget W).")
 @click.option("--inner-steps-list", "steps", default="1,2,5,10,20", show_default=True,
               help="Comma-separated inner step counts S.")
 @click.option("--model", default="DiT-N/2", show_default=True, help="DiT config (random weights).")
@@ -61,9 +64,15 @@ def command(json_path, methods, steps, model, rater, image_size, channels, batch
         click.echo("RESULT " + json.dumps(run_child(json.loads(child))))
         return
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in method_list if m not in METHODS]
+    bad = []
+    for m in method_list:
+        try:
+            parse_method(m)
+        except ValueError:
+            bad.append(m)
     if bad:
-        raise click.BadParameter(f"unknown methods {bad}; choose from {', '.join(METHODS)}", param_hint="--methods")
+        raise click.BadParameter(f"unknown methods {bad}; choose from {', '.join(METHODS)}, or reverse@W / "
+                                 "reverse_fwd@W", param_hint="--methods")
     try:
         step_list = [int(s) for s in steps.split(",")]
     except ValueError:

@@ -27,6 +27,9 @@ METATRAIN_HELP = {
     "implicit_damping": "implicit_*: damping added to the Hessian, (H + damping I) v = grad L_val "
                         "(default 1/(S * inner lr)).",
     "implicit_iterations": "implicit_*: Hessian-vector products per solve (CG iterations or Neumann terms).",
+    "memory_budget": "reverse / reverse_fwd: the number of last inner steps whose gradient graph the forward sweep "
+                     "keeps, so the backward sweep does not rebuild them: 0 = memory-flat (each step's gradient "
+                     "computed twice), --inner-steps = the memory and compute of unrolled.",
     "implicit_alpha": "implicit_neumann: step size of the Neumann series, < 2 / largest Hessian eigenvalue "
                       "(default: the inner lr).",
     "inner_optimizer": "Inner optimiser: sgd, or adam (betas 0.9/0.999, eps 1e-8, fresh state each outer step).",

@@ -18,7 +18,10 @@ Methods (``method=``):
                 H u (Hessian-vector product) and dL/dw_bk = <grad l_bk, u> / B (the mixed product, pushed
                 through the rater with one rater backward);
                 a_theta <- a_theta + H u;  Adam moments' adjoints from the same elementwise VJP.
-              Memory: one inner step's graph + S snapshots, whatever S.
+              Memory: one inner step's graph + S snapshots, whatever S. The cost is that rebuild: each step's
+              gradient is computed twice (forward sweep, then with a graph). ``memory_budget=W`` keeps the
+              graphs of the last W steps from the forward sweep (W graphs of memory) and skips their rebuild:
+              W = 0 is memory-flat, W = S costs what ``unrolled`` costs in both.
 ``reverse_fwd`` Same recursion, with H u and <grad l_bk, u> from one forward-over-reverse product
               (``torch.func.jvp`` of ``torch.func.grad``), as MixFlow-MG (arXiv 2505.00793) does: the
               tangent pass stores no second backward graph.
@@ -259,14 +262,31 @@ def _inner_gradient(P: _Problem, theta: Tensors, batch: Batch) -> tuple[torch.Te
     return sc, w, P.reducer.mean(_grads_or_zeros(weighted_loss(P.losses(batch, th), w), th))
 
 
-def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
+def _inner_gradient_with_graph(P: _Problem, theta: Tensors, batch: Batch) -> tuple:
+    """Like :func:`_inner_gradient`, also returning (theta leaves, weight leaf, the local gradient with its graph)
+    for the backward sweep: the gradient it steps with is the same numbers, detached and averaged."""
+    with torch.no_grad():
+        sc, w = P.weights(batch)
+    th = _leaves(theta)
+    w_leaf = w.detach().requires_grad_()
+    g = _grads_or_zeros(weighted_loss(P.losses(batch, th), w_leaf), th, create_graph=True)
+    return sc, w, P.reducer.mean([x.detach() for x in g]), (th, w_leaf, g)
+
+
+def _reverse(P: _Problem, forward_mode: bool, keep_graphs: int = 0) -> MetaResult:
     opt = P.opt
     theta, state = list(P.theta0), opt.init_state(P.theta0)
     snaps: list[tuple[Tensors, list[Tensors], Tensors | None]] = []
+    kept: dict[int, tuple] = {}  # step -> (theta leaves, weight leaf, gradient with its graph): the budget's window
     scores, weights = [], []
-    # Forward: S inner steps without a graph, keeping theta_{s-1} (and Adam's m, v, g_s).
+    S = len(P.batches)
+    # Forward: S inner steps without a graph, keeping theta_{s-1} (and Adam's m, v, g_s); the last
+    # ``keep_graphs`` steps keep their gradient's graph, so the backward sweep need not rebuild it.
     for s, batch in enumerate(P.batches, 1):
-        sc, w, g = _inner_gradient(P, theta, batch)
+        if s > S - keep_graphs:
+            sc, w, g, kept[s] = _inner_gradient_with_graph(P, theta, batch)
+        else:
+            sc, w, g = _inner_gradient(P, theta, batch)
         scores.append(sc)
         weights.append(w)
         snaps.append((theta, state, g if opt.state_size else None))
@@ -287,7 +307,11 @@ def _reverse(P: _Problem, forward_mode: bool) -> MetaResult:
         else:
             u, a_state = _optimizer_vjp(opt, s, theta_prev, state_prev, g_saved, a_theta, a_state)
         # Helpers return only tensors without graphs: no step's graph outlives its iteration.
-        if forward_mode:
+        if s in kept:  # the window: one backward through the graph the forward sweep kept
+            th, w_leaf, g_graph = kept.pop(s)
+            *hu, grad_w = _grads_or_zeros(_dot(g_graph, u), th + [w_leaf])
+            del th, w_leaf, g_graph
+        elif forward_mode:
             hu, dl = _hvp_forward_over_reverse(P, batch, theta_prev, w, u)
             grad_w = dl / batch[0].shape[0]
         else:
@@ -513,9 +537,11 @@ def meta_gradient_info(
     method: str, inner_optimizer: str | InnerOptimizer = "sgd", temperature: float = 1.0,
     objective: Objective | None = None, reducer: Reducer | None = None,
     implicit_damping: float | None = None, implicit_iterations: int = IMPLICIT_ITERATIONS,
-    implicit_alpha: float | None = None,
+    implicit_alpha: float | None = None, memory_budget: int = 0,
 ) -> MetaResult:
     """Like :func:`meta_gradient`, returning a :class:`MetaResult` (also L_val, theta_S, scores, weights)."""
+    if not (isinstance(memory_budget, int) and memory_budget >= 0):
+        raise ConfigError(f"memory_budget must be a whole number of inner steps >= 0, got {memory_budget!r}")
     if method not in METHODS:
         raise ConfigError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
     check_implicit_options(implicit_damping, implicit_iterations, implicit_alpha,
@@ -542,9 +568,9 @@ def meta_gradient_info(
         if method == "unrolled":
             return _unrolled(P)
         if method == "reverse":
-            return _reverse(P, forward_mode=False)
+            return _reverse(P, forward_mode=False, keep_graphs=memory_budget)
         if method == "reverse_fwd":
-            return _reverse(P, forward_mode=True)
+            return _reverse(P, forward_mode=True, keep_graphs=memory_budget)
         if method in IMPLICIT_METHODS:
             return _implicit(P, method.removeprefix("implicit_"), implicit_damping, implicit_iterations, implicit_alpha)
         return _alignment(P)
@@ -561,7 +587,9 @@ def meta_gradient(
     ``(x0, y, t, eps [B,C,H,W])``. ``method``: 'unrolled', 'reverse', 'reverse_fwd', 'alignment',
     'implicit_cg' or 'implicit_neumann' (see the module docstring). ``inner_optimizer``: 'sgd' or 'adam' (betas 0.9/0.999, eps 1e-8, bias correction,
     fresh state). ``model`` and ``rater`` are left unchanged. Extra keywords: ``objective`` (DDPM by default),
-    ``reducer`` (multi-process averaging), and for the implicit methods ``implicit_damping`` (default
+    ``reducer`` (multi-process averaging), ``memory_budget`` (``reverse`` / ``reverse_fwd``: the number of
+    last inner steps whose gradient graph the forward sweep keeps, so the backward sweep does not rebuild
+    them; 0 = memory-flat, S = the memory of ``unrolled``), and for the implicit methods ``implicit_damping`` (default
     1/(S * inner_lr)), ``implicit_iterations`` (Hessian-vector products, default 20) and ``implicit_alpha``
     (Neumann step, default inner_lr).
     """

@@ -186,7 +186,8 @@ class BilevelStep:
         res = meta_gradient_info(model, rater, batches, val, inner_lr=self.inner_lr, method=cfg.method,
                                  inner_optimizer=self.inner_opt, temperature=cfg.temperature, reducer=reducer,
                                  objective=obj, implicit_damping=cfg.implicit_damping,
-                                 implicit_iterations=cfg.implicit_iterations, implicit_alpha=cfg.implicit_alpha)
+                                 implicit_iterations=cfg.implicit_iterations, implicit_alpha=cfg.implicit_alpha,
+                                 memory_budget=cfg.memory_budget)
         theta_rater, l_rater = res.params, res.val_loss
         if theta_rater is None:  # alignment: the rater-weighted trajectory is not part of the estimate
             theta_rater = inner_steps(model, batches, res.weights, inner_lr=self.inner_lr,
