@@ -42,3 +42,20 @@ def test_a_changed_record_changes_the_report(tmp_path):
     marker.write_text(json.dumps(rec))
     write_evidence_report(copy)
     assert (copy / "report.md").read_text() != (study / "report.md").read_text()
+
+
+LADDER = ROOT / "docs" / "results" / "evidence-ladder"
+
+
+@pytest.mark.skipif(not (LADDER / "ladder.json").exists(), reason="no published dimension ladder")
+def test_published_ladder_regenerates_from_its_rungs(tmp_path):
+    """The ladder's report and fits come again from the published studies its ladder.json lists."""
+    from noiserater.study.ladder import studies_of, write_ladder
+
+    studies = studies_of(LADDER)
+    assert len(studies) >= 3 and all((s / "study.json").exists() for s in studies)
+    out = tmp_path / "evidence-ladder"
+    write_ladder(studies, out)
+    assert (out / "report.md").read_text() == (LADDER / "report.md").read_text()
+    fresh, published = json.loads((out / "ladder.json").read_text()), json.loads((LADDER / "ladder.json").read_text())
+    assert fresh["fits"] == published["fits"] and fresh["rungs"] == published["rungs"]

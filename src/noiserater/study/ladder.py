@@ -90,7 +90,7 @@ def fit_inverse_sqrt(d: list[float], effect: list[float], se: list[float], at: f
     chi2 = float(resid @ resid)
     return {"a": float(a), "b": float(b), "a_se": float(math.sqrt(cov[1, 1])), "b_se": float(math.sqrt(cov[0, 0])),
             "at": float(at), "pred": pred, "pred_se": pred_se, "half": 1.959963984540054 * pred_se,
-            "chi2": chi2, "dof": dof, "p_fit": float(stats.chi2.sf(chi2, dof)) if dof > 0 else math.nan}
+            "chi2": chi2, "dof": dof, "p_fit": float(stats.chi2.sf(chi2, dof)) if dof > 0 else None}
 
 
 def _weighted_line(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +173,7 @@ def write_ladder(studies: list[str | Path], out: str | Path) -> tuple[Path, dict
                   "(few seeds make them optimistic); the rungs differ in data as well as d (digits vs Fashion-MNIST), "
                   "only fashion-mnist@16 and fashion-mnist are the same images at two d.", "", "![ladder](ladder.png)"]
     _plot(result, out / "ladder.png")
-    atomic_write_text(out / "ladder.json", json.dumps(result, indent=1, default=float))
+    atomic_write_text(out / "ladder.json", json.dumps(result, indent=1, default=float, allow_nan=False))
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path, result
