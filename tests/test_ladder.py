@@ -34,6 +34,11 @@ def test_fit_matches_numpy_weighted_polyfit():
     assert f["pred_se"] == pytest.approx(math.sqrt(x0 @ cov @ x0), rel=1e-9)
     resid = (np.asarray(y) - (a + b * x)) / np.asarray(se)
     assert f["chi2"] == pytest.approx(float(resid @ resid), rel=1e-9) and f["dof"] == 2
+    # scattered rungs widen the interval by the PDG scale factor sqrt(chi2/dof); consistent ones do not
+    assert f["chi2"] / 2 > 1 and f["scale"] == pytest.approx(math.sqrt(f["chi2"] / 2))
+    assert f["half"] == pytest.approx(1.959963984540054 * f["pred_se"] * f["scale"])
+    exact = fit_inverse_sqrt(d, [1 + 16 / math.sqrt(v) for v in d], se)
+    assert exact["scale"] == 1.0 and exact["chi2"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_two_rungs_are_the_line_through_them_with_propagated_error():

@@ -75,7 +75,8 @@ def _random_pooled(rows: list[dict], arm: str, metric: str) -> dict[str, float] 
 def fit_inverse_sqrt(d: list[float], effect: list[float], se: list[float], at: float = PAPER_D) -> dict[str, float]:
     """Weighted least squares of ``effect = a + b / sqrt(d)`` (weights 1/se^2, the se taken as known) and its
     prediction at ``at`` with the propagated standard error and a normal 95% interval; ``chi2`` / ``dof``
-    is the residual's goodness of fit (dof = rungs - 2; ``p_fit`` its upper tail)."""
+    is the residual's goodness of fit (dof = rungs - 2; ``p_fit`` its upper tail). When chi2/dof > 1 the
+    interval is widened by ``scale`` = sqrt(chi2/dof)."""
     x = 1.0 / np.sqrt(np.asarray(d, dtype=float))
     y, s = np.asarray(effect, dtype=float), np.asarray(se, dtype=float)
     if len(x) < 2 or len(set(x.tolist())) < 2:
@@ -88,8 +89,12 @@ def fit_inverse_sqrt(d: list[float], effect: list[float], se: list[float], at: f
     resid = (y - (a + b * x)) / s
     dof = len(x) - 2
     chi2 = float(resid @ resid)
+    # rungs that scatter more than their errors allow widen the interval by sqrt(chi2/dof) (the Particle Data
+    # Group's scale factor); with two rungs nothing checks the form, and the interval is the errors' alone
+    scale = max(1.0, math.sqrt(chi2 / dof)) if dof > 0 else 1.0
     return {"a": float(a), "b": float(b), "a_se": float(math.sqrt(cov[1, 1])), "b_se": float(math.sqrt(cov[0, 0])),
-            "at": float(at), "pred": pred, "pred_se": pred_se, "half": 1.959963984540054 * pred_se,
+            "at": float(at), "pred": pred, "pred_se": pred_se, "scale": scale,
+            "half": 1.959963984540054 * pred_se * scale,
             "chi2": chi2, "dof": dof, "p_fit": float(stats.chi2.sf(chi2, dof)) if dof > 0 else None}
 
 
@@ -134,6 +139,10 @@ def trend_table(result: dict, metric: str = "fid") -> list[str]:
             continue
         fit = result["fits"].get(arm, {}).get(metric)
         pred = _cell({"mean": fit["pred"], "half": fit["half"]}) if fit else "—"
+        if fit and fit["p_fit"] is not None and fit["p_fit"] < 0.05:
+            pred += " (form rejected)"
+        elif fit and fit["dof"] == 0:
+            pred += " (2 rungs)"
         name = "rater_random (null, inits pooled)" if arm == "rater_random" else arm
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pred} |")
     return lines
@@ -157,13 +166,17 @@ def write_ladder(studies: list[str | Path], out: str | Path) -> tuple[Path, dict
                                     f"commit {str(r['commit'])[:7]}" for r in result["rungs"]) + ".", ""]
     for metric, label in METRICS:
         lines += [f"## {label}", ""] + trend_table(result, metric) + [""]
-    lines += ["## Fits", "", "| arm | metric | a (d -> inf) | b | prediction at 4096 | fit chi2 (dof) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Fits", "", "When the rungs scatter more than their errors allow (chi2/dof > 1), the interval at 4096 is "
+              "widened by sqrt(chi2/dof), the Particle Data Group's scale factor. A fit with p < 0.05 says the "
+              "form does not describe the rungs: its extrapolation is a summary, not a prediction. A fit of two "
+              "rungs has nothing to check its form against.", "",
+              "| arm | metric | a (d -> inf) | b | prediction at 4096 | fit chi2 (dof) | interval scale |",
+              "|---|---|---|---|---|---|---|"]
     for arm, per in result["fits"].items():
         for metric, f in per.items():
-            gof = f"{f['chi2']:.2f} ({f['dof']})" + (f", p = {f['p_fit']:.2f}" if f["dof"] > 0 else "")
+            gof = f"{f['chi2']:.2f} ({f['dof']})" + (f", p = {f['p_fit']:.3f}" if f["dof"] > 0 else "")
             lines.append(f"| {arm} | {metric} | {f['a']:+.2f} ± {1.96 * f['a_se']:.2f} | {f['b']:+.1f} ± "
-                         f"{1.96 * f['b_se']:.1f} | {f['pred']:+.2f}% ± {f['half']:.2f} | {gof} |")
+                         f"{1.96 * f['b_se']:.1f} | {f['pred']:+.2f}% ± {f['half']:.2f} | {gof} | {f['scale']:.2f} |")
     lines += ["", "What the paper reports at d = 4096, beside the prediction:", ""]
     for arm, says in PAPER_SAYS.items():
         f = result["fits"].get(arm, {}).get("fid")
