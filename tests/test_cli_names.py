@@ -59,6 +59,7 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--heldout-fraction": ({"float"}, "share of validation kept for held-out evaluation"),
     "--image-size": ({"int"}, "image/latent side"),
     "--implicit-alpha": ({"float"}, "Neumann step size of the implicit meta-gradient"),
+    "--memory-budget": ({"int"}, "inner steps whose graph the reverse meta-gradient keeps"),
     "--implicit-damping": ({"float"}, "damping added to the Hessian of the implicit meta-gradient"),
     "--implicit-iterations": ({"int"}, "Hessian-vector products per implicit solve"),
     "--inception-weights": ({"text", "file"}, "InceptionV3 weights file"),

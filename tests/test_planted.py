@@ -20,6 +20,7 @@ import json
 import pytest
 import torch
 
+import noiserater.meta.outer as outer
 import noiserater.metatrain as mt
 from noiserater.checkpoint import save_checkpoint
 from noiserater.data import load_dataset
@@ -159,7 +160,7 @@ def _planted_image_targets(c: float):
 def test_distilled_signal_that_needs_the_image(unconditional_checkpoint, tmp_path, monkeypatch, ablation):
     train = load_dataset("digits", "train")
     c = float(train.images.flatten(1).mean(dim=1).median())
-    monkeypatch.setattr(mt, "oracle_at", _planted_image_targets(c))
+    monkeypatch.setattr(outer, "oracle_at", _planted_image_targets(c))  # what DistillStep calls
     summary = mt.metatrain(_cfg(unconditional_checkpoint, tmp_path / "run", objective="distill", ablation=ablation,
                                 outer_steps=150, batch_size=64, lr=1e-3, distill_val_batch_size=8, eval_every=75,
                                 eval_batches=4))
