@@ -55,9 +55,16 @@ def rung(root: str | Path) -> dict[str, Any]:
                 per[metric] = {**ci, "se": ci["sd"] / math.sqrt(ci["n"])}
         if per:
             arms[arm] = per
+    # how mature the stage is: vanilla's FID and class accuracy beside the real-data floor at the same sample size
+    van = [r for r in rows if r["arm"] == "vanilla" and r.get("fid") is not None]
+    floor_path = root / "reference-floor" / "stage.json"
+    floor = json.loads(floor_path.read_text())["result"] if floor_path.exists() else {}
+    maturity = {"vanilla_fid": sum(r["fid"] for r in van) / len(van) if van else None,
+                "vanilla_class_accuracy": sum(r.get("class_accuracy") or 0 for r in van) / len(van) if van else None,
+                "real_floor_fid": floor.get(f"real_train_fid_{settings.get('eval_samples')}")}
     return {"study": root.name, "data": settings["data"], "d": source_dimension(settings["data"]),
             "model": settings["model"], "stage": stage, "commit": study.get("provenance", {}).get("git_commit"),
-            "arms": arms}
+            "maturity": maturity, "arms": arms}
 
 
 def _random_pooled(rows: list[dict], arm: str, metric: str) -> dict[str, float] | None:
@@ -162,8 +169,17 @@ def write_ladder(studies: list[str | Path], out: str | Path) -> tuple[Path, dict
              "DiT-S/2's 4x32x32 latents, with a normal 95% interval from the fit's standard error. Why 1/sqrt(d): "
              "a policy that acts through the noise's norm changes ||eps||/sqrt(d) by an amount that shrinks like "
              "1/sqrt(d), so a purely radial effect has a = 0; a is what would persist at any d.", ""]
-    lines += ["Rungs: " + "; ".join(f"`{r['study']}`: {r['data']} (d = {r['d']}), {r['model']}, stage {r['stage']}, "
-                                    f"commit {str(r['commit'])[:7]}" for r in result["rungs"]) + ".", ""]
+    lines += ["| rung | data | d | DiT | stage | commit | vanilla FID | real-data floor | vanilla class accuracy |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rungs"]:
+        m = r.get("maturity") or {}
+        num = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| `{r['study']}` | {r['data']} | {r['d']} | {r['model']} | {r['stage']} | {str(r['commit'])[:7]} | "
+                     f"{num(m.get('vanilla_fid'), '.1f')} | {num(m.get('real_floor_fid'), '.1f')} | "
+                     f"{num(m.get('vanilla_class_accuracy'), '.2f')} |")
+    lines += ["", "A rung whose vanilla FID is far above its floor (or whose class accuracy is near chance, 0.10) "
+                  "has a DiT that has not learned the data: its FID changes say little, its test-loss changes "
+                  "still measure the objective.", ""]
     for metric, label in METRICS:
         lines += [f"## {label}", ""] + trend_table(result, metric) + [""]
     lines += ["## Fits", "", "When the rungs scatter more than their errors allow (chi2/dof > 1), the interval at 4096 is "
