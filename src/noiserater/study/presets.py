@@ -90,10 +90,10 @@ CPU_PRESETS: dict[str, ReproducePreset] = {
     # The demo: minutes on 2 cores. Small everything; the numbers are a smoke test, not evidence.
     "digits-quick": ReproducePreset(
         # one stage (Table 5's early-stage rater is left to the studies): the demo stays within 5 minutes
-        name="digits-quick", pretrain_steps=1200, stage_steps=[1200], meta_stage=1200,
+        name="digits-quick", pretrain_steps=600, stage_steps=[600], meta_stage=600,
         rater="FastRater-N/2", meta_outer_steps=20, meta_inner_steps=3, meta_candidates=4, meta_inner_lr=1e-3,
-        continue_steps=150, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
-        stage_k=4, transfer_model=None, eval_samples=500, heldout_images=180, heldout_draws=4,
+        continue_steps=100, seeds=[0, 1], policies=["max_norm", "rater"], ks=[4], ablations=[],
+        stage_k=4, transfer_model=None, eval_samples=200, heldout_images=180, heldout_draws=2, analysis_images=32,
     ),
     # The paper's protocol on digits (its first run is archived: docs/results/archive/digits).
     "digits": ReproducePreset(
