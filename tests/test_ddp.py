@@ -115,42 +115,40 @@ def _kill_resume(args: list[str], run: Path, steps: int, kills: int, rng: random
     return landed
 
 
-@pytest.mark.slow
-def test_train_under_ddp_sigkilled_resumes_bit_exactly(tmp_path):
-    opts = {**TINY, "steps": 10, "ckpt_every": 1}
-    finish(torchrun(["train", *_flags({**opts, "run_dir": str(tmp_path / "ref")})]))
+def _kill_and_compare(tmp_path: Path, command: str, opts: dict, steps: int, kind: str, keys: tuple[str, ...],
+                      seed: int) -> Path:
+    """An uninterrupted 2-process run, then the same run SIGKILLed 3 times and resumed: their checkpoints
+    (``keys`` of a ``kind`` checkpoint) and metrics records must be identical."""
+    finish(torchrun([command, *_flags({**opts, "run_dir": str(tmp_path / "ref")})]))
     run = tmp_path / "run"
-    landed = _kill_resume(["train", *_flags({**opts, "run_dir": str(run)})], run, 10, kills=3, rng=random.Random(4))
+    landed = _kill_resume([command, *_flags({**opts, "run_dir": str(run)})], run, steps, kills=3,
+                          rng=random.Random(seed))
     assert landed >= 2
-    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt", kind="diffusion")
-    b = load_checkpoint(run / "checkpoints" / "latest.pt", kind="diffusion")
-    assert a["step"] == b["step"] == 10
-    for key in ("model", "ema", "optimizer"):
+    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt", kind=kind)
+    b = load_checkpoint(run / "checkpoints" / "latest.pt", kind=kind)
+    assert a["step"] == b["step"] == steps
+    for key in keys:
         ta, tb = tensors(a[key]), tensors(b[key])
         assert ta.keys() == tb.keys() and ta
         assert not [k for k in ta if not torch.equal(ta[k], tb[k])], f"{key} differs after DDP kills"
     assert records(run) == records(tmp_path / "ref")
+    return run
+
+
+@pytest.mark.slow
+def test_train_under_ddp_sigkilled_resumes_bit_exactly(tmp_path):
+    run = _kill_and_compare(tmp_path, "train", {**TINY, "steps": 10, "ckpt_every": 1}, 10, "diffusion",
+                            ("model", "ema", "optimizer"), seed=4)
     assert not list(run.rglob("*.tmp"))
 
 
 @pytest.mark.slow
 def test_metatrain_under_ddp_sigkilled_resumes_bit_exactly(tmp_path):
     train(TrainConfig(run_dir=str(tmp_path / "pre"), **{**TINY, "steps": 2}))
-    ckpt = tmp_path / "pre" / "checkpoints" / "latest.pt"
-    opts = dict(checkpoint=str(ckpt), outer_steps=8, inner_steps=1, candidates=2, batch_size=2, val_batch_size=4,
-                inner_lr=0.1, log_every=1, ckpt_every=1, progress=False, seed=5, eval_every=4, eval_batches=2)
-    finish(torchrun(["metatrain", *_flags({**opts, "run_dir": str(tmp_path / "ref")})]))
-    run = tmp_path / "run"
-    landed = _kill_resume(["metatrain", *_flags({**opts, "run_dir": str(run)})], run, 8, kills=3, rng=random.Random(5))
-    assert landed >= 2
-    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt", kind="rater")
-    b = load_checkpoint(run / "checkpoints" / "latest.pt", kind="rater")
-    assert a["step"] == b["step"] == 8
-    for key in ("rater", "optimizer"):
-        ta, tb = tensors(a[key]), tensors(b[key])
-        assert ta.keys() == tb.keys() and ta
-        assert not [k for k in ta if not torch.equal(ta[k], tb[k])], f"{key} differs after DDP kills"
-    assert records(run) == records(tmp_path / "ref")
+    opts = dict(checkpoint=str(tmp_path / "pre" / "checkpoints" / "latest.pt"), outer_steps=8, inner_steps=1,
+                candidates=2, batch_size=2, val_batch_size=4, inner_lr=0.1, log_every=1, ckpt_every=1,
+                progress=False, seed=5, eval_every=4, eval_batches=2)
+    _kill_and_compare(tmp_path, "metatrain", opts, 8, "rater", ("rater", "optimizer"), seed=5)
 
 
 # ---- one rank dies: the other does not hang ---------------------------------------------------------------

@@ -105,18 +105,22 @@ def test_random_rater_null_and_noise_scale_control_by_hand():
     assert len(lines) == 3 and lines[2].startswith("| max_norm vs noise_scale | ") and f"{want:+.2f}%" in lines[2]
 
 
+def _tiny_study(out, **sets: str) -> list[dict]:
+    """`noiserater evidence --out OUT` at a size of seconds (DiT-N/2, 2 seeds, 20-sample FID) with ``sets`` as
+    further --set overrides; returns its results.jsonl records."""
+    base = {"model": "DiT-N/2", "rater": "FastRater-N/2", "batch_size": "8", "seeds": "[0, 1]", "random_raters": "2",
+            "fid_large_arms": "[]", "eval_samples": "20", "eval_ddim_steps": "2", "test_draws": "1"}
+    args = ["evidence", "--out", str(out)] + [x for k, v in {**base, **sets}.items() for x in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
 def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monkeypatch):
     monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ev"
-    args = ["evidence", "--out", str(out), "--set", "objective=flow", "--set", "model=DiT-N/2",
-            "--set", "rater=FastRater-N/2", "--set", "batch_size=8", "--set", "pretrain_steps=6",
-            "--set", "stages=[6]", "--set", "seeds=[0, 1]", "--set", "continue_steps=2",
-            "--set", "arms=[vanilla, knn, batch_ot, class_ot, noise_scale, rater_random]", "--set", "random_raters=2",
-            "--set", "fid_large_arms=[]", "--set", "eval_samples=20", "--set", "eval_ddim_steps=2",
-            "--set", "test_draws=1", "--set", "eval_extra_steps=[1]"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = _tiny_study(out, objective="flow", pretrain_steps=6, stages="[6]", continue_steps=2,
+                       arms="[vanilla, knn, batch_ot, class_ot, noise_scale, rater_random]", eval_extra_steps="[1]")
     assert {r["arm"].split("/init")[0] for r in rows} == {"vanilla", "knn", "batch_ot", "class_ot", "noise_scale", "rater_random"}
     # FID at 1 Euler step too: other samples than at 2 steps, so another FID
     assert all(math.isfinite(r["fid_steps1"]) and r["fid_steps1"] != r["fid"] for r in rows)
@@ -136,14 +140,8 @@ def test_from_scratch_study_trains_each_arm_from_initialisation(tmp_path, monkey
     training run continued (segments are bit-exact), and a straight run to that step gives the same weights."""
     monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ev"
-    args = ["evidence", "--out", str(out), "--set", "model=DiT-N/2", "--set", "rater=FastRater-N/2",
-            "--set", "batch_size=8", "--set", "pretrain_steps=4", "--set", "stages=[4]", "--set", "seeds=[0, 1]",
-            "--set", "scratch_steps=[3, 5]", "--set", "arms=[vanilla, max_norm, rater_random]",
-            "--set", "random_raters=2", "--set", "fid_large_arms=[]", "--set", "eval_samples=20",
-            "--set", "eval_ddim_steps=2", "--set", "test_draws=1"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = _tiny_study(out, pretrain_steps=4, stages="[4]", scratch_steps="[3, 5]",
+                       arms="[vanilla, max_norm, rater_random]")
     assert len(rows) == 2 * 2 * (2 + 2) and {r["stage"] for r in rows} == {3, 5}
     for r in rows:
         state = load_checkpoint(out / r["checkpoint"], kind="diffusion")
