@@ -348,17 +348,21 @@ def reference_floor(p: EvidencePreset, root: Path, log=print) -> dict[str, Any]:
     return run_stage(root / "reference-floor", cfg, fn, log)
 
 
+def arm_settings(p: EvidencePreset, arm: str) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+    """(policy, k, the arm's TrainConfig overrides with numeric noise scales, the state-dependent policies'
+    scorer settings from the preset) of one arm: what a continuation and a from-scratch run of it share."""
+    policy, uses_k, extra, _ = ARMS[arm]
+    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy_class(
+        policy).state_dependent else {}
+    return policy, p.k if uses_k else 1, resolve_overrides(p, extra), overrides
+
+
 def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed: int, rater: str | None,
             log=print, init: int | None = None) -> dict:
     """Continue the stage checkpoint with one arm and seed (for a random-rater arm: with random rater
     ``init``), then evaluate it: test-split loss, FID against held-out references."""
-    policy, uses_k, extra, _ = ARMS[arm]
-    extra = resolve_overrides(p, extra)
-    k = p.k if uses_k else 1
+    policy, k, extra, overrides = arm_settings(p, arm)
     folder = root / f"stage-{stage}" / "runs" / arm / (f"init{init}" if init is not None else "") / f"seed{seed}"
-    # the state-dependent policies' scorer settings come from the preset
-    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy_class(
-        policy).state_dependent else {}
 
     def fn(folder: Path) -> dict:
         cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=p.continue_steps, batch_size=p.batch_size,
@@ -412,13 +416,9 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
     """Train one arm and seed from initialisation (``scratch/runs/<arm>/seed<n>``, segment by segment, resumable)
     and evaluate it at each of ``scratch_steps`` (records under ``scratch-<step>/runs/...``, whose ``stage`` is
     the step)."""
-    policy, uses_k, extra, _ = ARMS[arm]
-    extra = resolve_overrides(p, extra)
-    k = p.k if uses_k else 1
+    policy, k, extra, overrides = arm_settings(p, arm)
     sub = Path(arm) / (f"init{init}" if init is not None else "") / f"seed{seed}"
     train_dir = root / "scratch" / "runs" / sub
-    overrides = {"online_rater": p.online_rater, "oracle_val_batch": p.oracle_val_batch} if policy_class(
-        policy).state_dependent else {}
 
     def config_at(s: int) -> TrainConfig:
         return TrainConfig(model=p.model, run_dir=str(train_dir / "run"), steps=s, batch_size=p.batch_size,
