@@ -189,6 +189,24 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
         random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
         meta_patience=3, test_draws=8),
+    # Fashion-MNIST from scratch, at the ladder's mature 16x16 rung (d = 256, DiT-T/4): 3000 steps (4 epochs),
+    # evaluated at 4 points, FID against the official test file. The rater is meta-trained on the 3000-step
+    # vanilla pretrain (the end of the horizon). Sized from the fashion-mnist-16 study (6000 steps took 22 min on
+    # one core): about 15 min a run, 29 runs, about 8 CPU-hours each, so a GPU or two CPU sessions. Not yet run.
+    "fashion-mnist-16-scratch": EvidencePreset(
+        name="fashion-mnist-16-scratch", data="fashion-mnist@16", model="DiT-T/4", rater="Rater-N/4",
+        online_rater="Rater-N/4", pretrain_steps=3000, stages=[3000], seeds=list(range(4)),
+        eval_reference_split="all", scratch_steps=[500, 1000, 2000, 3000],
+        arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
+        random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
+        meta_patience=2, test_draws=1),
+    "fashion-mnist-16-flow-scratch": EvidencePreset(
+        name="fashion-mnist-16-flow-scratch", objective="flow", data="fashion-mnist@16", model="DiT-T/4",
+        rater="Rater-N/4", online_rater="Rater-N/4", pretrain_steps=3000, stages=[3000], seeds=list(range(4)),
+        eval_reference_split="all", scratch_steps=[500, 1000, 2000, 3000], eval_extra_steps=[4, 8],
+        arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
+        random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
+        meta_patience=2, test_draws=1),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
     # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
     # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
