@@ -19,7 +19,13 @@ from noiserater.data import load_dataset
 from noiserater.stats import paired_interval
 from noiserater.study.arms import ARMS, NORM_CHANGING
 from noiserater.study.evidence import EVIDENCE_PRESETS, get_evidence_preset, publish_study
-from noiserater.study.evidence_report import compare, seeds_for_half_width, write_evidence_report
+from noiserater.study.evidence_report import (
+    compare,
+    seeds_for_half_width,
+    training_curve_lines,
+    training_curve_plot,
+    write_evidence_report,
+)
 from noiserater.train import TrainConfig, load_splits, train
 
 
@@ -157,9 +163,11 @@ def test_from_scratch_study_trains_each_arm_from_initialisation(tmp_path, monkey
     report = (out / "report.md").read_text()
     assert "## Step 5 from scratch" in report and "## Step 3 from scratch" in report
     assert "every arm trained from initialisation" in report
+    assert "## Along training" in report and "| max_norm | " in report.split("## Along training")[1]
     # the published layout regenerates the same report
     pub = tmp_path / "pub"
     publish_study(out, pub)
+    assert (pub / "training-curve.png").exists()
     (pub / "report.md").unlink()
     write_evidence_report(pub)
     assert (pub / "report.md").read_text() == report
@@ -176,3 +184,22 @@ def test_shipped_presets_are_valid_studies_with_their_controls(name):
         assert {"noise_scale", "vanilla"} <= set(p.arms)
     assert set(p.fid_large_arms) <= set(p.arms)
     assert p.eval_reference_split in ("test", "all") and p.test_fraction > 0 and len(p.seeds) >= 4
+
+def test_training_curve_tables_give_each_steps_paired_change_vs_vanilla(tmp_path):
+    """From scratch: one row per arm, one column per step; each cell the paired relative change of that step."""
+    rows = []
+    for s in range(3):
+        for step, van, knn in ((100, 10.0, 9.0), (200, 8.0, 8.8)):
+            rows.append({"stage": step, "arm": "vanilla", "seed": s, "fid": van + 0.1 * s, "test_loss": 1.0})
+            rows.append({"stage": step, "arm": "knn", "seed": s, "fid": knn + 0.1 * s, "test_loss": 1.0})
+        rows.append({"stage": 100, "arm": "rater_random/init0", "seed": s, "fid": 5.0, "test_loss": 1.0})
+    settings = {"eval_ddim_steps": 25, "scratch_steps": [100, 200]}
+    lines = training_curve_lines(rows, settings)
+    knn = [line for line in lines if line.startswith("| knn |")]
+    assert len(knn) == 2 and not any("/init" in line for line in lines)  # FID and test loss; no random inits
+    want = [np.mean([100 * ((k + 0.1 * s) - (v + 0.1 * s)) / (v + 0.1 * s) for s in range(3)])
+            for v, k in ((10.0, 9.0), (8.0, 8.8))]
+    cells = knn[0].split(" | ")[1:]
+    assert cells[0].startswith(f"{want[0]:+.2f}%") and cells[1].startswith(f"{want[1]:+.2f}%")
+    assert "| *vanilla (absolute)* | 10.1 | 8.1 |" in lines
+    assert training_curve_plot(rows, settings, tmp_path / "c.png").exists()

@@ -241,6 +241,56 @@ def extra_steps_lines(rows: list[dict], stage: int, steps: list[int], main_steps
     return lines
 
 
+def training_curve_keys(settings: dict) -> list[tuple[str, str]]:
+    """(record key, name) of the metrics a from-scratch study follows along training."""
+    main = f"FID, {settings.get('eval_ddim_steps')} steps"
+    return ([("fid", main)] + [(f"fid_steps{n}", f"FID, {n} steps") for n in settings.get("eval_extra_steps") or []]
+            + [("test_loss", "test loss")])
+
+
+def training_curve_lines(rows: list[dict], settings: dict) -> list[str]:
+    """From scratch: each arm's paired change vs vanilla at every evaluated step, one table per metric (the
+    peers' claim is a faster convergence, so the trend along training is the result)."""
+    steps = sorted({r["stage"] for r in rows})
+    arms = [a for a in _ordered_arms(rows) if a != "vanilla" and "/init" not in a]
+    if not arms or len(steps) < 2:
+        return []
+    out = []
+    for key, name in training_curve_keys(settings):
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        head = f"| {name}: arm vs vanilla | " + " | ".join(f"step {s}" for s in steps) + " |"
+        out += [head, "|---|" + "---|" * len(steps)]
+        for arm in arms:
+            cells = [fmt(compare([r for r in rows if r["stage"] == s], arm, "vanilla", key)) for s in steps]
+            out.append(f"| {arm} | " + " | ".join(cells) + " |")
+        van = [_mean([r for r in rows if r["stage"] == s], "vanilla", key) for s in steps]
+        out += ["| *vanilla (absolute)* | " + " | ".join("—" if v is None else f"{v:.4g}" for v in van) + " |", ""]
+    return out[:-1]
+
+
+def training_curve_plot(rows: list[dict], settings: dict, path: Path) -> Path | None:
+    """From scratch: each arm's mean metric (over its seeds) against the training step, one panel per metric."""
+    steps = sorted({r["stage"] for r in rows})
+    keys = [(k, n) for k, n in training_curve_keys(settings) if any(r.get(k) is not None for r in rows)]
+    arms = [a for a in _ordered_arms(rows) if "/init" not in a]
+    if len(steps) < 2 or not keys:
+        return None
+    fig, axes = figure(ncols=len(keys), width=3.6, height=3.2, title="From scratch: each arm along training")
+    for ax, (key, name) in zip(axes, keys):
+        for arm in arms:
+            pts = [(s, _mean([r for r in rows if r["stage"] == s], arm, key)) for s in steps]
+            pts = [(s, v) for s, v in pts if v is not None]
+            style = dict(color="black", lw=2) if arm == "vanilla" else dict(lw=1)
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=arm, **style)
+        if key.startswith("fid"):
+            ax.set_yscale("log")
+        label_axes(ax, xlabel="training step", ylabel=axis_label(name, lower_is_better=True))
+    axes[0].legend(fontsize=7)
+    return savefig(fig, path, caption="Each line: an arm's mean over its seeds at each evaluated step "
+                                       "(vanilla in black); the tables give the paired intervals.")
+
+
 def stage_label(stage: int, settings: dict) -> str:
     """A report section's name: the pretraining stage continued, or the training step of a from-scratch study."""
     return f"Step {stage} from scratch" if settings.get("scratch_steps") else f"Pretraining stage {stage}"
@@ -286,7 +336,8 @@ def write_evidence_report(root: str | Path) -> Path:
                + f"batch {settings.get('batch_size')}. Splits by seed "
                f"{settings.get('split_seed')}: train / meta-validation {settings.get('val_fraction')} / test "
                f"{settings.get('test_fraction')}; the test split is never trained, selected or meta-learned on. "
-               f"FID: {settings.get('eval_samples')} samples, {settings.get('eval_ddim_steps')} DDIM steps, CFG "
+               f"FID: {settings.get('eval_samples')} samples, {settings.get('eval_ddim_steps')} "
+               f"{'Euler' if settings.get('objective') == 'flow' else 'DDIM'} steps, CFG "
                f"{settings.get('cfg_scale')}, EMA weights, classifier features, reference: "
                f"{'the test split' if settings.get('eval_reference_split') == 'test' else 'all images of the reference source'}. noiserater "
                f"{prov.get('noiserater')} at commit {prov.get('git_commit')}.")
@@ -363,6 +414,15 @@ def write_evidence_report(root: str | Path) -> Path:
         out += ["", f"FID reference: the `{f['reference_split']}` split, {f['reference_images']} images that no run "
                     f"trained on. Real training-split images score {vals} against it: the floor a perfect "
                     "generator would reach at that sample size."]
+    if settings.get("scratch_steps"):
+        curve = training_curve_lines(rows, settings)
+        if curve:
+            out += ["", "## Along training", "", "Each arm's paired change vs vanilla at every evaluated step "
+                    "(from scratch, the peers' claim is faster convergence; a gain only early is a head start):",
+                    ""] + curve
+            fig = training_curve_plot(rows, settings, root / "training-curve.png")
+            if fig is not None:
+                out += ["", f"![along training]({fig.name})"]
     atomic_write_text(root / "summary.json", json.dumps(records, indent=1, default=str))
     atomic_write_text(root / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
     path = root / "report.md"
