@@ -111,6 +111,27 @@ def test_random_rater_null_and_noise_scale_control_by_hand():
     assert len(lines) == 3 and lines[2].startswith("| max_norm vs noise_scale | ") and f"{want:+.2f}%" in lines[2]
 
 
+def test_norm_changing_arms_are_paired_with_the_control_of_their_own_noise_length():
+    """knn trains on shorter noise: the up-scaled max_norm control is not its control; the measured
+    noise_scale_knn is. An arm no control matches says so instead of borrowing another's."""
+    from noiserater.study.evidence_report import matched_scale_control, norm_control_lines
+
+    norms = {"vanilla": 1.0, "max_norm": 1.187, "noise_scale": 1.192, "knn": 0.943, "noise_scale_knn": 0.945,
+             "batch_ot": 1.0}
+    rows = [{"stage": 1, "arm": a, "seed": s, "k": 1 if a in ("vanilla", "batch_ot") or "scale" in a else 4,
+             "fid": 10.0 + s + (0.5 if a == "knn" else 0.0), "test_loss": 1.0, "noise_sq_norm_per_dim": n}
+            for a, n in norms.items() for s in range(3)]
+    assert matched_scale_control(rows, "max_norm") == "noise_scale"
+    assert matched_scale_control(rows, "knn") == "noise_scale_knn"
+    lines = norm_control_lines(rows, 1)
+    knn = next(line for line in lines if line.startswith("| knn vs noise_scale_knn | 0.943, 0.945 |"))
+    want = np.mean([100 * 0.5 / (10.0 + s) for s in range(3)])
+    assert f"{want:+.2f}%" in knn and not any(line.startswith("| batch_ot") for line in lines)
+    without = [r for r in rows if r["arm"] != "noise_scale_knn"]
+    assert matched_scale_control(without, "knn") is None
+    assert "| knn vs — (no control of its noise length ran) | 0.943, — | — | — |" in norm_control_lines(without, 1)
+
+
 def _tiny_study(out, **sets: str) -> list[dict]:
     """`noiserater evidence --out OUT` at a size of seconds (DiT-N/2, 2 seeds, 20-sample FID) with ``sets`` as
     further --set overrides; returns its results.jsonl records."""
@@ -137,7 +158,9 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
     knn = [r["noise_sq_norm_per_dim"] for r in rows if r["arm"] == "knn"]
     assert all(v < 1.0 for v in knn)  # the nearest noise to an image is shorter (||x0 - eps||^2 favours small eps)
     report = (out / "report.md").read_text()
-    assert "objective `flow`" in report and "| knn vs noise_scale |" in report
+    # knn trains on shorter noise than noise_scale's: not its control; batch_ot at k=1 keeps the lengths
+    assert "objective `flow`" in report and "| knn vs — (no control of its noise length ran) |" in report
+    assert "| batch_ot vs" not in report
     assert "FID vs vanilla, 1 steps" in report
 
 
@@ -203,3 +226,15 @@ def test_training_curve_tables_give_each_steps_paired_change_vs_vanilla(tmp_path
     assert cells[0].startswith(f"{want[0]:+.2f}%") and cells[1].startswith(f"{want[1]:+.2f}%")
     assert "| *vanilla (absolute)* | 10.1 | 8.1 |" in lines
     assert training_curve_plot(rows, settings, tmp_path / "c.png").exists()
+
+
+def test_knn_noise_scale_control_is_measured_on_the_study_training_split():
+    from noiserater.selection import policy_norm_scale
+    from noiserater.study.evidence import resolve_overrides
+
+    p = get_evidence_preset("digits-scratch")
+    c = resolve_overrides(p, {"noise_scale": "knn"})["noise_scale"]
+    train_images = load_dataset("digits", "train", seed=p.split_seed, val_fraction=p.val_fraction,
+                                test_fraction=p.test_fraction).images
+    assert c == policy_norm_scale("knn", train_images, p.k, p.batch_size, seed=p.split_seed) and 0.8 < c < 1.0
+    assert "noise_scale_knn" in p.arms

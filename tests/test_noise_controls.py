@@ -189,3 +189,25 @@ def test_cli_refuses_out_of_range_controls(tmp_path):
     assert r.exit_code != 0 and "--input-perturbation" in r.output
     r = CliRunner().invoke(main, ["train", "--run-dir", str(tmp_path / "c"), "--noise-scale", "nan"])
     assert r.exit_code != 0 and "--noise-scale" in r.output
+
+
+def test_policy_norm_scale_matches_the_closed_forms_of_max_and_min_norm():
+    """Measured by Monte Carlo through the policies themselves: max_norm's against the chi quadrature of
+    max_norm_scale; knn's on images of zeros (the nearest noise to 0 is the shortest) against E[min of k chi_d]
+    / E[chi_d] by the same quadrature; and chi_mean against scipy."""
+    from scipy import stats as sps
+
+    from noiserater.selection import chi_cdf, chi_mean, max_norm_scale, policy_norm_scale
+
+    d, k = 64, 4
+    assert chi_mean(d) == pytest.approx(sps.chi(d).mean(), rel=1e-12)
+    images = torch.randn(500, 1, 8, 8)
+    assert policy_norm_scale("max_norm", images, k, 50, draws=8) == pytest.approx(max_norm_scale(d, k), abs=0.003)
+    x = torch.linspace(0.0, d**0.5 + 40.0, 200_001, dtype=torch.float64)
+    e_min = float(torch.trapezoid((1 - chi_cdf(x, d)).pow(k), x)) / chi_mean(d)
+    zeros = torch.zeros(500, 1, 8, 8)
+    assert policy_norm_scale("knn", zeros, k, 50, draws=8) == pytest.approx(e_min, abs=0.003)
+    # on real-looking data knn shortens the noise (||x0 - eps||^2 favours small eps), and the scale is repeatable
+    data = torch.rand(500, 1, 8, 8) * 2 - 1
+    a = policy_norm_scale("knn", data, k, 50, seed=3)
+    assert a < 1.0 and a == policy_norm_scale("knn", data, k, 50, seed=3)

@@ -786,6 +786,34 @@ def max_norm_scale(d: int, k: int, points: int = 200_001) -> float:
     return float(torch.trapezoid(1 - f.pow(k), x) / torch.trapezoid(1 - f, x))
 
 
+def chi_mean(d: int) -> float:
+    """E[chi_d] = sqrt(2) Gamma((d+1)/2) / Gamma(d/2): the mean norm of an N(0, I_d) draw."""
+    half = torch.tensor(d / 2.0, dtype=torch.float64)
+    return float(2**0.5 * torch.exp(torch.lgamma(half + 0.5) - torch.lgamma(half)))
+
+
+def policy_norm_scale(policy: str, images: torch.Tensor, k: int, batch_size: int, draws: int = 4,
+                      seed: int = 0) -> float:
+    """E[||chosen eps||] / E[chi_d] of a data-dependent policy (``knn``, ``batch_ot``, ...) on ``images``
+    [N,C,H,W]: the scale a k=1 control needs to copy the policy's noise length, measured (there is no closed
+    form: it depends on the data). ``draws`` passes over the images in batches of ``batch_size`` (as training
+    sees them), candidates from a generator seeded ``seed``; the standard error is about sd/sqrt(N*draws)."""
+    pol = get_policy(policy, k)
+    require(pol.uses_rater != "required" and not pol.state_dependent, "policy",
+            f"{policy!r} scores with a rater or the live model; its noise scale is not a property of the data")
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for _ in range(draws):
+        order = torch.randperm(images.shape[0], generator=g)
+        for i in range(0, images.shape[0], batch_size):
+            x0 = images[order[i:i + batch_size]].float()
+            cand = torch.randn(x0.shape[0], k, *x0.shape[1:], generator=g)
+            noise, _ = pol.select(x0, torch.zeros(x0.shape[0]), torch.zeros(x0.shape[0], dtype=torch.long), cand, g)
+            total += float(noise.flatten(1).norm(dim=1).double().sum())
+            count += x0.shape[0]
+    return total / count / chi_mean(images[0].numel())
+
+
 class NoiseNormStats:
     """The norms of the noises a run trains on, since the last :meth:`reset`: mean ||eps||^2 / d (1 for
     plain Gaussian noise) and the KS distance of the norms from chi_d. Saved in the checkpoint, so a

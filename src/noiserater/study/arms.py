@@ -12,7 +12,9 @@ from ..selection import policy_class
 
 # arm name -> (policy, uses k, TrainConfig overrides, rater kind or None). A ``noise_scale`` of "max_norm"
 # is the study's E[max-of-k chi_d] / E[chi_d] for the data's dimension d (max_norm's k=1 control), and
-# "1/max_norm" its inverse; rater kind "random" runs once per fresh, never-trained rater initialisation.
+# "1/max_norm" its inverse; a policy's name (``knn``) is that policy's noise length measured on the study's
+# training split (``selection.policy_norm_scale``: knn's k=1 control); rater kind "random" runs once per
+# fresh, never-trained rater initialisation.
 ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "vanilla": ("vanilla", False, {}, None),
     "max_norm": ("max_norm", True, {}, None),
@@ -22,6 +24,7 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "class_ot": ("class_ot", False, {}, None),
     "noise_scale": ("vanilla", False, {"noise_scale": "max_norm"}, None),
     "noise_scale_down": ("vanilla", False, {"noise_scale": "1/max_norm"}, None),
+    "noise_scale_knn": ("vanilla", False, {"noise_scale": "knn"}, None),
     "noise_scale_x0.95": ("vanilla", False, {"noise_scale": 0.95}, None),
     "noise_scale_x1.05": ("vanilla", False, {"noise_scale": 1.05}, None),
     "noise_scale_x1.15": ("vanilla", False, {"noise_scale": 1.15}, None),
@@ -45,6 +48,9 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
 # arms whose policy changes the norm of the noise (the registry's ``changes_norm``): also judged against the
 # k=1 noise-scale control
 NORM_CHANGING = tuple(a for a, (policy, _, _, _) in ARMS.items() if policy_class(policy).changes_norm)
+# the k=1 arms that only rescale the noise, and the one each norm-changing arm's scale was built to copy
+SCALE_CONTROLS = tuple(a for a, (policy, _, over, _) in ARMS.items() if policy == "vanilla" and "noise_scale" in over)
+SCALE_CONTROL_OF = {"max_norm": "noise_scale", "min_norm": "noise_scale_down", "knn": "noise_scale_knn"}
 # each trained-rater arm and the random-rater arm that is its null distribution
 RANDOM_NULL = {"rater": "rater_random", "rater_sample": "rater_random_sample", "distilled": "rater_random",
                "distilled_sample": "rater_random_sample"}

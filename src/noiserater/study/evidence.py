@@ -41,7 +41,7 @@ from ..models.rater import NoiseRater, RaterSpec
 from ..objectives import OBJECTIVES, objective_from_config
 from ..run.folder import read_metrics
 from ..run.provenance import version_info
-from ..selection import dit_passes, equal_cost_control, max_norm_scale, policy_class
+from ..selection import dit_passes, equal_cost_control, max_norm_scale, policy_class, policy_norm_scale
 from ..train import TrainConfig, train
 from .arms import ARMS, BANDS, band_key
 from .evidence_report import write_evidence_report
@@ -138,6 +138,8 @@ CONTROL_ARMS = ["vanilla", "max_norm", "noise_scale", "noise_scale_down", "input
 RATER_ARMS = ["rater", "rater_sample", "rater_soft", "rater_random", "rater_random_sample"]
 # the arms every rung of the dimension ladder runs (digits runs them inside its fuller arm list)
 LADDER_ARMS = ["vanilla", "max_norm", "noise_scale", "input_perturbation", "knn", "rater", "rater_random"]
+# from scratch: the peers' couplings, each norm-changing arm with the k=1 control of its noise length
+SCRATCH_ARMS = ["vanilla", "max_norm", "noise_scale", "knn", "noise_scale_knn", "batch_ot", "rater", "rater_random"]
 NOISE_SCALE_SWEEP = ["noise_scale_x0.95", "noise_scale_x1.05", "noise_scale_x1.15", "noise_scale_x1.25"]
 EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
     # digits 8x8 (d=64), DiT-T/2; a 25% test split (449 images) is the FID reference nobody trained on
@@ -172,12 +174,12 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         test_draws=8),
     # From scratch, the protocol of the peers (Immiscible Diffusion's KNN, OT-CFM): each arm trains a fresh DiT-T/2
     # on digits for 1500 steps, evaluated at 300, 600, 1000 and 1500 (4 points along training); the rater arms use
-    # the rater of the mature stage. About 4 CPU-hours on 2 cores: runs are seed-major, so a part of ~2 hours
+    # the rater of the mature stage. About 4.5 CPU-hours on 2 cores: runs are seed-major, so a part of ~2 hours
     # compares every arm on seeds 0-1.
     "digits-scratch": EvidencePreset(
         name="digits-scratch", test_fraction=0.25, seeds=list(range(4)), stages=[1500],
         scratch_steps=[300, 600, 1000, 1500],
-        arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
+        arms=SCRATCH_ARMS,
         random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
         meta_patience=3, test_draws=8),
     # Flow, from scratch: FID also at 4 and 8 Euler steps (25 is eval_ddim_steps). Cut before its runs started
@@ -192,19 +194,19 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
     # Fashion-MNIST from scratch, at the ladder's mature 16x16 rung (d = 256, DiT-T/4): 3000 steps (4 epochs),
     # evaluated at 4 points, FID against the official test file. The rater is meta-trained on the 3000-step
     # vanilla pretrain (the end of the horizon). Sized from the fashion-mnist-16 study (6000 steps took 22 min on
-    # one core): about 15 min a run, 29 runs, about 8 CPU-hours each, so a GPU or two CPU sessions. Not yet run.
+    # one core): about 15 min a run, 33 runs, about 9 CPU-hours each, so a GPU or two CPU sessions. Not yet run.
     "fashion-mnist-16-scratch": EvidencePreset(
         name="fashion-mnist-16-scratch", data="fashion-mnist@16", model="DiT-T/4", rater="Rater-N/4",
         online_rater="Rater-N/4", pretrain_steps=3000, stages=[3000], seeds=list(range(4)),
         eval_reference_split="all", scratch_steps=[500, 1000, 2000, 3000],
-        arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
+        arms=SCRATCH_ARMS,
         random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
         meta_patience=2, test_draws=1),
     "fashion-mnist-16-flow-scratch": EvidencePreset(
         name="fashion-mnist-16-flow-scratch", objective="flow", data="fashion-mnist@16", model="DiT-T/4",
         rater="Rater-N/4", online_rater="Rater-N/4", pretrain_steps=3000, stages=[3000], seeds=list(range(4)),
         eval_reference_split="all", scratch_steps=[500, 1000, 2000, 3000], eval_extra_steps=[4, 8],
-        arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
+        arms=SCRATCH_ARMS,
         random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
         meta_patience=2, test_draws=1),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
@@ -329,11 +331,17 @@ def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log
 
 
 def resolve_overrides(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:
-    """An arm's TrainConfig overrides with the symbolic noise scales made numbers (see ``ARMS``)."""
+    """An arm's TrainConfig overrides with the symbolic noise scales made numbers (see ``ARMS``): max_norm's
+    in closed form, a data-dependent policy's (``knn``) measured on the study's training split."""
     out = dict(extra)
-    if isinstance(out.get("noise_scale"), str):
+    name = out.get("noise_scale")
+    if name in ("max_norm", "1/max_norm"):
         c = max_norm_scale(source_dimension(p.data), p.k)
-        out["noise_scale"] = {"max_norm": c, "1/max_norm": 1.0 / c}[out["noise_scale"]]
+        out["noise_scale"] = c if name == "max_norm" else 1.0 / c
+    elif isinstance(name, str):
+        train_images = load_dataset(p.data, "train", seed=p.split_seed, val_fraction=p.val_fraction,
+                                    test_fraction=p.test_fraction).images
+        out["noise_scale"] = policy_norm_scale(name, train_images, p.k, p.batch_size, seed=p.split_seed)
     return out
 
 

@@ -20,7 +20,7 @@ from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
 from ..stats import paired_interval
-from .arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL
+from .arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL, SCALE_CONTROL_OF, SCALE_CONTROLS
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
@@ -154,17 +154,39 @@ def absolute_table(rows: list[dict], stage: int) -> list[str]:
     return lines
 
 
+def matched_scale_control(sub: list[dict], arm: str) -> str | None:
+    """The k=1 noise-scale control whose noise length matches ``arm``'s: of the controls present, the one
+    whose recorded E||eps||^2/d is nearest the arm's, if within a fifth of the arm's own departure from 1
+    (max_norm and its closed-form control differ by under 1% of it). Without recorded norms, the control the
+    arm's scale was built for (``SCALE_CONTROL_OF``). None: no control of the arm's length ran."""
+    present = [c for c in SCALE_CONTROLS if any(r["arm"] == c for r in sub)]
+    m = _mean(sub, arm, "noise_sq_norm_per_dim")
+    norms = {c: _mean(sub, c, "noise_sq_norm_per_dim") for c in present}
+    if m is None or any(v is None for v in norms.values()):
+        c = SCALE_CONTROL_OF.get(arm)
+        return c if c in present else None
+    best = min(present, key=lambda c: abs(norms[c] - m), default=None)
+    return best if best is not None and abs(norms[best] - m) <= 0.2 * abs(m - 1) else None
+
+
 def norm_control_lines(rows: list[dict], stage: int) -> list[str]:
     """Each norm-changing policy against the k=1 noise-scale control of the same mean norm: a gain the
-    control also gets is a noise-scale effect, not the policy's."""
+    control also gets is a noise-scale effect, not the policy's. An arm no control matches says so."""
     sub = [r for r in rows if r["stage"] == stage]
     present = {r["arm"] for r in sub}
-    pairs = [(a, "noise_scale") for a in NORM_CHANGING if a in present and "noise_scale" in present]
-    if not pairs:
+    # at k=1 a batch coupling permutes i.i.d. noises: the lengths it trains on are plain chi_d
+    arms = [a for a in NORM_CHANGING if a in present and next(r.get("k") for r in sub if r["arm"] == a) != 1]
+    if not arms or not present & set(SCALE_CONTROLS):
         return []
-    lines = ["| arm | vs k=1 noise-scale control: FID | test loss |", "|---|---|---|"]
-    for arm, ctrl in pairs:
-        lines.append(f"| {arm} vs {ctrl} | {fmt(compare(sub, arm, ctrl, 'fid'))} | "
+    lines = ["| arm vs its k=1 noise-scale control | E‖ε‖²/d: arm, control | FID | test loss |", "|---|---|---|---|"]
+    for arm in arms:
+        ctrl = matched_scale_control(sub, arm)
+        norms = [_mean(sub, a, "noise_sq_norm_per_dim") if a else None for a in (arm, ctrl)]
+        norm_txt = ", ".join("—" if v is None else f"{v:.3f}" for v in norms)
+        if ctrl is None:
+            lines.append(f"| {arm} vs — (no control of its noise length ran) | {norm_txt} | — | — |")
+            continue
+        lines.append(f"| {arm} vs {ctrl} | {norm_txt} | {fmt(compare(sub, arm, ctrl, 'fid'))} | "
                      f"{fmt(compare(sub, arm, ctrl, 'test_loss'))} |")
     return lines
 
