@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -67,13 +68,19 @@ def test_live_heap_probe_sees_a_known_allocation():
     assert probe.peak >= probe.before + 64 * 2**20
 
 
+def _touch_fresh_pages(n_bytes: int) -> None:
+    """Make ``n_bytes`` of never-used pages resident, then unmap them. An anonymous mmap, not a tensor: malloc
+    may serve a tensor from heap pages an earlier test left resident, which raise no peak (CI saw growth 0)."""
+    with mmap.mmap(-1, n_bytes) as m:
+        for i in range(0, n_bytes, mmap.PAGESIZE):
+            m[i] = 1
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmRSS/VmHWM are Linux's")
 def test_peak_rss_growth_sees_touched_pages_and_resets_an_earlier_peak():
-    big = torch.ones(32 * 2**20)  # 128 MiB resident, then freed: an earlier, higher peak
-    del big
+    _touch_fresh_pages(128 * 2**20)  # an earlier, higher peak, then released
     with PeakRssGrowth() as small:
-        x = torch.ones(8 * 2**20)  # 32 MiB touched
-        del x
+        _touch_fresh_pages(32 * 2**20)
     assert small.reset
     assert 30 * 2**20 <= small.growth < 100 * 2**20  # the earlier 128 MiB peak does not hide it
 
