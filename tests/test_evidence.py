@@ -161,6 +161,7 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
     # knn trains on shorter noise than noise_scale's: not its control; batch_ot at k=1 keeps the lengths
     assert "objective `flow`" in report and "| knn vs — (no control of its noise length ran) |" in report
     assert "| batch_ot vs" not in report
+    assert "`knn`, `batch_ot`, `class_ot` train on noise coupled to the image" in report  # why their loss is not FID
     assert "FID vs vanilla, 1 steps" in report
 
 

@@ -191,6 +191,8 @@ class SelectionPolicy:
     - ``batch_coupled``: the choice depends on the whole batch, and the index is a row of the batch's
       pool ``candidates.reshape(B*k, ...)`` (under DDP: of this process's share of the batch);
     - ``changes_norm``: the chosen noise's norm is not chi_d (judged against a noise-scale control too);
+    - ``couples``: the choice depends on the image (a noise-data coupling): the model learns the target of
+      that joint, not of independent noise;
     - ``k_rule``: ``one`` (k must be 1), ``choose`` (a choice among k >= 2; at k=1 it is vanilla noise) or
       ``any`` (k=1 is meaningful: the batch couplings permute the batch's noises);
     - ``config_fields``: the TrainConfig fields :meth:`from_config` reads besides policy and candidates.
@@ -208,6 +210,7 @@ class SelectionPolicy:
     soft: ClassVar[bool] = False
     batch_coupled: ClassVar[bool] = False
     changes_norm: ClassVar[bool] = False
+    couples: ClassVar[bool] = False
     k_rule: ClassVar[str] = "choose"
     config_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -394,7 +397,7 @@ def check_assignment_size(images: int, k: int) -> str | None:
 class _Coupling(SelectionPolicy):
     """Pairs images with noises by L2 distance; refuses a batch too large for an exact assignment."""
 
-    changes_norm = True
+    changes_norm = couples = True
 
     @classmethod
     def check_run(cls, cfg: Any) -> None:

@@ -48,6 +48,8 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
 # arms whose policy changes the norm of the noise (the registry's ``changes_norm``): also judged against the
 # k=1 noise-scale control
 NORM_CHANGING = tuple(a for a, (policy, _, _, _) in ARMS.items() if policy_class(policy).changes_norm)
+# arms whose policy couples noise to image (knn, batch_ot, class_ot): their models fit another target field
+COUPLING = tuple(a for a, (policy, _, _, _) in ARMS.items() if policy_class(policy).couples)
 # the k=1 arms that only rescale the noise, and the one each norm-changing arm's scale was built to copy
 SCALE_CONTROLS = tuple(a for a, (policy, _, over, _) in ARMS.items() if policy == "vanilla" and "noise_scale" in over)
 SCALE_CONTROL_OF = {"max_norm": "noise_scale", "min_norm": "noise_scale_down", "knn": "noise_scale_knn"}

@@ -20,7 +20,7 @@ from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
 from ..stats import paired_interval
-from .arms import ARMS, BAND_KEYS, NORM_CHANGING, RANDOM_NULL, SCALE_CONTROL_OF, SCALE_CONTROLS
+from .arms import ARMS, BAND_KEYS, COUPLING, NORM_CHANGING, RANDOM_NULL, SCALE_CONTROL_OF, SCALE_CONTROLS
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
@@ -368,6 +368,12 @@ def write_evidence_report(root: str | Path) -> Path:
                "negative is better for both metrics. Control: `uniform_soft` (the same k noises averaged) for "
                "`rater_soft`, vanilla for every one-pass arm. Wall-clock cost: vanilla's median training "
                "throughput over the arm's, measured on a shared 2-core CPU (indicative only).")
+    coupled = [a for a in COUPLING if any(r["arm"] == a for r in rows)]
+    if coupled:
+        out += ["", f"The test loss draws its noise independently of the image (vanilla's objective). "
+                    f"{', '.join(f'`{a}`' for a in coupled)} train{'s' if len(coupled) == 1 else ''} on noise coupled "
+                    "to the image, so the model fits the target of that joint: part of a coupling's test-loss change "
+                    "is by construction, and FID (the peers' measure) is the comparison that applies to it."]
     records = []
     for stage in stages:
         lines, recs = stage_table(rows, stage, settings)
