@@ -130,6 +130,16 @@ def test_norm_changing_arms_are_paired_with_the_control_of_their_own_noise_lengt
     without = [r for r in rows if r["arm"] != "noise_scale_knn"]
     assert matched_scale_control(without, "knn") is None
     assert "| knn vs — (no control of its noise length ran) | 0.943, — | — | — |" in norm_control_lines(without, 1)
+    # with FID at fewer sampler steps: one more column per step count, each the paired change vs the control
+    for r in rows:
+        r["fid_steps4"] = 20.0 + r["seed"] - (1.0 if r["arm"] == "knn" else 0.0)
+    lines = norm_control_lines(rows, 1, [4, 8])  # no run measured 8 steps: no column for it
+    assert lines[0] == "| arm vs its k=1 noise-scale control | E‖ε‖²/d: arm, control | FID | FID, 4 steps | test loss |"
+    knn = next(line for line in lines if line.startswith("| knn vs noise_scale_knn"))
+    four = np.mean([-100 * 1.0 / (20.0 + s) for s in range(3)])
+    assert knn.split(" | ")[3].startswith(f"{four:+.2f}% ± ")
+    assert "| knn vs — (no control of its noise length ran) | 0.943, — | — | — | — |" in norm_control_lines(
+        [r for r in rows if r["arm"] != "noise_scale_knn"], 1, [4])
 
 
 def _tiny_study(out, **sets: str) -> list[dict]:

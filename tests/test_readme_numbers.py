@@ -18,9 +18,9 @@ def _evidence_section() -> str:
 
 
 def _reports() -> str:
-    # the current studies (evidence and from-scratch) and the archived ones the README compares with
+    # the current studies (evidence, flow, from-scratch) and the archived ones the README compares with
     return "\n".join(p.read_text() for p in (ROOT / "docs" / "results").rglob("report.md")
-                     if "evidence" in str(p) or "scratch" in str(p))
+                     if any(word in str(p) for word in ("evidence", "scratch", "flow")))
 
 
 def test_readme_quotes_intervals():

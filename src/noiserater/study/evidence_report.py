@@ -169,25 +169,30 @@ def matched_scale_control(sub: list[dict], arm: str) -> str | None:
     return best if best is not None and abs(norms[best] - m) <= 0.2 * abs(m - 1) else None
 
 
-def norm_control_lines(rows: list[dict], stage: int) -> list[str]:
+def norm_control_lines(rows: list[dict], stage: int, extra_steps: list[int] = ()) -> list[str]:
     """Each norm-changing policy against the k=1 noise-scale control of the same mean norm: a gain the
-    control also gets is a noise-scale effect, not the policy's. An arm no control matches says so."""
+    control also gets is a noise-scale effect, not the policy's. An arm no control matches says so. FID at
+    each of ``extra_steps`` sampler steps too (``fid_steps<n>``), where the study measured it."""
     sub = [r for r in rows if r["stage"] == stage]
     present = {r["arm"] for r in sub}
     # at k=1 a batch coupling permutes i.i.d. noises: the lengths it trains on are plain chi_d
     arms = [a for a in NORM_CHANGING if a in present and next(r.get("k") for r in sub if r["arm"] == a) != 1]
     if not arms or not present & set(SCALE_CONTROLS):
         return []
-    lines = ["| arm vs its k=1 noise-scale control | E‖ε‖²/d: arm, control | FID | test loss |", "|---|---|---|---|"]
+    keys = ["fid"] + [f"fid_steps{n}" for n in extra_steps if any(f"fid_steps{n}" in r for r in sub)] + ["test_loss"]
+    names = ["FID"] + [f"FID, {k.removeprefix('fid_steps')} steps" for k in keys[1:-1]] + ["test loss"]
+    lines = ["| arm vs its k=1 noise-scale control | E‖ε‖²/d: arm, control | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(keys)]
     for arm in arms:
         ctrl = matched_scale_control(sub, arm)
         norms = [_mean(sub, a, "noise_sq_norm_per_dim") if a else None for a in (arm, ctrl)]
         norm_txt = ", ".join("—" if v is None else f"{v:.3f}" for v in norms)
         if ctrl is None:
-            lines.append(f"| {arm} vs — (no control of its noise length ran) | {norm_txt} | — | — |")
+            lines.append(f"| {arm} vs — (no control of its noise length ran) | {norm_txt} | " + "— | " * len(keys))
+            lines[-1] = lines[-1].rstrip()
             continue
-        lines.append(f"| {arm} vs {ctrl} | {norm_txt} | {fmt(compare(sub, arm, ctrl, 'fid'))} | "
-                     f"{fmt(compare(sub, arm, ctrl, 'test_loss'))} |")
+        lines.append(f"| {arm} vs {ctrl} | {norm_txt} | " + " | ".join(fmt(compare(sub, arm, ctrl, k)) for k in keys)
+                     + " |")
     return lines
 
 
@@ -379,7 +384,7 @@ def write_evidence_report(root: str | Path) -> Path:
         lines, recs = stage_table(rows, stage, settings)
         records += recs
         out += ["", f"## {stage_label(stage, settings)}", ""] + lines + ["", "Absolute means:", ""] + absolute_table(rows, stage)
-        norm = norm_control_lines(rows, stage)
+        norm = norm_control_lines(rows, stage, settings.get("eval_extra_steps") or [])
         if norm:
             out += ["", "Norm-changing policies against the k=1 noise-scale control of the same mean norm "
                         "(a gain the control also gets is a change of the noise's scale, not a selection):", ""] + norm
