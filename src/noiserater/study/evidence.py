@@ -221,6 +221,18 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         arms=SCRATCH_ARMS,
         random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
         meta_patience=2, test_draws=1),
+    # Flow as continuation on Fashion-MNIST at the ladder's mature 16x16 rung (d = 256, DiT-T/4): the
+    # fashion-mnist-16 recipe (a 6000-step stage continued 150 steps at k = 4, FID against the official test file)
+    # with digits-flow's arms. Fixed before any run; about 76 runs of ~3 minutes plus a 22-minute pretrain: about 4
+    # CPU-hours, so two 2-hour parts on 2 cores (seed-major: a part compares every arm on its seeds). Not yet run.
+    "fashion-mnist-16-flow": EvidencePreset(
+        name="fashion-mnist-16-flow", objective="flow", data="fashion-mnist@16", model="DiT-T/4", rater="Rater-N/4",
+        online_rater="Rater-N/4", pretrain_steps=6000, stages=[6000], seeds=list(range(6)),
+        eval_reference_split="all", eval_extra_steps=[4, 8],
+        arms=["vanilla", "max_norm", "noise_scale", "knn", "noise_scale_knn", "batch_ot", "class_ot", "rater",
+              "rater_sample", "distilled", "rater_random"],
+        random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
+        meta_patience=2, test_draws=1),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
     # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
     # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
