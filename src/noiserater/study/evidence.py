@@ -191,7 +191,7 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
         arms=["vanilla", "max_norm", "noise_scale", "knn", "batch_ot", "rater", "rater_random"],
         random_raters=5, random_rater_seeds=[0], fid_large_arms=[], bilevel_outer_steps=60, meta_eval_every=20,
         meta_patience=3, test_draws=8),
-    # Flow, as continuation (the paper's protocol, issue 23's second half): the digits recipe (a 1500-step flow
+    # Flow, as continuation (the paper's protocol): the digits recipe (a 1500-step flow
     # checkpoint continued 150 steps at k = 4) with every coupling and its controls: knn against the k=1 control of
     # its own (shorter) noise length, batch_ot and class_ot (one pass, no norm change), and the rater with its
     # deployment-matched sample, the distilled rater and the random-rater null (seeds 0-1). FID at 25, 8 and 4
@@ -206,7 +206,7 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
     # Fashion-MNIST from scratch, at the ladder's mature 16x16 rung (d = 256, DiT-T/4): 3000 steps (4 epochs),
     # evaluated at 4 points, FID against the official test file. The rater is meta-trained on the 3000-step
     # vanilla pretrain (the end of the horizon). Sized from the fashion-mnist-16 study (6000 steps took 22 min on
-    # one core): about 15 min a run, 33 runs, about 9 CPU-hours each, so a GPU or two CPU sessions. Not yet run.
+    # one core): about 15 min a run, 33 runs, about 9 CPU-hours each, so a GPU or two 2-core runs of ~4.5 hours. Not yet run.
     "fashion-mnist-16-scratch": EvidencePreset(
         name="fashion-mnist-16-scratch", data="fashion-mnist@16", model="DiT-T/4", rater="Rater-N/4",
         online_rater="Rater-N/4", pretrain_steps=3000, stages=[3000], seeds=list(range(4)),
