@@ -188,8 +188,8 @@ def norm_control_lines(rows: list[dict], stage: int, extra_steps: list[int] = ()
         norms = [_mean(sub, a, "noise_sq_norm_per_dim") if a else None for a in (arm, ctrl)]
         norm_txt = ", ".join("—" if v is None else f"{v:.3f}" for v in norms)
         if ctrl is None:
-            lines.append(f"| {arm} vs — (no control of its noise length ran) | {norm_txt} | " + "— | " * len(keys))
-            lines[-1] = lines[-1].rstrip()
+            lines.append(f"| {arm} vs — (no control of its noise length ran) | {norm_txt} | " + " | ".join("—" * len(keys))
+                         + " |")
             continue
         lines.append(f"| {arm} vs {ctrl} | {norm_txt} | " + " | ".join(fmt(compare(sub, arm, ctrl, k)) for k in keys)
                      + " |")
