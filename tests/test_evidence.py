@@ -249,3 +249,40 @@ def test_knn_noise_scale_control_is_measured_on_the_study_training_split():
                                 test_fraction=p.test_fraction).images
     assert c == policy_norm_scale("knn", train_images, p.k, p.batch_size, seed=p.split_seed) and 0.8 < c < 1.0
     assert "noise_scale_knn" in p.arms
+
+
+def test_noise_scale_dose_response_finds_the_vertex_of_a_planted_parabola(tmp_path):
+    """Scale arms whose paired FID change is exactly 50 (C - 1.1)^2 - 50 (0.1)^2 (0 at C = 1, minimum at
+    C = 1.1): the sweep table lists them by C around vanilla, the fit finds 1.1 (closed form), and arms that
+    change anything besides the scale (k = 4, input perturbation) are not in the sweep."""
+    from noiserater.study.evidence_report import dose_response, parabola_minimum, scale_arms
+
+    assert parabola_minimum([(0.0, 1.0), (1.0, 0.0), (2.0, 1.0)]) == pytest.approx(1.0)
+    assert parabola_minimum([(0.0, -1.0), (1.0, 0.0), (2.0, -1.0)]) is None  # opens downward
+    assert parabola_minimum([(1.0, 0.0), (2.0, 1.0)]) is None
+
+    def change(c):
+        return 50 * (c - 1.1) ** 2 - 50 * 0.1 ** 2
+
+    scales = {"noise_scale_down": 0.9158, "noise_scale_x0.95": 0.95, "noise_scale": 1.0919, "noise_scale_x1.25": 1.25}
+    rows = []
+    for s in range(3):
+        base = {"stage": 1, "seed": s, "policy": "vanilla", "k": 1, "input_perturbation": 0.0}
+        rows.append({**base, "arm": "vanilla", "noise_scale": 1.0, "fid": 10.0 + s, "test_loss": 1.0})
+        rows.append({**base, "arm": "max_norm", "policy": "max_norm", "k": 4, "noise_scale": 1.0, "fid": 1.0,
+                     "test_loss": 1.0})
+        rows.append({**base, "arm": "input_perturbation", "input_perturbation": 0.1, "noise_scale": 1.0, "fid": 1.0,
+                     "test_loss": 1.0})
+        for arm, c in scales.items():
+            rows.append({**base, "arm": arm, "noise_scale": c, "fid": (10.0 + s) * (1 + change(c) / 100),
+                         "test_loss": 1.0 + (c - 1.0) ** 2})
+    assert [a for _, a in scale_arms(rows, 1)] == ["noise_scale_down", "noise_scale_x0.95", "noise_scale",
+                                                   "noise_scale_x1.25"]
+    lines, fit = dose_response(rows, 1)
+    assert [line.split(" | ")[1] for line in lines[2:7]] == ["noise_scale_down", "noise_scale_x0.95",
+                                                             "vanilla (the control)", "noise_scale", "noise_scale_x1.25"]
+    assert fit["best"]["fid"] == pytest.approx(1.1, abs=1e-6)
+    assert fit["best"]["test_loss"] == pytest.approx(1.0, abs=1e-6)
+    assert f"| {change(1.25):+.3f}% ± 0.000 |" in lines[6]  # exact: every seed has the same change
+    assert "classifier-FID: C = 1.100" in lines[-1]
+    assert dose_response([r for r in rows if r["arm"] in ("vanilla", "noise_scale", "noise_scale_x1.25")], 1) is None

@@ -541,7 +541,8 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
 # What a published study keeps (relative to the study root): everything the report reads, the trained raters,
 # and no DiT checkpoint. The layout is the study's own, so `evidence --report-only` on the published copy
 # writes the same report. Random raters are not kept: they are rebuilt exactly from RANDOM_RATER_SEED.
-PUBLISHED_FILES = ("study.json", "results.jsonl", "summary.json", "report.md", "forest-stage*.png", "training-curve.png",
+PUBLISHED_FILES = ("study.json", "results.jsonl", "summary.json", "report.md", "forest-stage*.png", "noise-scale-stage*.png",
+                   "training-curve.png",
                    "pretrain/stage.json", "reference-floor/stage.json", "stage-*/rater-*/stage.json",
                    "stage-*/rater-bilevel/rater.pt", "stage-*/rater-distill/rater.pt", "stage-*/rater-*/run/metrics.jsonl",
                    "stage-*/rater-*/run/config.yaml", "stage-*/rater-*/run/heldout_curve.png",

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from scipy import stats
 
 from ..checkpoint import atomic_write_text
@@ -194,6 +195,91 @@ def norm_control_lines(rows: list[dict], stage: int, extra_steps: list[int] = ()
         lines.append(f"| {arm} vs {ctrl} | {norm_txt} | " + " | ".join(fmt(compare(sub, arm, ctrl, k)) for k in keys)
                      + " |")
     return lines
+
+
+def scale_arms(rows: list[dict], stage: int) -> list[tuple[float, str]]:
+    """(C, arm) of the stage's k=1 noise-scale arms (vanilla's one pass with every noise times C != 1 and
+    nothing else changed), sorted by C."""
+    sub = [r for r in rows if r["stage"] == stage]
+    out = []
+    for arm in {r["arm"] for r in sub} - {"vanilla"}:
+        recs = [r for r in sub if r["arm"] == arm]
+        if all(r.get("policy") == "vanilla" and r.get("k") == 1 and not r.get("input_perturbation")
+               and r.get("noise_scale") not in (None, 1.0) for r in recs):
+            out.append((recs[0]["noise_scale"], arm))
+    return sorted(out)
+
+
+def parabola_minimum(points: list[tuple[float, float]]) -> float | None:
+    """x at the minimum of the least-squares parabola through (x, y) points; None with fewer than 3
+    distinct x or a parabola that opens downward (no minimum)."""
+    if len({x for x, _ in points}) < 3:
+        return None
+    a, b, _ = np.polyfit([x for x, _ in points], [y for _, y in points], 2)
+    return float(-b / (2 * a)) if a > 0 else None
+
+
+def dose_response(rows: list[dict], stage: int) -> tuple[list[str], dict] | None:
+    """The noise-scale sweep: each k=1 scale arm's paired change vs vanilla (C = 1) by C, and where a
+    parabola through the mean changes has its minimum (the scale the data prefer). None with fewer than 3
+    scale arms (no sweep ran)."""
+    arms = scale_arms(rows, stage)
+    if len(arms) < 3:
+        return None
+    sub = [r for r in rows if r["stage"] == stage]
+    lines = ["| C | arm | E‖ε‖²/d trained on | FID vs vanilla | test loss vs vanilla |", "|---|---|---|---|---|"]
+    changes = {key: [(1.0, 0.0)] for key, _ in METRICS}
+    for c, arm in sorted(arms + [(1.0, "vanilla")]):
+        if arm == "vanilla":
+            norm = _mean(sub, arm, "noise_sq_norm_per_dim")
+            lines.append(f"| 1 | vanilla (the control) | {'—' if norm is None else f'{norm:.3f}'} | — | — |")
+            continue
+        cis = {key: compare(sub, arm, "vanilla", key) for key, _ in METRICS}
+        norm = _mean(sub, arm, "noise_sq_norm_per_dim")
+        lines.append(f"| {c:.4g} | {arm} | {'—' if norm is None else f'{norm:.3f}'} | {fmt(cis['fid'])} | "
+                     f"{fmt(cis['test_loss'])} |")
+        for key, ci in cis.items():
+            if ci is not None:
+                changes[key].append((c, ci["mean"]))
+    lo, hi = min(c for c, _ in arms + [(1.0, "")]), max(c for c, _ in arms + [(1.0, "")])
+    best = {key: parabola_minimum(pts) for key, pts in changes.items()}
+    words = []
+    for key, name in METRICS:
+        b = best[key]
+        where = ("no minimum (the fitted parabola opens downward)" if b is None else
+                 f"C = {b:.3f}" + ("" if lo <= b <= hi else f", outside the swept range [{lo:.3g}, {hi:.3g}]"))
+        words.append(f"{name}: {where}")
+    lines += ["", "A least-squares parabola through the mean changes (vanilla at C = 1, 0) has its minimum at: "
+                  + "; ".join(words) + "."]
+    return lines, {"changes": changes, "best": best}
+
+
+def dose_response_plot(rows: list[dict], stage: int, path: Path, label: str) -> Path | None:
+    """Each scale arm's paired change vs vanilla (95% interval) against C, with the fitted parabola."""
+    arms = scale_arms(rows, stage)
+    if len(arms) < 3:
+        return None
+    sub = [r for r in rows if r["stage"] == stage]
+    fig, axes = figure(ncols=2, width=4.0, height=3.2, title=f"{label}: the noise's scale, k = 1")
+    for ax, (key, name) in zip(axes, METRICS):
+        pts = [(1.0, 0.0, 0.0)]
+        for c, arm in arms:
+            ci = compare(sub, arm, "vanilla", key)
+            if ci is not None:
+                pts.append((c, ci["mean"], ci["half"] if math.isfinite(ci["half"]) else 0.0))
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o", capsize=3,
+                    color="black")
+        if len(pts) >= 3:
+            coef = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 2)
+            xs = np.linspace(pts[0][0], pts[-1][0], 100)
+            ax.plot(xs, np.polyval(coef, xs), color="#0072B2", lw=1)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(1, color="grey", lw=0.6, ls=":")
+        label_axes(ax, xlabel="noise scale C (vanilla: 1)",
+                   ylabel=axis_label(f"{name} change vs vanilla", "%", lower_is_better=True))
+    return savefig(fig, path, caption="Points: mean paired change vs vanilla over seeds, bars: 95% t-interval; "
+                                      "line: the least-squares parabola through the means.")
 
 
 def random_null(rows: list[dict], stage: int, trained: str, metric: str) -> dict | None:
@@ -388,6 +474,12 @@ def write_evidence_report(root: str | Path) -> Path:
         if norm:
             out += ["", "Norm-changing policies against the k=1 noise-scale control of the same mean norm "
                         "(a gain the control also gets is a change of the noise's scale, not a selection):", ""] + norm
+        dose = dose_response(rows, stage)
+        if dose:
+            out += ["", "The noise's scale, k = 1 (every chosen noise times C; vanilla is C = 1): if the "
+                        "norm-changing policies' effect is a scale effect, it follows this curve:", ""] + dose[0]
+            fig = dose_response_plot(rows, stage, root / f"noise-scale-stage{stage}.png", stage_label(stage, settings))
+            out += ["", f"![noise scale, stage {stage}]({fig.name})"]
         null = random_null_lines(rows, stage)
         if null:
             out += ["", "Trained raters against the null of never-trained raters of the same architecture (each "
