@@ -286,3 +286,37 @@ def test_noise_scale_dose_response_finds_the_vertex_of_a_planted_parabola(tmp_pa
     assert f"| {change(1.25):+.3f}% ± 0.000 |" in lines[6]  # exact: every seed has the same change
     assert "classifier-FID: C = 1.100" in lines[-1]
     assert dose_response([r for r in rows if r["arm"] in ("vanilla", "noise_scale", "noise_scale_x1.25")], 1) is None
+
+
+def test_a_published_study_is_extended_with_more_seeds_and_its_rebuilt_stages_are_checked(tmp_path, monkeypatch):
+    """A published copy keeps the records but no DiT checkpoint and no random rater: extending it with a
+    seed rebuilds the pretraining and the random raters from their configs, checks their weights against the
+    recorded fingerprints, skips every finished run, and gives the new seed the same numbers as a study that
+    ran it from the start. A record whose fingerprint the rebuild does not match is refused."""
+    monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
+    sets = dict(pretrain_steps="6", stages="[6]", continue_steps="2", arms="[vanilla, rater_random]")
+    whole = _tiny_study(tmp_path / "whole", **sets, seeds="[0, 1, 2]")
+    _tiny_study(tmp_path / "first", **sets)
+    publish_study(tmp_path / "first", tmp_path / "pub")
+    assert not list((tmp_path / "pub").rglob("*.pt"))
+    pub = (tmp_path / "pub" / "pretrain" / "stage.json").read_text()
+    args = ["evidence", "--out", str(tmp_path / "pub")] + [
+        x for k, v in {"model": "DiT-N/2", "rater": "FastRater-N/2", "batch_size": "8", "random_raters": "2",
+                       "fid_large_arms": "[]", "eval_samples": "20", "eval_ddim_steps": "2", "test_draws": "1",
+                       **sets, "seeds": "[0, 1, 2]"}.items() for x in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "[redo] " in res.output and "pretrain" in res.output and "rater-random" in res.output
+    assert "runs/vanilla/seed0 (done)" in res.output  # finished runs are not rerun
+    rows = {(r["arm"], r.get("rater_init"), r["seed"]): r for r in
+            (json.loads(x) for x in (tmp_path / "pub" / "results.jsonl").read_text().splitlines())}
+    for r in whole:
+        assert rows[(r["arm"], r.get("rater_init"), r["seed"])]["fid"] == r["fid"]
+        assert rows[(r["arm"], r.get("rater_init"), r["seed"])]["test_loss"] == r["test_loss"]
+    # a record made by other weights: the rebuilt pretraining does not match it and the study stops
+    rec = json.loads(pub)
+    rec["result"]["fingerprints"]["6"] = "0" * 64
+    publish_study(tmp_path / "first", tmp_path / "pub2")
+    (tmp_path / "pub2" / "pretrain" / "stage.json").write_text(json.dumps(rec))
+    bad = CliRunner().invoke(main, [a if a != str(tmp_path / "pub") else str(tmp_path / "pub2") for a in args])
+    assert bad.exit_code != 0 and "rebuilt differently from its record" in bad.output

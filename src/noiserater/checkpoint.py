@@ -95,6 +95,17 @@ def _hash_into(h, obj: Any) -> None:
         h.update(f"O{type(obj).__module__}.{type(obj).__qualname__}:{obj!r};".encode())
 
 
+WEIGHT_KEYS = ("model", "ema", "rater")
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """:func:`content_sha256` of a checkpoint's weights only (``model``, ``ema``, ``rater``: whichever it
+    has), so a checkpoint rebuilt elsewhere (another folder, another wall time) matches the original exactly
+    when, and only when, its weights are bit for bit the same."""
+    state = load_checkpoint(path)
+    return content_sha256({key: state[key] for key in WEIGHT_KEYS if key in state})
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes (read in 1 MiB blocks): provenance of checkpoints and weights files."""
     h = hashlib.sha256()

@@ -48,8 +48,10 @@ from .evidence_report import write_evidence_report
 from .reproduce import (
     PRETRAIN_SEED,
     copy_checkpoint,
+    fingerprints,
     finished,
     fixed_triple_losses,
+    needs_checkpoints,
     pretrain_segments,
     run_stage,
     sample_metrics,
@@ -297,11 +299,12 @@ def pretrain_stage(p: EvidencePreset, root: Path, log=print) -> dict[str, str]:
                                ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=False,
                                **_split_kw(p), **_objective_kw(p))
 
-        return {"checkpoints": pretrain_segments(folder, root, p.stages, p.pretrain_steps, config_at)}
+        ckpts = pretrain_segments(folder, root, p.stages, p.pretrain_steps, config_at)
+        return {"checkpoints": ckpts, "fingerprints": fingerprints(root, ckpts)}
 
     cfg = {"model": p.model, "steps": p.pretrain_steps, "stages": sorted(p.stages), "batch_size": p.batch_size,
            "lr": p.pretrain_lr, **_split_kw(p), **_objective_kw(p)}
-    return run_stage(root / "pretrain", cfg, fn, log)["checkpoints"]
+    return run_stage(root / "pretrain", cfg, fn, log, needs=needs_checkpoints(root))["checkpoints"]
 
 
 def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str, log=print) -> str:
@@ -320,13 +323,16 @@ def rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, kind: str,
         best = Path(summary.get("best_rater") or summary["rater"])
         keep = folder / "rater.pt"
         copy_checkpoint(best, keep)
-        return {"rater": str(keep.relative_to(root)), "summary": json.loads(json.dumps(summary, default=str))}
+        rel = str(keep.relative_to(root))
+        return {"rater": rel, "fingerprints": fingerprints(root, {"rater": rel}),
+                "summary": json.loads(json.dumps(summary, default=str))}
 
     cfg = {"checkpoint": ckpt, "kind": kind, "rater": p.rater, "steps": steps, "S": p.bilevel_inner_steps,
            "K": p.bilevel_candidates, "lr": p.bilevel_lr if kind == "bilevel" else p.distill_lr,
            "eval_every": p.meta_eval_every, "patience": p.meta_patience,
            **({"batch_size": p.distill_batch_size} if kind == "distill" else {})}
-    return run_stage(root / f"stage-{stage}" / f"rater-{kind}", cfg, fn, log)["rater"]
+    return run_stage(root / f"stage-{stage}" / f"rater-{kind}", cfg, fn, log,
+                     needs=lambda result: [root / result["rater"]])["rater"]
 
 
 # the initial weights of the never-trained raters of the random-rater null (init i: seed + i)
@@ -347,11 +353,12 @@ def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log
             save_rater(path, rater, {"init_seed": RANDOM_RATER_SEED + i, "trained": False,
                                      "diffusion": {"objective": p.objective}})  # the units of t it would score
             paths.append(str(path.relative_to(root)))
-        return {"raters": paths}
+        return {"raters": paths, "fingerprints": fingerprints(root, {f"init{i}": r for i, r in enumerate(paths)})}
 
     cfg = {"checkpoint": ckpt, "kind": "random", "rater": p.rater, "inits": p.random_raters,
            "init_seed": RANDOM_RATER_SEED}
-    return run_stage(root / f"stage-{stage}" / "rater-random", cfg, fn, log)["raters"]
+    return run_stage(root / f"stage-{stage}" / "rater-random", cfg, fn, log,
+                     needs=lambda result: [root / r for r in result["raters"]])["raters"]
 
 
 def resolve_overrides(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:

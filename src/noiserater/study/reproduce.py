@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..analysis.rater_stats import StagesConfig, analyze_stages, match_stage
-from ..checkpoint import RunDirError, write_json
+from ..checkpoint import RunDirError, load_checkpoint, weights_fingerprint, write_json
 from ..data import load_dataset
 from ..evaluate import EvalConfig, evaluate_checkpoint
 from ..metatrain import MetaTrainConfig, metatrain
@@ -117,30 +117,59 @@ def finished(summary: dict, what: str) -> dict:
     return summary
 
 
-def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print) -> dict:
+def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print,
+              needs: Callable[[dict], list[Path]] | None = None) -> dict:
     """Run ``fn(folder)`` unless ``folder/stage.json`` records the same config; then return its result.
 
     A stage interrupted half-way has no stage.json: ``fn`` runs again and resumes from its checkpoints.
+    ``needs(result)``: the files later stages read from this one. A stage whose record is here but whose
+    files are not (a published copy of a study, which keeps no DiT checkpoints) is rebuilt from its config,
+    and where the record kept ``fingerprints`` (:func:`weights_fingerprint` by name) the rebuilt files must
+    match them bit for bit, so a study extended elsewhere never mixes two versions of one stage.
     """
     marker = folder / "stage.json"
     config = json.loads(json.dumps(config, default=str))
+    recorded = None
     if marker.exists():
         rec = json.loads(marker.read_text())
-        if rec.get("config") == config:
+        if rec.get("config") != config:
+            diff = sorted(k for k in set(config) | set(rec.get("config", {})) if config.get(k) != rec["config"].get(k))
+            raise RunDirError(
+                f"stage {folder} was run with a different config ({diff[0]}: {rec['config'].get(diff[0])!r} there, "
+                f"{config.get(diff[0])!r} now); use another --out or delete that folder"
+            )
+        missing = [p for p in (needs(rec["result"]) if needs else []) if not Path(p).exists()]
+        if not missing:
             log(f"[skip] {folder} (done)")
             return rec["result"]
-        diff = sorted(k for k in set(config) | set(rec.get("config", {})) if config.get(k) != rec["config"].get(k))
-        raise RunDirError(
-            f"stage {folder} was run with a different config ({diff[0]}: {rec['config'].get(diff[0])!r} there, "
-            f"{config.get(diff[0])!r} now); use another --out or delete that folder"
-        )
-    log(f"[run ] {folder}")
+        recorded = rec["result"]
+        log(f"[redo] {folder} ({Path(missing[0]).name} is not here: rebuilding it from its recorded config)")
+    else:
+        log(f"[run ] {folder}")
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     result = fn(folder)
     result["wall_s"] = time.perf_counter() - t0
+    if recorded is not None:
+        check_rebuilt(folder, recorded.get("fingerprints"), result.get("fingerprints"), log)
     write_json(marker, {"config": config, "result": result})
     return result
+
+
+def check_rebuilt(folder: Path, recorded: dict | None, rebuilt: dict | None, log: Callable[[str], None]) -> None:
+    """A rebuilt stage's weights must equal the recorded ones (``{name: fingerprint}``); without a record
+    there is nothing to compare, and the log says so."""
+    if not recorded:
+        log(f"[note] {folder}: its record keeps no fingerprint, so the rebuilt weights are not checked against it")
+        return
+    for name, want in recorded.items():
+        got = (rebuilt or {}).get(name)
+        if got != want:
+            raise RunDirError(
+                f"stage {folder} rebuilt differently from its record ({name}: weights {str(got)[:12]} now, "
+                f"{want[:12]} recorded): another code version, torch build, thread count or machine made it. "
+                "Continue the study where it ran (same commit, OMP_NUM_THREADS), or rerun it whole under a new --out"
+            )
 
 
 @torch.no_grad()
@@ -247,13 +276,27 @@ def pretrain_segments(folder: Path, root: Path, stages: list[int], steps: int,
     checkpoint; a segment whose copy exists is skipped. Segment by segment is bit-exact (tested). Returns
     {step: copy path relative to ``root``}."""
     ckpts = {}
+    latest = folder / "run" / "checkpoints" / "latest.pt"
     for s in sorted(set(stages) | {steps}):
         dst = folder / f"step_{s:07d}.pt"
         if not dst.exists():
+            if latest.exists() and load_checkpoint(latest)["step"] > s:
+                raise RunDirError(f"{dst} is missing but {folder / 'run'} has trained past step {s}: its weights at "
+                                  f"step {s} cannot be recovered; delete {folder} to retrain it from the start")
             finished(train(config_at(s), resume=True), str(folder))
             copy_checkpoint(folder / "run" / "checkpoints" / "latest.pt", dst)
         ckpts[str(s)] = rel_to(dst, root)
     return ckpts
+
+
+def fingerprints(root: Path, paths: dict[str, str]) -> dict[str, str]:
+    """{name: weights fingerprint} of checkpoints given relative to the study root (see :func:`run_stage`)."""
+    return {name: weights_fingerprint(under(path, root)) for name, path in paths.items()}
+
+
+def needs_checkpoints(root: Path) -> Callable[[dict], list[Path]]:
+    """``run_stage``'s ``needs`` for a stage whose result lists its checkpoints under ``checkpoints``."""
+    return lambda result: [Path(under(path, root)) for path in result["checkpoints"].values()]
 
 
 def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages: list[int], log=print) -> dict:
@@ -261,13 +304,14 @@ def pretrain(preset: ReproducePreset, root: Path, model: str, steps: int, stages
     returned paths are relative to ``root`` (resolve them with :func:`under`)."""
     def fn(folder: Path) -> dict:
         ckpts = pretrain_segments(folder, root, stages, steps, lambda s: pretrain_config(preset, folder, model, s))
-        return {"checkpoints": ckpts, "metrics": rel_to(folder / "run" / "metrics.jsonl", root)}
+        return {"checkpoints": ckpts, "fingerprints": fingerprints(root, ckpts),
+                "metrics": rel_to(folder / "run" / "metrics.jsonl", root)}
 
     cfg = {"data": preset.data, "model": model, "steps": steps, "stages": sorted(stages),
            "batch_size": preset.batch_size, "lr": preset.pretrain_lr}
     if _stage_settings(preset, "train"):  # recorded only when set, so the CPU studies' stages still match
         cfg["train_settings"] = _stage_settings(preset, "train")
-    return run_stage(root / f"pretrain-{model.replace('/', '_')}", cfg, fn, log)
+    return run_stage(root / f"pretrain-{model.replace('/', '_')}", cfg, fn, log, needs=needs_checkpoints(root))
 
 
 def continuation(preset: ReproducePreset, root: Path, table: str, init: str, policy: str, k: int, seed: int,
@@ -314,14 +358,17 @@ def meta_train_rater(preset: ReproducePreset, root: Path, name: str, checkpoint:
     def fn(folder: Path) -> dict:
         summary = finished(metatrain(metatrain_config(preset, folder, under(checkpoint, root), ablation), resume=True),
                            str(folder))
-        return {"rater": rel_to(summary["rater"], root), "summary": json.loads(json.dumps(summary, default=str))}
+        rater = rel_to(summary["rater"], root)
+        return {"rater": rater, "fingerprints": fingerprints(root, {"rater": rater}),
+                "summary": json.loads(json.dumps(summary, default=str))}
 
     cfg = {"checkpoint": checkpoint, "rater": preset.rater, "ablation": ablation, "outer": preset.meta_outer_steps,
            "inner": preset.meta_inner_steps, "K": preset.meta_candidates, "inner_lr": preset.meta_inner_lr,
            "lr": preset.meta_lr}
     if _stage_settings(preset, "metatrain"):  # recorded only when set, so the CPU studies' stages still match
         cfg["metatrain_settings"] = _stage_settings(preset, "metatrain")
-    return run_stage(root / "rater" / name, cfg, fn, log)["rater"]
+    return run_stage(root / "rater" / name, cfg, fn, log,
+                     needs=lambda result: [Path(under(result["rater"], root))])["rater"]
 
 
 def analyze_raters(preset: ReproducePreset, root: Path, raters: dict[str, str], log=print) -> dict:
