@@ -320,3 +320,23 @@ def test_a_published_study_is_extended_with_more_seeds_and_its_rebuilt_stages_ar
     (tmp_path / "pub2" / "pretrain" / "stage.json").write_text(json.dumps(rec))
     bad = CliRunner().invoke(main, [a if a != str(tmp_path / "pub") else str(tmp_path / "pub2") for a in args])
     assert bad.exit_code != 0 and "rebuilt differently from its record" in bad.output
+
+
+def test_study_progress_estimates_the_time_left_from_the_runs_it_trained(monkeypatch):
+    """Three jobs: a skipped one (costs nothing), then two that train 1 and 3 minutes. After the first
+    trained run 1 job is left at 1 min a run; the last line says done."""
+    import noiserater.study.evidence as ev
+
+    clock = iter([0.0, 10.0, 70.0, 100.0, 280.0])  # the skipped job reads the clock once
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: next(clock))
+    lines = []
+    prog = ev.StudyProgress(3, "stage 300", lines.append)
+    with prog.run():
+        prog.log("[skip] a (done)")
+    with prog.run():
+        prog.log("[run ] b")
+    with prog.run():
+        prog.log("[redo] c")
+    assert lines == ["[skip] a (done)", "[run ] b", "[2/3] stage 300: 1 min on 1 run(s) so far, about 1 min left",
+                     "[redo] c", "[3/3] stage 300: 4 min on 2 run(s) so far, done"]
+    assert [ev.duration(x) for x in (40, 720, 7500)] == ["40 s", "12 min", "2 h 05 min"]

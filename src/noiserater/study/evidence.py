@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -530,17 +531,19 @@ def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = pr
 
         def one(arm: str, seed: int, rater: str | None, init: int | None = None) -> list[dict]:
             if p.scratch_steps:
-                return scratch_arm_runs(p, root, arm, seed, rater, log, init=init)
-            return [arm_run(p, root, stage, ckpt, arm, seed, rater, log, init=init)]
+                return scratch_arm_runs(p, root, arm, seed, rater, progress.log, init=init)
+            return [arm_run(p, root, stage, ckpt, arm, seed, rater, progress.log, init=init)]
 
-        for seed in p.seeds:
-            for arm in p.arms:
-                kind = ARMS[arm][3]
-                if kind != "random":
-                    rows += one(arm, seed, raters[kind] if kind else None)
-                elif seed in random_seeds(p):
-                    rows += [r for i, path in enumerate(raters["random"]) for r in one(arm, seed, path, i)]
-                _write_results(root, rows)
+        jobs = [(arm, seed, init) for seed in p.seeds for arm in p.arms
+                for init in ((None,) if ARMS[arm][3] != "random" else
+                             range(len(raters["random"])) if seed in random_seeds(p) else ())]
+        progress = StudyProgress(len(jobs), f"{stage_name(p, stage)}", log)
+        for arm, seed, init in jobs:
+            kind = ARMS[arm][3]
+            rater = raters["random"][init] if init is not None else raters[kind] if kind else None
+            with progress.run():
+                rows += one(arm, seed, rater, init)
+            _write_results(root, rows)
     _write_results(root, rows)
     return write_evidence_report(root)
 
@@ -572,6 +575,45 @@ def publish_study(root: str | Path, dest: str | Path) -> list[Path]:
             copy_checkpoint(src, out)  # temp name + rename: never half-written
             written.append(out)
     return written
+
+
+def stage_name(p: EvidencePreset, stage: int) -> str:
+    return "from scratch" if p.scratch_steps else f"stage {stage}"
+
+
+def duration(seconds: float) -> str:
+    """A wall-clock span for a progress line: '40 s', '12 min', '2 h 05 min'."""
+    m = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 60 else f"{m} min" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+class StudyProgress:
+    """One line after each (arm, seed[, init]) of an invocation: how many are done, and the time left, estimated
+    from the ones it trained (a finished run it skipped costs nothing). ``log`` passes the run lines through
+    and notes whether a call trained ([run ] or [redo]) or only skipped."""
+
+    def __init__(self, total: int, what: str, log: Callable[[str], None]):
+        self.total, self.what, self._log = total, what, log
+        self.done = self.ran = 0
+        self.spent = 0.0
+        self._trained = False
+
+    def log(self, line: str) -> None:
+        self._trained |= line.startswith(("[run ]", "[redo]"))
+        self._log(line)
+
+    @contextmanager
+    def run(self):
+        self._trained, t0 = False, time.perf_counter()
+        yield
+        self.done += 1
+        if not self._trained:
+            return
+        self.ran += 1
+        self.spent += time.perf_counter() - t0
+        left = self.spent / self.ran * (self.total - self.done)
+        self._log(f"[{self.done}/{self.total}] {self.what}: {duration(self.spent)} on {self.ran} run(s) so far"
+                  + (f", about {duration(left)} left" if self.done < self.total else ", done"))
 
 
 def random_seeds(p: EvidencePreset) -> list[int]:
