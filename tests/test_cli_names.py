@@ -148,6 +148,7 @@ MEANINGS: dict[str, tuple[set[str], str]] = {
     "--noise-scale": ({"float"}, "multiply every chosen noise by C"),
     "--input-perturbation": ({"float"}, "DDPM-IP gamma: x_t from eps + gamma * xi"),
     "--publish": ({"dir"}, "copy a study's small artefacts to this folder"),
+    "--jobs": ({"int"}, "runs in parallel worker processes"),
     "--tensorboard": ({"flag"}, "TensorBoard logs"),
     "--test-fraction": ({"float"}, "test split fraction"),
     "--tf32": ({"flag"}, "TF32 matmuls"),

@@ -142,12 +142,13 @@ def test_norm_changing_arms_are_paired_with_the_control_of_their_own_noise_lengt
         [r for r in rows if r["arm"] != "noise_scale_knn"], 1, [4])
 
 
-def _tiny_study(out, **sets: str) -> list[dict]:
-    """`noiserater evidence --out OUT` at a size of seconds (DiT-N/2, 2 seeds, 20-sample FID) with ``sets`` as
-    further --set overrides; returns its results.jsonl records."""
+def _tiny_study(out, jobs: int = 1, **sets: str) -> list[dict]:
+    """`noiserater evidence --out OUT --jobs JOBS` at a size of seconds (DiT-N/2, 2 seeds, 20-sample FID) with
+    ``sets`` as further --set overrides; returns its results.jsonl records."""
     base = {"model": "DiT-N/2", "rater": "FastRater-N/2", "batch_size": "8", "seeds": "[0, 1]", "random_raters": "2",
             "fid_large_arms": "[]", "eval_samples": "20", "eval_ddim_steps": "2", "test_draws": "1"}
-    args = ["evidence", "--out", str(out)] + [x for k, v in {**base, **sets}.items() for x in ("--set", f"{k}={v}")]
+    args = ["evidence", "--out", str(out), "--jobs", str(jobs)] + [
+        x for k, v in {**base, **sets}.items() for x in ("--set", f"{k}={v}")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -340,3 +341,26 @@ def test_study_progress_estimates_the_time_left_from_the_runs_it_trained(monkeyp
     assert lines == ["[skip] a (done)", "[run ] b", "[2/3] stage 300: 1 min on 1 run(s) so far, about 1 min left",
                      "[redo] c", "[3/3] stage 300: 4 min on 2 run(s) so far, done"]
     assert [ev.duration(x) for x in (40, 720, 7500)] == ["40 s", "12 min", "2 h 05 min"]
+
+
+def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatch):
+    """`evidence --jobs 2` (two spawned workers, one torch thread each) writes the same records, to the bit,
+    as the same study run in one process with one thread."""
+    monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
+    sets = dict(pretrain_steps="6", stages="[6]", continue_steps="2", arms="[vanilla, max_norm, rater_random]")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _tiny_study(tmp_path / "one", **sets)
+        torch.set_num_threads(2)
+        two = _tiny_study(tmp_path / "two", **sets, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    key = lambda r: (r["arm"], r.get("rater_init") or -1, r["seed"])  # noqa: E731
+    assert len(one) == len(two) == 2 + 2 + 2 * 2
+    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert (a["fid"], a["test_loss"], a["noise_sq_norm_per_dim"]) == (b["fid"], b["test_loss"], b["noise_sq_norm_per_dim"])
+    inv = json.loads((tmp_path / "two" / "study.json").read_text())["invocations"][-1]
+    assert (inv["jobs"], inv["torch_threads"]) == (2, 1)
+    bad = CliRunner().invoke(main, ["evidence", "--out", str(tmp_path / "x"), "--jobs", "0"])
+    assert bad.exit_code == 2 and "--jobs" in bad.output

@@ -24,7 +24,12 @@ from ..study.evidence_report import write_evidence_report
               help="After the report, copy the study's small artefacts (records, report, plots, trained raters; no "
                    "DiT checkpoints) to this folder, e.g. docs/results/evidence-digits; `--report-only` on the copy "
                    "rewrites the same report.")
-def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bool, publish: str | None) -> None:
+@click.option("--jobs", "jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Arm runs in parallel worker processes, after each stage's shared work (pretraining, raters) in "
+                   "this one; each worker gets this process's torch threads divided by N (at least 1). A run's "
+                   "numbers depend on its thread count: extend a study with the threads per run it ran with.")
+def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bool, publish: str | None,
+            jobs: int) -> None:
     """Pretrain with train / meta-validation / test splits, meta-train the bilevel and distilled raters,
     continue every arm over paired seeds, evaluate on the test split, and compare each arm with the
     control of equal cost (rater_soft vs uniform_soft, one-pass policies vs vanilla)."""
@@ -35,6 +40,6 @@ def command(preset: str, out: str | None, sets: tuple[str, ...], report_only: bo
         click.echo(f"report: {write_evidence_report(folder)}")
     else:
         p = get_evidence_preset(preset, **parse_overrides(EvidencePreset, sets))
-        click.echo(f"report: {evidence(p, folder, log=click.echo)}")
+        click.echo(f"report: {evidence(p, folder, log=click.echo, jobs=jobs)}")
     if publish:
         click.echo(f"published {len(publish_study(folder, publish))} files to {publish}")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,45 +509,86 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
     return rows
 
 
-def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Run the study ``p`` under ``out`` (resumable), append every run to results.jsonl, write the report."""
+def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
+    """Run the study ``p`` under ``out`` (resumable), append every run to results.jsonl, write the report.
+    ``jobs`` > 1: after each stage's shared work (pretraining, raters) in this process, its (arm, seed) runs go
+    to that many worker processes, each with this process's torch threads divided among them (at least 1)."""
     p.validate()
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: the number of parallel runs must be >= 1")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    threads = max(1, torch.get_num_threads() // jobs)
     study = root / "study.json"  # every invocation is recorded with its full settings and commit
     runs = json.loads(study.read_text()).get("invocations", []) if study.exists() else []
     prov = version_info()
     write_json(study, {"preset": p.name, "settings": dataclasses.asdict(p), "provenance": prov,
-                       "invocations": runs + [{"time": time.time(), **prov, "settings": dataclasses.asdict(p)}]})
+                       "invocations": runs + [{"time": time.time(), **prov, "jobs": jobs,
+                                               "torch_threads": threads if jobs > 1 else torch.get_num_threads(),
+                                               "settings": dataclasses.asdict(p)}]})
     ckpts = pretrain_stage(p, root, log)
     if p.eval_samples > 0:
         reference_floor(p, root, log)
     rows = []
-    # from scratch: one pass, raters from the first stage; otherwise each stage's checkpoint is continued
-    for stage in ([p.stages[0]] if p.scratch_steps else p.run_stages or p.stages):
-        ckpt = ckpts[str(stage)]
-        kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3] and ARMS[a][3] != "random"})
-        raters = {kind: rater_stage(p, root, stage, ckpt, kind, log) for kind in kinds}
-        if any(ARMS[a][3] == "random" for a in p.arms):
-            raters["random"] = random_rater_stage(p, root, stage, ckpt, log)
-
-        def one(arm: str, seed: int, rater: str | None, init: int | None = None) -> list[dict]:
-            if p.scratch_steps:
-                return scratch_arm_runs(p, root, arm, seed, rater, progress.log, init=init)
-            return [arm_run(p, root, stage, ckpt, arm, seed, rater, progress.log, init=init)]
-
-        jobs = [(arm, seed, init) for seed in p.seeds for arm in p.arms
-                for init in ((None,) if ARMS[arm][3] != "random" else
-                             range(len(raters["random"])) if seed in random_seeds(p) else ())]
-        progress = StudyProgress(len(jobs), f"{stage_name(p, stage)}", log)
-        for arm, seed, init in jobs:
-            kind = ARMS[arm][3]
-            rater = raters["random"][init] if init is not None else raters[kind] if kind else None
-            with progress.run():
-                rows += one(arm, seed, rater, init)
-            _write_results(root, rows)
+    # spawn: a fresh interpreter per worker (fork would copy this process's torch thread pools and locks)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    try:
+        # from scratch: one pass, raters from the first stage; otherwise each stage's checkpoint is continued
+        for stage in ([p.stages[0]] if p.scratch_steps else p.run_stages or p.stages):
+            ckpt = ckpts[str(stage)]
+            kinds = sorted({ARMS[a][3] for a in p.arms if ARMS[a][3] and ARMS[a][3] != "random"})
+            raters = {kind: rater_stage(p, root, stage, ckpt, kind, log) for kind in kinds}
+            if any(ARMS[a][3] == "random" for a in p.arms):
+                raters["random"] = random_rater_stage(p, root, stage, ckpt, log)
+            todo = [(arm, seed, init, raters["random"][init] if init is not None else
+                     raters[ARMS[arm][3]] if ARMS[arm][3] else None)
+                    for seed in p.seeds for arm in p.arms
+                    for init in ((None,) if ARMS[arm][3] != "random" else
+                                 range(len(raters["random"])) if seed in random_seeds(p) else ())]
+            progress = StudyProgress(len(todo), stage_name(p, stage), log, workers=jobs)
+            if pool is None:
+                for arm, seed, init, rater in todo:
+                    with progress.run():
+                        rows += arm_runs(p, root, stage, ckpt, arm, seed, rater, init, progress.log)
+                    _write_results(root, rows)
+            else:
+                futures = [pool.submit(_arm_job, dataclasses.asdict(p), str(root), stage, ckpt, arm, seed, rater,
+                                       init, threads) for arm, seed, init, rater in todo]
+                for fut in as_completed(futures):
+                    new, trained, seconds = fut.result()
+                    rows += new
+                    progress.record(seconds, trained)
+                    _write_results(root, rows)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     _write_results(root, rows)
     return write_evidence_report(root)
+
+
+def arm_runs(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed: int, rater: str | None,
+             init: int | None, log: Callable[[str], None]) -> list[dict]:
+    """One arm and seed (and random-rater init): a continuation of the stage checkpoint, or from scratch a
+    training evaluated at each of ``scratch_steps``; its records."""
+    if p.scratch_steps:
+        return scratch_arm_runs(p, root, arm, seed, rater, log, init=init)
+    return [arm_run(p, root, stage, ckpt, arm, seed, rater, log, init=init)]
+
+
+def _arm_job(preset: dict, root: str, stage: int, ckpt: str, arm: str, seed: int, rater: str | None,
+             init: int | None, threads: int) -> tuple[list[dict], bool, float]:
+    """:func:`arm_runs` in a worker process of ``evidence(jobs=N)``: (records, whether it trained, seconds)."""
+    torch.set_num_threads(threads)
+    trained = False
+
+    def log(line: str) -> None:
+        nonlocal trained
+        trained |= line.startswith(("[run ]", "[redo]"))
+        print(line, flush=True)
+
+    t0 = time.perf_counter()
+    rows = arm_runs(from_dict(EvidencePreset, preset), Path(root), stage, ckpt, arm, seed, rater, init, log)
+    return rows, trained, time.perf_counter() - t0
 
 
 # What a published study keeps (relative to the study root): everything the report reads, the trained raters,
@@ -589,11 +632,12 @@ def duration(seconds: float) -> str:
 
 class StudyProgress:
     """One line after each (arm, seed[, init]) of an invocation: how many are done, and the time left, estimated
-    from the ones it trained (a finished run it skipped costs nothing). ``log`` passes the run lines through
-    and notes whether a call trained ([run ] or [redo]) or only skipped."""
+    from the ones it trained (a finished run it skipped costs nothing) and the number of parallel ``workers``
+    ("on N runs so far" sums the runs' own times). ``log`` passes the run lines through and notes whether a
+    call trained ([run ] or [redo]) or only skipped."""
 
-    def __init__(self, total: int, what: str, log: Callable[[str], None]):
-        self.total, self.what, self._log = total, what, log
+    def __init__(self, total: int, what: str, log: Callable[[str], None], workers: int = 1):
+        self.total, self.what, self._log, self.workers = total, what, log, workers
         self.done = self.ran = 0
         self.spent = 0.0
         self._trained = False
@@ -604,14 +648,19 @@ class StudyProgress:
 
     @contextmanager
     def run(self):
+        """Time one job run in this process (its lines go through :meth:`log`)."""
         self._trained, t0 = False, time.perf_counter()
         yield
+        self.record(time.perf_counter() - t0 if self._trained else 0.0, self._trained)
+
+    def record(self, seconds: float, trained: bool) -> None:
+        """One job finished (here or in a worker) after ``seconds``; ``trained``: it ran, not only skipped."""
         self.done += 1
-        if not self._trained:
+        if not trained:
             return
         self.ran += 1
-        self.spent += time.perf_counter() - t0
-        left = self.spent / self.ran * (self.total - self.done)
+        self.spent += seconds
+        left = self.spent / self.ran * (self.total - self.done) / self.workers
         self._log(f"[{self.done}/{self.total}] {self.what}: {duration(self.spent)} on {self.ran} run(s) so far"
                   + (f", about {duration(left)} left" if self.done < self.total else ", done"))
 
