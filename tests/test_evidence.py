@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from scipy import stats
 
-from noiserater.checkpoint import load_checkpoint
+from noiserater.checkpoint import load_checkpoint, weights_fingerprint
 from noiserater.cli import main
 from noiserater.config import from_dict
 from noiserater.data import load_dataset
@@ -344,8 +344,9 @@ def test_study_progress_estimates_the_time_left_from_the_runs_it_trained(monkeyp
 
 
 def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatch):
-    """`evidence --jobs 2` (two spawned workers, one torch thread each) writes the same records, to the bit,
-    as the same study run in one process with one thread."""
+    """`evidence --jobs 2` from a 2-thread process (two spawned workers and the shared stages on one torch
+    thread each) writes the same records, to the bit, as the same study run in one process with one thread,
+    and leaves the caller's thread count as it was."""
     monkeypatch.setenv("NOISERATER_CACHE", str(tmp_path / "cache"))
     sets = dict(pretrain_steps="6", stages="[6]", continue_steps="2", arms="[vanilla, max_norm, rater_random]")
     threads = torch.get_num_threads()
@@ -354,10 +355,13 @@ def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatc
         one = _tiny_study(tmp_path / "one", **sets)
         torch.set_num_threads(2)
         two = _tiny_study(tmp_path / "two", **sets, jobs=2)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     key = lambda r: (r["arm"], r.get("rater_init") or -1, r["seed"])  # noqa: E731
     assert len(one) == len(two) == 2 + 2 + 2 * 2
+    ckpt = "pretrain/step_0000006.pt"
+    assert weights_fingerprint(tmp_path / "one" / ckpt) == weights_fingerprint(tmp_path / "two" / ckpt)
     for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
         assert (a["fid"], a["test_loss"], a["noise_sq_norm_per_dim"]) == (b["fid"], b["test_loss"], b["noise_sq_norm_per_dim"])
     inv = json.loads((tmp_path / "two" / "study.json").read_text())["invocations"][-1]

@@ -512,19 +512,27 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
 def evidence(p: EvidencePreset, out: str | Path, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
     """Run the study ``p`` under ``out`` (resumable), append every run to results.jsonl, write the report.
     ``jobs`` > 1: after each stage's shared work (pretraining, raters) in this process, its (arm, seed) runs go
-    to that many worker processes, each with this process's torch threads divided among them (at least 1)."""
+    to that many worker processes. Every part of the study, shared work included, then runs with this
+    process's torch threads divided by ``jobs`` (at least 1), so its figures do not depend on ``jobs``."""
     p.validate()
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: the number of parallel runs must be >= 1")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
     threads = max(1, torch.get_num_threads() // jobs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _evidence(p, Path(out), log, jobs, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _evidence(p: EvidencePreset, root: Path, log: Callable[[str], None], jobs: int, threads: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     study = root / "study.json"  # every invocation is recorded with its full settings and commit
     runs = json.loads(study.read_text()).get("invocations", []) if study.exists() else []
     prov = version_info()
     write_json(study, {"preset": p.name, "settings": dataclasses.asdict(p), "provenance": prov,
-                       "invocations": runs + [{"time": time.time(), **prov, "jobs": jobs,
-                                               "torch_threads": threads if jobs > 1 else torch.get_num_threads(),
+                       "invocations": runs + [{"time": time.time(), **prov, "jobs": jobs, "torch_threads": threads,
                                                "settings": dataclasses.asdict(p)}]})
     ckpts = pretrain_stage(p, root, log)
     if p.eval_samples > 0:
