@@ -50,6 +50,7 @@ from .arms import ARMS, BANDS, band_key
 from .evidence_report import write_evidence_report
 from .reproduce import (
     PRETRAIN_SEED,
+    TRAINED_MARKS,
     copy_checkpoint,
     fingerprints,
     finished,
@@ -591,7 +592,7 @@ def _arm_job(preset: dict, root: str, stage: int, ckpt: str, arm: str, seed: int
 
     def log(line: str) -> None:
         nonlocal trained
-        trained |= line.startswith(("[run ]", "[redo]"))
+        trained |= line.startswith(TRAINED_MARKS)
         print(line, flush=True)
 
     t0 = time.perf_counter()
@@ -651,7 +652,7 @@ class StudyProgress:
         self._trained = False
 
     def log(self, line: str) -> None:
-        self._trained |= line.startswith(("[run ]", "[redo]"))
+        self._trained |= line.startswith(TRAINED_MARKS)
         self._log(line)
 
     @contextmanager

@@ -117,6 +117,10 @@ def finished(summary: dict, what: str) -> dict:
     return summary
 
 
+# the log prefixes of a stage that trains (run_stage's "[run ]" and "[redo]"; a finished one logs "[skip]")
+TRAINED_MARKS = ("[run ]", "[redo]")
+
+
 def run_stage(folder: Path, config: dict, fn: Callable[[Path], dict], log: Callable[[str], None] = print,
               needs: Callable[[dict], list[Path]] | None = None) -> dict:
     """Run ``fn(folder)`` unless ``folder/stage.json`` records the same config; then return its result.
