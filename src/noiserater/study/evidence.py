@@ -239,6 +239,14 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
               "rater_sample", "distilled", "rater_random"],
         random_raters=5, random_rater_seeds=[0, 1], fid_large_arms=[], bilevel_outer_steps=40, meta_eval_every=20,
         meta_patience=2, test_draws=1),
+    # The couplings the digits study (d = 64) did not run, for the ladder's lowest rung: the digits recipe and
+    # seeds (its 1500-step stage, 150-step continuation at k = 4, 25% test split, 8 seeds), with knn against the
+    # k=1 control of its own noise length and batch_ot (k = 1, one pass). A separate study, fixed after the
+    # digits study and before its own runs; its vanilla arm repeats the digits study's (equal when the code
+    # paths are unchanged). About 35 runs of about a minute.
+    "digits-couplings": EvidencePreset(
+        name="digits-couplings", test_fraction=0.25, seeds=list(range(8)), stages=[1500],
+        arms=["vanilla", "knn", "noise_scale_knn", "batch_ot"], fid_large_arms=[], random_raters=5, test_draws=8),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
     # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
     # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
