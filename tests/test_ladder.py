@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from noiserater.cli import main
 from noiserater.data.datasets import load_source, source_dimension
-from noiserater.study.ladder import fit_inverse_sqrt, ladder, rung
+from noiserater.study.ladder import fit_inverse_sqrt, ladder, merge_rungs, rung
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "docs" / "results" / "evidence-digits"
@@ -82,6 +82,22 @@ def test_ladder_fits_only_arms_with_two_dimensions():
     out = ladder([b, a])
     assert [r["d"] for r in out["rungs"]] == [64, 1024]
     assert set(out["fits"]) == {"max_norm"} and out["fits"]["max_norm"]["fid"]["pred"] == pytest.approx(0.25)
+
+
+def test_studies_of_one_recipe_share_a_rung_and_the_first_keeps_its_arms():
+    ci = lambda m: {"fid": {"mean": m, "se": 1.0, "half": 2.0}}  # noqa: E731
+    first = {"study": "a", "commit": "1" * 40, "d": 64, "data": "digits", "model": "DiT-T/2", "stage": 1500,
+             "arms": {"max_norm": ci(1.0), "knn": ci(5.0)}}
+    later = {"study": "b", "commit": "2" * 40, "d": 64, "data": "digits", "model": "DiT-T/2", "stage": 1500,
+             "arms": {"knn": ci(9.0), "batch_ot": ci(3.0)}}
+    other_stage = {**later, "study": "c", "stage": 300}
+    merged = merge_rungs([first, later, other_stage])
+    assert len(merged) == 2 and merged[0]["study"] == "a + b" and merged[1]["study"] == "c"
+    assert {a: v["fid"]["mean"] for a, v in merged[0]["arms"].items()} == {"max_norm": 1.0, "knn": 5.0, "batch_ot": 3.0}
+    assert first["arms"] == {"max_norm": ci(1.0), "knn": ci(5.0)}  # the inputs are not changed
+    far = {**later, "study": "d", "d": 256, "data": "digits@16", "arms": {"batch_ot": ci(1.0)}}
+    fit = ladder([first, later, far])["fits"]["batch_ot"]["fid"]  # batch_ot: 3.0 at 64 (from b), 1.0 at 256
+    assert fit["dof"] == 0 and fit["a"] + fit["b"] / 8 == pytest.approx(3.0) and fit["a"] + fit["b"] / 16 == pytest.approx(1.0)
 
 
 def test_source_dimension_matches_the_loaded_images():

@@ -25,13 +25,14 @@ import numpy as np
 from scipy import stats
 
 from ..checkpoint import atomic_write_text
-from ..data.datasets import source_dimension
+from ..data.datasets import parse_source, source_dimension
 from ..stats import paired_interval
 from .evidence_report import base_arm, compare, load_rows
 
 PAPER_D = 4096  # DiT-S/2 on 256x256 images: 4x32x32 sd-vae latents
 # the arms the ladder reports, in order, with what each is (the random null pools its initialisations)
-LADDER_ROWS = ("max_norm", "noise_scale", "input_perturbation", "knn", "rater", "rater_random")
+LADDER_ROWS = ("max_norm", "noise_scale", "input_perturbation", "knn", "noise_scale_knn", "batch_ot", "rater",
+               "rater_random")
 METRICS = (("fid", "FID"), ("test_loss", "test loss"))
 # what the paper says of each arm at d = 4096 (its Table 1 prose, section 5.2)
 PAPER_SAYS = {"max_norm": "naive norm selection: \"little improvement or even harms\" (Table 1)",
@@ -65,6 +66,24 @@ def rung(root: str | Path) -> dict[str, Any]:
     return {"study": root.name, "data": settings["data"], "d": source_dimension(settings["data"]),
             "model": settings["model"], "stage": stage, "commit": study.get("provenance", {}).get("git_commit"),
             "maturity": maturity, "arms": arms}
+
+
+def merge_rungs(rungs: list[dict]) -> list[dict]:
+    """One rung per (data, DiT, stage): studies of the same recipe that ran different arms (a later study adding
+    arms an earlier one lacked) share a rung. Each arm keeps its own study's paired effect against that study's
+    vanilla; an arm two studies both ran keeps the first study's. Maturity is the first study's."""
+    merged: dict[tuple, dict] = {}
+    for r in rungs:
+        key = (r["data"], r.get("model"), r.get("stage"))
+        if key not in merged:
+            merged[key] = {**r, "arms": dict(r["arms"])}
+            continue
+        m = merged[key]
+        m["study"] = f"{m['study']} + {r['study']}"
+        m["commit"] = f"{m['commit']} + {r['commit']}"
+        for arm, per in r["arms"].items():
+            m["arms"].setdefault(arm, per)
+    return list(merged.values())
 
 
 def _random_pooled(rows: list[dict], arm: str, metric: str) -> dict[str, float] | None:
@@ -116,8 +135,9 @@ def _weighted_line(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndar
 
 
 def ladder(rungs: list[dict]) -> dict[str, Any]:
-    """Every arm's fit over the rungs it has (at least two), per metric."""
-    rungs = sorted(rungs, key=lambda r: r["d"])
+    """Every arm's fit over the rungs it has (at least two), per metric; studies of one recipe share a rung
+    (:func:`merge_rungs`)."""
+    rungs = sorted(merge_rungs(rungs), key=lambda r: r["d"])
     fits: dict[str, dict] = {}
     for arm in LADDER_ROWS:
         for metric, _ in METRICS:
@@ -174,7 +194,8 @@ def write_ladder(studies: list[str | Path], out: str | Path) -> tuple[Path, dict
     for r in result["rungs"]:
         m = r.get("maturity") or {}
         num = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| `{r['study']}` | {r['data']} | {r['d']} | {r['model']} | {r['stage']} | {str(r['commit'])[:7]} | "
+        commit = " + ".join(c[:7] for c in str(r["commit"]).split(" + "))
+        lines.append(f"| `{r['study']}` | {r['data']} | {r['d']} | {r['model']} | {r['stage']} | {commit} | "
                      f"{num(m.get('vanilla_fid'), '.1f')} | {num(m.get('real_floor_fid'), '.1f')} | "
                      f"{num(m.get('vanilla_class_accuracy'), '.2f')} |")
     lines += ["", "A rung whose vanilla FID is far above its floor (or whose class accuracy is near chance, 0.10) "
@@ -198,14 +219,25 @@ def write_ladder(studies: list[str | Path], out: str | Path) -> tuple[Path, dict
         f = result["fits"].get(arm, {}).get("fid")
         pred = f"{f['pred']:+.2f}% ± {f['half']:.2f}" if f else "no fit"
         lines.append(f"- {arm}: predicted FID change {pred}; the paper: {says}.")
-    lines += ["", "Caveats: three rungs, one seed set each; the intervals treat each rung's standard error as known "
-                  "(few seeds make them optimistic); the rungs differ in data as well as d (digits vs Fashion-MNIST), "
-                  "only fashion-mnist@16 and fashion-mnist are the same images at two d.", "", "![ladder](ladder.png)"]
+    lines += ["", f"Caveats: {len(result['rungs'])} rungs, one seed set each; the intervals treat each rung's standard "
+                  "error as known (few seeds make them optimistic); the rungs differ in data as well as d. "
+                  + _same_images(result["rungs"]), "", "![ladder](ladder.png)"]
     _plot(result, out / "ladder.png")
     atomic_write_text(out / "ladder.json", json.dumps(result, indent=1, default=float, allow_nan=False))
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path, result
+
+
+def _same_images(rungs: list[dict]) -> str:
+    """Which rungs hold the images fixed and change only d (the same dataset at two resolutions)."""
+    by_base: dict[str, list[dict]] = {}
+    for r in rungs:
+        by_base.setdefault(parse_source(r["data"])[0], []).append(r)
+    pairs = [" and ".join(sorted({r["data"] for r in rs})) for rs in by_base.values() if len({r["d"] for r in rs}) > 1]
+    if not pairs:
+        return "No two rungs hold the same images at two d."
+    return "The same images at two d: " + "; ".join(pairs) + "."
 
 
 def _relative(study: str | Path, out: Path) -> str:
