@@ -17,7 +17,7 @@ from noiserater.cli import main
 from noiserater.config import from_dict
 from noiserater.data import load_dataset
 from noiserater.stats import paired_interval
-from noiserater.study.arms import ARMS, NORM_CHANGING
+from noiserater.study.arms import ARMS, NORM_CHANGING, SCALE_CONTROL_OF
 from noiserater.study.evidence import EVIDENCE_PRESETS, get_evidence_preset, publish_study
 from noiserater.study.evidence_report import (
     compare,
@@ -55,14 +55,14 @@ def test_evidence_study_end_to_end_tiny(tmp_path, monkeypatch):
     args = ["evidence", "--out", str(out), "--set", "model=DiT-N/2", "--set", "rater=FastRater-N/2",
             "--set", "online_rater=FastRater-N/2", "--set", "batch_size=8", "--set", "pretrain_steps=6",
             "--set", "stages=[6]", "--set", "seeds=[0, 1]", "--set", "continue_steps=2",
-            "--set", "arms=[vanilla, uniform_soft, rater_soft, rater_sample, oracle_amortised]",
+            "--set", "arms=[vanilla, uniform_soft, rater_soft, rater_sample, oracle_amortised, vanilla_batch_xk]",
             "--set", "bilevel_outer_steps=2", "--set", "bilevel_inner_steps=1", "--set", "bilevel_candidates=2",
             "--set", "meta_eval_every=1", "--set", "eval_samples=20", "--set", "eval_ddim_steps=2",
             "--set", "test_draws=1", "--set", "oracle_val_batch=8"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 5 * 2 and {r["seed"] for r in rows} == {0, 1}
+    assert len(rows) == 6 * 2 and {r["seed"] for r in rows} == {0, 1}
     n_test = len(load_dataset("digits", "test", seed=0, val_fraction=0.1, test_fraction=0.25))
     assert n_test == 449
     assert all(r["test_triples"] == n_test for r in rows)  # the digits test split, never trained on
@@ -75,6 +75,14 @@ def test_evidence_study_end_to_end_tiny(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| rater_soft | 4 | uniform_soft | 2, 2 |" in report and "(forest-stage6.png)" in report
     assert "FID reference: the `test` split, 449 images" in report
+    # uniform_soft's other equal-cost control: vanilla with k times the images per step, k passes per image slot
+    big = yaml.safe_load((out / "stage-6" / "runs" / "vanilla_batch_xk" / "seed0" / "run" / "config.yaml").read_text())
+    assert big["batch_size"] == 4 * 8 and big["candidates"] == 1 and summary["vanilla_batch_xk"]["dit_passes"] == 4
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    want = np.mean([100 * (by["uniform_soft", s]["test_loss"] - by["vanilla_batch_xk", s]["test_loss"])
+                    / by["vanilla_batch_xk", s]["test_loss"] for s in (0, 1)])
+    line = next(x for x in report.splitlines() if x.startswith("| uniform_soft | 4, 4 |"))
+    assert line.split(" | ")[3].startswith(f"{want:+.2f}%")
     # the pretraining never saw the test split: the images of the split its config names are disjoint from
     # the test images every arm is evaluated on
     cfg = yaml.safe_load((out / "pretrain" / "run" / "config.yaml").read_text())
@@ -215,8 +223,14 @@ def test_shipped_presets_are_valid_studies_with_their_controls(name):
     # every study with a rater arm carries its random-rater null, every norm-changing arm its noise-scale control
     if any(ARMS[a][3] == "bilevel" for a in p.arms):
         assert "rater_random" in p.arms and p.random_raters >= 5
-    if set(p.arms) & set(NORM_CHANGING):
-        assert {"noise_scale", "vanilla"} <= set(p.arms)
+    # every norm-changing arm runs beside the k=1 control of its own noise length; three ladder rungs and
+    # digits-flow-scratch, published before knn's control (noise_scale_knn) existed, pair knn with whichever
+    # recorded length matches, if any
+    before_knn_control = {"fashion-mnist", "fashion-mnist-16", "digits-1024", "digits-flow-scratch"}
+    for arm in set(p.arms) & set(NORM_CHANGING):
+        if (arm == "knn" and name in before_knn_control) or not ARMS[arm][1]:
+            continue  # at k = 1 a batch coupling permutes i.i.d. noises: their lengths are plain chi_d
+        assert {SCALE_CONTROL_OF[arm], "vanilla"} <= set(p.arms), arm
     assert set(p.fid_large_arms) <= set(p.arms)
     assert p.eval_reference_split in ("test", "all") and p.test_fraction > 0 and len(p.seeds) >= 4
 

@@ -14,7 +14,9 @@ from ..selection import policy_class
 # is the study's E[max-of-k chi_d] / E[chi_d] for the data's dimension d (max_norm's k=1 control), and
 # "1/max_norm" its inverse; a policy's name (``knn``) is that policy's noise length measured on the study's
 # training split (``selection.policy_norm_scale``: knn's k=1 control); rater kind "random" runs once per
-# fresh, never-trained rater initialisation.
+# fresh, never-trained rater initialisation. A ``batch_size`` of "k" is k times the study's batch: vanilla
+# spending the soft policies' k DiT passes per image on k times the images instead (their other equal-cost
+# control).
 ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "vanilla": ("vanilla", False, {}, None),
     "max_norm": ("max_norm", True, {}, None),
@@ -31,6 +33,7 @@ ARMS: dict[str, tuple[str, bool, dict[str, Any], str | None]] = {
     "noise_scale_x1.25": ("vanilla", False, {"noise_scale": 1.25}, None),
     "input_perturbation": ("vanilla", False, {"input_perturbation": 0.1}, None),
     "uniform_soft": ("uniform_soft", True, {}, None),
+    "vanilla_batch_xk": ("vanilla", False, {"batch_size": "k"}, None),
     "oracle": ("oracle_alignment", True, {}, None),
     "oracle_anti": ("oracle_anti", True, {}, None),
     "oracle_cosine": ("oracle_cosine", True, {}, None),
@@ -56,6 +59,9 @@ SCALE_CONTROL_OF = {"max_norm": "noise_scale", "min_norm": "noise_scale_down", "
 # each trained-rater arm and the random-rater arm that is its null distribution
 RANDOM_NULL = {"rater": "rater_random", "rater_sample": "rater_random_sample", "distilled": "rater_random",
                "distilled_sample": "rater_random_sample"}
+# the soft policies (k DiT passes per image) and the equal-compute arm that spends those passes on more images
+SOFT_ARMS = ("uniform_soft", "rater_soft")
+BATCH_CONTROL = "vanilla_batch_xk"
 BANDS = ((0, 100), (100, 400), (400, 1000))  # timestep bands of the held-out loss
 
 

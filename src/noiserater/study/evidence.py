@@ -247,6 +247,13 @@ EVIDENCE_PRESETS: dict[str, EvidencePreset] = {
     "digits-couplings": EvidencePreset(
         name="digits-couplings", test_fraction=0.25, seeds=list(range(8)), stages=[1500],
         arms=["vanilla", "knn", "noise_scale_knn", "batch_ot"], fid_large_arms=[], random_raters=5, test_draws=8),
+    # uniform_soft's gain in the digits study (-0.95% test loss) costs k = 4 DiT passes per image and was judged
+    # against vanilla at one. This study gives it the other equal-cost control: vanilla at 4x the batch (256) for
+    # the same 150 steps, the same passes spent on more images. The digits recipe and its 8 seeds; fixed before
+    # its runs. About 25 runs of 1-3 minutes.
+    "digits-equal-compute": EvidencePreset(
+        name="digits-equal-compute", test_fraction=0.25, seeds=list(range(8)), stages=[1500],
+        arms=["vanilla", "uniform_soft", "vanilla_batch_xk"], fid_large_arms=[], random_raters=5, test_draws=8),
     # The ladder's check at the paper's d = 4096 on a GPU (scripts/gpu_ladder_check.sh, about 10 minutes on one
     # H100): the digits recipe on the same images upsampled to 64x64 (1x64x64 = 4096, DiT-T/8: 64 tokens), only
     # the cheapest arms of the radial prediction (k=1 noise scale and max_norm against vanilla). The noise has
@@ -374,9 +381,12 @@ def random_rater_stage(p: EvidencePreset, root: Path, stage: int, ckpt: str, log
 
 
 def resolve_overrides(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:
-    """An arm's TrainConfig overrides with the symbolic noise scales made numbers (see ``ARMS``): max_norm's
-    in closed form, a data-dependent policy's (``knn``) measured on the study's training split."""
+    """An arm's TrainConfig overrides with the symbolic values made numbers (see ``ARMS``): max_norm's noise
+    scale in closed form, a data-dependent policy's (``knn``) measured on the study's training split, a batch of
+    "k" as k times the study's batch (an arm without one trains at the study's batch: :func:`arm_batch`)."""
     out = dict(extra)
+    if out.get("batch_size") == "k":
+        out["batch_size"] = p.batch_size * p.k
     name = out.get("noise_scale")
     if name in ("max_norm", "1/max_norm"):
         c = max_norm_scale(source_dimension(p.data), p.k)
@@ -420,6 +430,11 @@ def reference_floor(p: EvidencePreset, root: Path, log=print) -> dict[str, Any]:
     return run_stage(root / "reference-floor", cfg, fn, log)
 
 
+def arm_batch(p: EvidencePreset, extra: dict[str, Any]) -> dict[str, Any]:
+    """An arm's resolved overrides with its batch size: the study's unless the arm sets its own."""
+    return {"batch_size": p.batch_size, **extra}
+
+
 def arm_settings(p: EvidencePreset, arm: str) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
     """(policy, k, the arm's TrainConfig overrides with numeric noise scales, the state-dependent policies'
     scorer settings from the preset) of one arm: what a continuation and a from-scratch run of it share."""
@@ -437,12 +452,12 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
     folder = root / f"stage-{stage}" / "runs" / arm / (f"init{init}" if init is not None else "") / f"seed{seed}"
 
     def fn(folder: Path) -> dict:
-        cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=p.continue_steps, batch_size=p.batch_size,
+        cfg = TrainConfig(model=p.model, run_dir=str(folder / "run"), steps=p.continue_steps,
                           lr=p.continue_lr, ema_decay=p.continue_ema, seed=seed, init_checkpoint=str(root / ckpt),
                           policy=policy, candidates=k, rater=str(root / rater) if rater else None, log_every=10,
                           sample_every=p.continue_steps, ckpt_every=max(50, p.continue_steps // 3), progress=False,
                           tensorboard=False, ema_warmup=p.continue_ema_warmup, **_split_kw(p), **_objective_kw(p),
-                          **overrides, **extra)
+                          **overrides, **arm_batch(p, extra))
         t0 = time.perf_counter()
         summary = finished(train(cfg, resume=True), str(folder))
         return _evaluate_arm(p, root, Path(summary["checkpoint"]), folder, folder / "run", cfg,
@@ -452,7 +467,7 @@ def arm_run(p: EvidencePreset, root: Path, stage: int, ckpt: str, arm: str, seed
     cfg = {"init": ckpt, "arm": arm, "policy": policy, "k": k, "extra": extra, "overrides": overrides, "seed": seed,
            "rater": rater, "steps": p.continue_steps, "lr": p.continue_lr, "ema": p.continue_ema,
            "ema_warmup": p.continue_ema_warmup,
-           "batch_size": p.batch_size, "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps,
+           "batch_size": arm_batch(p, extra)["batch_size"], "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps,
            "cfg_scale": p.cfg_scale, "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
            "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init, **_split_kw(p),
            **_objective_kw(p), **({"eval_extra_steps": p.eval_extra_steps} if p.eval_extra_steps else {})}
@@ -467,7 +482,9 @@ def _evaluate_arm(p: EvidencePreset, root: Path, ckpt: Path, folder: Path, run_d
     control = equal_cost_control(policy, k)
     result = {**{key: ident[key] for key in ("stage", "arm")}, "policy": policy, "k": k,
               **{key: ident[key] for key in ("seed", "rater", "rater_init")}, "noise_scale": cfg.noise_scale,
-              "input_perturbation": cfg.input_perturbation, "dit_passes": dit_passes(policy, k),
+              "input_perturbation": cfg.input_perturbation,
+              # per image of the study's batch: an arm at k times the batch makes k passes for each
+              "dit_passes": dit_passes(policy, k) * (cfg.batch_size // p.batch_size),
               "control": "uniform_soft" if control[0] == "uniform_soft" else "vanilla", "train_wall_s": train_s,
               "images_per_s": _finite_or_none(median_throughput(ckpt)), "checkpoint": str(ckpt.relative_to(root)),
               "commit": version_info().get("git_commit")}
@@ -493,11 +510,11 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
     train_dir = root / "scratch" / "runs" / sub
 
     def config_at(s: int) -> TrainConfig:
-        return TrainConfig(model=p.model, run_dir=str(train_dir / "run"), steps=s, batch_size=p.batch_size,
+        return TrainConfig(model=p.model, run_dir=str(train_dir / "run"), steps=s,
                            lr=p.pretrain_lr, ema_decay=p.scratch_ema, seed=seed, policy=policy, candidates=k,
                            rater=str(root / rater) if rater else None, log_every=10, sample_every=max(s, 1),
                            ckpt_every=max(100, s // 10), progress=False, tensorboard=False, ema_warmup=True,
-                           **_split_kw(p), **_objective_kw(p), **overrides, **extra)
+                           **_split_kw(p), **_objective_kw(p), **overrides, **arm_batch(p, extra))
 
     rows = []
     for s in sorted(p.scratch_steps):
@@ -509,7 +526,7 @@ def scratch_arm_runs(p: EvidencePreset, root: Path, arm: str, seed: int, rater: 
                                  time.perf_counter() - t0)
 
         cfg = {"scratch_step": s, "arm": arm, "policy": policy, "k": k, "extra": extra, "overrides": overrides,
-               "seed": seed, "rater": rater, "lr": p.pretrain_lr, "ema": p.scratch_ema, "batch_size": p.batch_size,
+               "seed": seed, "rater": rater, "lr": p.pretrain_lr, "ema": p.scratch_ema, "batch_size": arm_batch(p, extra)["batch_size"],
                "eval_samples": p.eval_samples, "eval_ddim_steps": p.eval_ddim_steps, "cfg_scale": p.cfg_scale,
                "test_draws": p.test_draws, "fid_reference": p.eval_reference_split,
                "fid_large": p.fid_large_samples if arm in p.fid_large_arms else 0, "rater_init": init,

@@ -21,7 +21,17 @@ from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
 from ..stats import paired_interval
-from .arms import ARMS, BAND_KEYS, COUPLING, NORM_CHANGING, RANDOM_NULL, SCALE_CONTROL_OF, SCALE_CONTROLS
+from .arms import (
+    ARMS,
+    BAND_KEYS,
+    BATCH_CONTROL,
+    COUPLING,
+    NORM_CHANGING,
+    RANDOM_NULL,
+    SCALE_CONTROL_OF,
+    SCALE_CONTROLS,
+    SOFT_ARMS,
+)
 
 METRICS = (("fid", "classifier-FID"), ("test_loss", "test-split loss"))
 EXTRA = ("precision", "recall", "class_accuracy", *BAND_KEYS)
@@ -194,6 +204,22 @@ def norm_control_lines(rows: list[dict], stage: int, extra_steps: list[int] = ()
             continue
         lines.append(f"| {arm} vs {ctrl} | {norm_txt} | " + " | ".join(fmt(compare(sub, arm, ctrl, k)) for k in keys)
                      + " |")
+    return lines
+
+
+def batch_control_lines(rows: list[dict], stage: int) -> list[str]:
+    """The soft policies (k DiT passes per image) against vanilla at k times the batch (the same passes spent
+    on more images): a gain this control also gets is the compute's, not the averaging's."""
+    sub = [r for r in rows if r["stage"] == stage]
+    present = {r["arm"] for r in sub}
+    arms = [a for a in SOFT_ARMS if a in present]
+    if BATCH_CONTROL not in present or not arms:
+        return []
+    lines = [f"| arm vs {BATCH_CONTROL} | DiT passes / image: arm, control | FID | test loss |", "|---|---|---|---|"]
+    passes = {a: next(r["dit_passes"] for r in sub if r["arm"] == a) for a in (*arms, BATCH_CONTROL)}
+    for arm in arms:
+        lines.append(f"| {arm} | {passes[arm]:g}, {passes[BATCH_CONTROL]:g} | "
+                     + " | ".join(fmt(compare(sub, arm, BATCH_CONTROL, k)) for k in ("fid", "test_loss")) + " |")
     return lines
 
 
@@ -474,6 +500,11 @@ def write_evidence_report(root: str | Path) -> Path:
         if norm:
             out += ["", "Norm-changing policies against the k=1 noise-scale control of the same mean norm "
                         "(a gain the control also gets is a change of the noise's scale, not a selection):", ""] + norm
+        batch = batch_control_lines(rows, stage)
+        if batch:
+            out += ["", f"The soft policies against vanilla trained at k = {settings.get('k')} times the batch for the "
+                        "same steps (equal DiT passes, spent on more images instead of more noises per image):",
+                    ""] + batch
         dose = dose_response(rows, stage)
         if dose:
             out += ["", "The noise's scale, k = 1 (every chosen noise times C; vanilla is C = 1): if the "
