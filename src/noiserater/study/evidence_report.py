@@ -20,6 +20,7 @@ from ..checkpoint import atomic_write_text
 from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
+from ..selection import dit_passes
 from ..stats import paired_interval
 from .arms import (
     ARMS,
@@ -125,7 +126,9 @@ def stage_table(rows: list[dict], stage: int, settings: dict | None = None) -> t
         arm_rows = [r for r in sub if r["arm"] == arm]
         control = arm_rows[0]["control"]
         rate = _mean(sub, arm, "images_per_s")
-        cost = van_rate / rate if van_rate and rate else None
+        # per image of the study's batch: an arm at m times the batch trains m images for each of vanilla's
+        batch_multiple = arm_rows[0]["dit_passes"] / dit_passes(arm_rows[0]["policy"], arm_rows[0]["k"])
+        cost = batch_multiple * van_rate / rate if van_rate and rate else None
         rec = {"stage": stage, "arm": arm, "policy": arm_rows[0]["policy"], "k": arm_rows[0]["k"], "control": control,
                "dit_passes": arm_rows[0]["dit_passes"], "seeds": len(arm_rows), "cost_vs_vanilla": cost,
                "seeds_planned": planned_seeds(settings, arm)}
