@@ -182,6 +182,7 @@ def test_evidence_study_with_the_flow_objective_and_the_couplings(tmp_path, monk
     assert "| batch_ot vs" not in report
     assert "`knn`, `batch_ot`, `class_ot` train on noise coupled to the image" in report  # why their loss is not FID
     assert "FID vs vanilla, 1 steps" in report
+    assert "enters as 1000·t, so t<100 means t < 0.1" in report  # the loss bands' units, stated for flow
 
 
 def test_from_scratch_study_trains_each_arm_from_initialisation(tmp_path, monkeypatch):

@@ -494,6 +494,9 @@ def write_evidence_report(root: str | Path) -> Path:
                     f"{', '.join(f'`{a}`' for a in coupled)} train{'s' if len(coupled) == 1 else ''} on noise coupled "
                     "to the image, so the model fits the target of that joint: part of a coupling's test-loss change "
                     "is by construction, and FID (the peers' measure) is the comparison that applies to it."]
+    if settings.get("objective") == "flow":
+        out += ["", "The test-loss columns t<100, 100≤t<400, t≥400 are bands of the DiT's time units: flow's t in "
+                    "[0, 1] (t = 1 is pure noise) enters as 1000·t, so t<100 means t < 0.1."]
     records = []
     for stage in stages:
         lines, recs = stage_table(rows, stage, settings)
