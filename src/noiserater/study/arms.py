@@ -71,3 +71,5 @@ def band_key(lo: int, hi: int) -> str:
 
 
 BAND_KEYS = tuple(band_key(lo, hi) for lo, hi in BANDS)
+# the bands as a report writes them: "t<100", "100≤t<400", "t≥400"
+BAND_LABELS = tuple(f"t<{hi}" if lo == 0 else f"t≥{lo}" if hi == BANDS[-1][1] else f"{lo}≤t<{hi}" for lo, hi in BANDS)

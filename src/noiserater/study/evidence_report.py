@@ -17,6 +17,7 @@ import numpy as np
 from scipy import stats
 
 from ..checkpoint import atomic_write_text
+from ..objectives import FLOW_TIME_SCALE
 from ..plotting import axis_label, figure, label_axes, savefig
 from ..run.folder import METRICS as METRICS_FILE
 from ..run.folder import eval_records
@@ -25,6 +26,8 @@ from ..stats import paired_interval
 from .arms import (
     ARMS,
     BAND_KEYS,
+    BAND_LABELS,
+    BANDS,
     BATCH_CONTROL,
     COUPLING,
     NORM_CHANGING,
@@ -154,7 +157,7 @@ def stage_table(rows: list[dict], stage: int, settings: dict | None = None) -> t
 def absolute_table(rows: list[dict], stage: int) -> list[str]:
     sub = [r for r in rows if r["stage"] == stage]
     arms = _ordered_arms(sub)
-    lines = ["| arm | FID | precision | recall | class accuracy | test loss | t<100 | 100≤t<400 | t≥400 "
+    lines = ["| arm | FID | precision | recall | class accuracy | test loss | " + " | ".join(BAND_LABELS) + " "
              "| noise scale | E‖ε‖²/d trained on | KS distance of ‖ε‖ from χ_d |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -495,8 +498,10 @@ def write_evidence_report(root: str | Path) -> Path:
                     "to the image, so the model fits the target of that joint: part of a coupling's test-loss change "
                     "is by construction, and FID (the peers' measure) is the comparison that applies to it."]
     if settings.get("objective") == "flow":
-        out += ["", "The test-loss columns t<100, 100≤t<400, t≥400 are bands of the DiT's time units: flow's t in "
-                    "[0, 1] (t = 1 is pure noise) enters as 1000·t, so t<100 means t < 0.1."]
+        first = BANDS[0][1]
+        out += ["", f"The test-loss columns {', '.join(BAND_LABELS)} are bands of the DiT's time units: flow's t in "
+                    f"[0, 1] (t = 1 is pure noise) enters as {FLOW_TIME_SCALE:g}·t, so t<{first} means "
+                    f"t < {first / FLOW_TIME_SCALE:g}."]
     records = []
     for stage in stages:
         lines, recs = stage_table(rows, stage, settings)
